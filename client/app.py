@@ -18,7 +18,7 @@ from fedmud.training import pick_device
 from server.wire import read_downlink, sync_error_record, upload_record
 
 app = ClientApp()
-HELD_MODEL, HELD_SYNC = "global-model", "global-sync"
+HELD_MODEL, HELD_SYNC, HELD_FEEDBACK = "global-model", "global-sync", "error-feedback"
 
 
 @lru_cache(maxsize=2)
@@ -65,7 +65,12 @@ def train(msg: Message, context: Context) -> Message:
     context.state.config_records[HELD_SYNC] = ConfigRecord({"round": downlink.target_round})
 
     loader = client_loader(run.data, partition_id, run.train.batch_size, seed=downlink.round_seed + partition_id)
-    payload, loss = client.train_round(downlink.round_seed, loader)
+    kept = context.state.array_records.get(HELD_FEEDBACK)
+    payload, loss, feedback = client.train_round(
+        downlink.round_seed, loader, None if kept is None else kept.to_torch_state_dict()
+    )
+    if feedback is not None:  # error feedback: what the lossy codec has not sent yet
+        context.state.array_records[HELD_FEEDBACK] = ArrayRecord(feedback)
     if client.device.type == "cuda":
         torch.cuda.synchronize()
     reply = upload_record(payload, len(loader.dataset), loss, downlink.server_round, partition_id)

@@ -24,14 +24,14 @@ from .sync import ChainStore, Link
 
 CHECKPOINT = "checkpoint.pt"
 # Keys that must match for a resumed run to be the same run.
-_FIXED = ("decomposition", "model", "seed", "data", "train", "downlink")
+_FIXED = ("decomposition", "uplink", "model", "seed", "data", "train", "downlink")
 
 
 def save_checkpoint(run_dir: Path, server: ServerModel, ledger: Ledger, history: list[dict]) -> Path:
     state = {
         "round": server.round,
         "global_state": server.global_state(),
-        "chain": [(link.round, link.seed, link.payload) for link in server.chain.links],
+        "chain": [(link.round, link.seed, link.payload, link.basis) for link in server.chain.links],
         "chain_oldest_kept": server.chain.oldest_kept,
         "records": dict(server.records.held),
         "ledger": ledger.to_dict(),
@@ -67,7 +67,7 @@ def load_checkpoint(run_dir: Path, run: RunConfig) -> dict[str, Any]:
 def restore(state: dict[str, Any], server: ServerModel) -> tuple[Ledger, list[dict]]:
     """Put a loaded checkpoint back into ``server``; returns (ledger, history)."""
     server.load(state["round"], state["global_state"])
-    server.chain = ChainStore([Link(r, s, p) for r, s, p in state["chain"]], state["chain_oldest_kept"])
+    server.chain = ChainStore([Link(*link) for link in state["chain"]], state["chain_oldest_kept"])
     server.records.held = dict(state["records"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])

@@ -1,9 +1,27 @@
-"""Named tensors <-> one flat payload, with the bytes counted where they are produced.
+"""Named tensors <-> an encoded upload, with the bytes counted where they are produced.
 
 Both parties derive the same :class:`~fedmud.model.UploadLayout` from the run
-config, so names and shapes never travel: an upload is a single flat array in
-layout order. That keeps per-message framing constant (one array, whatever the
-number of layers) and lets validation be one size/dtype/finiteness check.
+config, so names and shapes never travel: an upload is a few flat arrays (its
+*parts*) in layout order. That keeps per-message framing constant and lets
+validation be a handful of size/dtype/finiteness checks.
+
+Schemes (``Codec.scheme``):
+
+=========  =====================================  =====================  ==========
+scheme     parts                                  bytes per value        encodes
+=========  =====================================  =====================  ==========
+float32    ``payload`` float32                    4                      the values
+float16    ``payload`` float16                    2                      residual
+int8       ``payload`` int8, ``scales`` float32   1 + 4 per chunk        residual
+topk       ``values`` float32, ``indices`` int32  8 per kept value       residual
+=========  =====================================  =====================  ==========
+
+The lossy schemes encode the *residual* against a reference both parties know
+(the round-start values: the global model's dense tensors and the seed-drawn
+factors), so the server decodes ``reference + residual``. ``int8`` scales each
+chunk (≤ 1024 values of one tensor) symmetrically by its largest magnitude
+(nearest rounding);
+``topk`` keeps the ``k`` largest magnitudes.
 """
 
 from __future__ import annotations
@@ -17,7 +35,9 @@ import torch
 
 from .model import UploadLayout
 
-WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
+SCHEMES = ("float32", "float16", "int8", "topk")
+INT8_CHUNK = 1024
+Parts = dict[str, np.ndarray]
 
 
 class PayloadError(ValueError):
@@ -33,53 +53,141 @@ class CodecStats:
     payload_bytes: int = 0
 
 
+def topk_count(numel: int, dense_numel: int, ratio: float) -> int:
+    """Values ``topk`` keeps so that it sends ``ratio`` of dense float32 bytes (8 bytes per value)."""
+    return max(1, min(numel, math.floor(ratio * dense_numel * 4 / 8)))
+
+
 @dataclass
 class Codec:
     layout: UploadLayout
-    dtype: str = "float32"
+    scheme: str = "float32"
+    k: int = 0  # values kept by ``topk``
     stats: CodecStats = field(default_factory=CodecStats)
 
     def __post_init__(self) -> None:
-        if self.dtype not in WIRE_DTYPES:
-            raise PayloadError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(WIRE_DTYPES)}")
+        if self.scheme not in SCHEMES:
+            raise PayloadError(f"codec {self.scheme!r} is not supported; choose one of {', '.join(SCHEMES)}")
+        if self.scheme == "topk" and not 0 < self.k <= self.layout.numel:
+            raise PayloadError(f"topk needs 0 < k <= {self.layout.numel}, got k={self.k}")
+        # int8 chunks: at most INT8_CHUNK values, never across two tensors (their scales differ)
+        starts, offset = [], 0
+        for _, shape in self.layout.entries:
+            size = math.prod(shape)
+            starts.extend(range(offset, offset + size, INT8_CHUNK))
+            offset += size
+        self._chunk_starts = np.asarray(starts, dtype=np.int64)
+        self._chunk_sizes = np.diff(np.append(self._chunk_starts, offset))
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def residual(self) -> bool:
+        """Whether the codec encodes values relative to the round-start reference."""
+        return self.scheme != "float32"
+
+    @property
+    def parts(self) -> dict[str, tuple[np.dtype, int]]:
+        """Name -> (dtype, size) of every array an upload holds."""
+        n = self.layout.numel
+        if self.scheme == "float32":
+            return {"payload": (np.dtype(np.float32), n)}
+        if self.scheme == "float16":
+            return {"payload": (np.dtype(np.float16), n)}
+        if self.scheme == "int8":
+            return {"payload": (np.dtype(np.int8), n), "scales": (np.dtype(np.float32), self._chunk_starts.size)}
+        return {"values": (np.dtype(np.float32), self.k), "indices": (np.dtype(np.int32), self.k)}
 
     @property
     def payload_nbytes(self) -> int:
-        return self.layout.numel * np.dtype(WIRE_DTYPES[self.dtype]).itemsize
+        return sum(dtype.itemsize * size for dtype, size in self.parts.values())
 
-    def encode(self, state: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """Concatenate ``state`` in layout order into one array of the wire dtype."""
+    def flatten(self, state: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """``state`` in layout order as one float32 vector."""
         parts = []
         for name, shape in self.layout.entries:
             tensor = state[name]
             if tuple(tensor.shape) != shape:
                 raise PayloadError(f"{name} has shape {tuple(tensor.shape)}, the layout says {shape}")
             parts.append(tensor.detach().reshape(-1).to("cpu", torch.float32))
-        flat = torch.cat(parts).numpy().astype(WIRE_DTYPES[self.dtype], copy=False)
-        self.stats.payloads += 1
-        self.stats.values += flat.size
-        self.stats.payload_bytes += flat.nbytes
-        return flat
+        return torch.cat(parts).numpy()
 
-    def validate(self, payload: np.ndarray) -> np.ndarray:
-        """Return ``payload`` as float32 if it is a well-formed upload, else raise PayloadError."""
-        if not isinstance(payload, np.ndarray):
-            raise PayloadError(f"payload is a {type(payload).__name__}, expected a numpy array")
-        if payload.dtype != np.dtype(WIRE_DTYPES[self.dtype]):
-            raise PayloadError(f"payload dtype is {payload.dtype}, expected {self.dtype}")
-        if payload.ndim != 1 or payload.size != self.layout.numel:
-            raise PayloadError(f"payload shape is {payload.shape}, expected ({self.layout.numel},)")
-        values = payload.astype(np.float32)
-        if not np.isfinite(values).all():
-            raise PayloadError(f"payload has {int((~np.isfinite(values)).sum())} non-finite values")
-        return values
-
-    def decode(self, payload: np.ndarray) -> dict[str, torch.Tensor]:
-        """Split a validated payload back into named tensors."""
-        flat = torch.from_numpy(self.validate(payload))
+    def unflatten(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
+        """Split a float32 vector back into named tensors."""
+        if flat.shape != (self.layout.numel,):
+            raise PayloadError(f"vector shape is {flat.shape}, expected ({self.layout.numel},)")
+        tensor = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
         out, offset = {}, 0
         for name, shape in self.layout.entries:
             size = math.prod(shape)
-            out[name] = flat[offset : offset + size].reshape(shape)
+            out[name] = tensor[offset : offset + size].reshape(shape)
             offset += size
         return out
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, values: np.ndarray) -> Parts:
+        """Encode a float32 vector: the values (``float32``) or a residual (lossy schemes)."""
+        values = np.asarray(values, dtype=np.float32)
+        if self.scheme == "float32":
+            out = {"payload": values.copy()}
+        elif self.scheme == "float16":
+            out = {"payload": values.astype(np.float16)}
+        elif self.scheme == "int8":
+            scales = (np.maximum.reduceat(np.abs(values), self._chunk_starts) / 127.0).astype(np.float32)
+            safe = np.repeat(np.where(scales > 0, scales, 1.0), self._chunk_sizes)
+            q = np.clip(np.rint(values / safe), -127, 127).astype(np.int8)
+            out = {"payload": q, "scales": scales}
+        else:
+            idx = np.argpartition(np.abs(values), -self.k)[-self.k :]
+            idx.sort()
+            out = {"values": values[idx].astype(np.float32), "indices": idx.astype(np.int32)}
+        self.stats.payloads += 1
+        self.stats.values += values.size
+        self.stats.payload_bytes += sum(a.nbytes for a in out.values())
+        return out
+
+    def validate(self, parts: Mapping[str, np.ndarray]) -> Parts:
+        """``parts`` if they are a well-formed upload, else raise PayloadError saying what is wrong."""
+        expected = self.parts
+        if not isinstance(parts, Mapping):
+            raise PayloadError(f"upload is a {type(parts).__name__}, expected arrays {sorted(expected)}")
+        if set(parts) != set(expected):
+            raise PayloadError(f"upload holds {sorted(parts)}, expected {sorted(expected)} for codec {self.scheme}")
+        for name, (dtype, size) in expected.items():
+            array = parts[name]
+            if not isinstance(array, np.ndarray):
+                raise PayloadError(f"{name} is a {type(array).__name__}, expected a numpy array")
+            if array.dtype != dtype:
+                raise PayloadError(f"{name} dtype is {array.dtype}, expected {dtype}")
+            if array.ndim != 1 or array.size != size:
+                raise PayloadError(f"{name} shape is {array.shape}, expected ({size},)")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise PayloadError(f"{name} has {int((~np.isfinite(array)).sum())} non-finite values")
+        if self.scheme == "topk":
+            idx = parts["indices"]
+            if idx.size and (idx.min() < 0 or idx.max() >= self.layout.numel):
+                raise PayloadError(f"indices must lie in [0, {self.layout.numel - 1}]")
+            if np.unique(idx).size != idx.size:
+                raise PayloadError("indices repeat")
+        if self.scheme == "int8" and (parts["scales"] < 0).any():
+            raise PayloadError("scales must be non-negative")
+        return dict(parts)
+
+    def decode_vector(self, parts: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The float32 vector an upload stands for: values (``float32``) or the residual."""
+        parts = self.validate(parts)
+        if self.scheme in ("float32", "float16"):
+            return parts["payload"].astype(np.float32)
+        if self.scheme == "int8":
+            return parts["payload"].astype(np.float32) * np.repeat(parts["scales"], self._chunk_sizes)
+        out = np.zeros(self.layout.numel, dtype=np.float32)
+        out[parts["indices"]] = parts["values"]
+        return out
+
+    def decode(self, parts: Mapping[str, np.ndarray], reference: np.ndarray | None = None) -> np.ndarray:
+        """The uploaded values as a float32 vector: ``reference + residual`` for lossy schemes."""
+        vector = self.decode_vector(parts)
+        if not self.residual:
+            return vector
+        if reference is None:
+            raise PayloadError(f"codec {self.scheme} decodes a residual and needs the round-start reference")
+        return (reference.astype(np.float32) + vector).astype(np.float32)

@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("fedmud", "fedavg")
+METHODS = ("fedmud", "fedavg", "fedlmt")
 KINDS = ("kron", "mat")
 PATTERNS = ("ab", "fab", "aad")
-INITS = ("zero", "nonzero", "nonzero-compensated")
-DATASETS = ("mnist5k",)
-PARTITIONS = ("iid", "dirichlet")
-MODELS = ("cnn-mnist",)
+INITS = ("zero", "nonzero", "nonzero-compensated", "hrp")
+UPLINKS = ("float32", "float16", "int8", "topk")
+DATASETS = ("mnist5k", "digits", "mnist", "fashionmnist", "svhn", "cifar10", "cifar100")
+PARTITIONS = ("iid", "dirichlet", "label-count")
+MODELS = ("auto", "cnn-mnist", "cnn-cifar")
 DOWNLINKS = ("chain", "full")
 
 
@@ -31,7 +32,9 @@ class DecompositionConfig:
     """How each round's model update is parameterised.
 
     method: ``fedmud`` trains a decomposed update of every layer not kept dense;
-        ``fedavg`` keeps every layer dense (the baseline, same code path).
+        ``fedavg`` keeps every layer dense (the baseline, same code path);
+        ``fedlmt`` factorises the model itself (W = U·V, both trained and averaged,
+        no MUD), the FedLMT-style baseline, sized by ``ratio``.
     kind: ``kron`` block-wise Kronecker factors (BKD) or ``mat`` low-rank matrix.
     pattern: ``ab`` both factors trained; ``fab`` one frozen seed-drawn factor and
         one trained; ``aad`` aggregation-aware, two branches each linear in its
@@ -42,7 +45,12 @@ class DecompositionConfig:
         means the model's first and last weight layers (the paper's choice).
     init: ``zero`` trained factors start at 0 (for ``ab``: the right factor),
         ``nonzero`` trained factors drawn too and the round-start update kept,
-        ``nonzero-compensated`` drawn too and ΔW(T0) subtracted exactly.
+        ``nonzero-compensated`` drawn too and ΔW(T0) subtracted exactly,
+        ``hrp`` high-rank preheating: the first ``hrp_rounds`` rounds run as
+        ``nonzero-compensated``; the SVD (mat) or nearest Kronecker product per
+        block (kron) of their merged update then gives the frozen factors'
+        directions for the remaining rounds (trained factors start at 0).
+    hrp_rounds: preheat length in rounds (``init=hrp`` only).
     init_scale: std of trained factors at init, in units of 1/sqrt(fan_in).
     frozen_scale: std of frozen factors, in units of the std that makes T -> ΔW
         an isometry in expectation; the subspace's effective learning rate grows
@@ -54,9 +62,30 @@ class DecompositionConfig:
     pattern: str = "aad"
     ratio: float = 1 / 32
     dense_layers: tuple[str, ...] = ("first", "last")
-    init: str = "nonzero"
+    init: str = "nonzero-compensated"
     init_scale: float = 0.1
     frozen_scale: float = 4.0
+    hrp_rounds: int = 1
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    """How a client's upload is encoded (see :mod:`fedmud.codec`).
+
+    codec: ``float32`` (lossless), ``float16``, ``int8`` (a float32 scale per chunk
+        of at most 1024 values of one tensor) or
+        ``topk`` (the largest-magnitude values with their indices); the lossy codecs
+        encode the residual against the round-start values both parties know.
+    error_feedback: keep what the codec lost and add it to the next upload; for
+        decomposed layers the error is kept as a weight update and projected onto the
+        next round's trainable factors (``aad``/``fab``).
+    topk_ratio: ``topk`` sends this fraction of the dense float32 bytes (8 bytes per
+        kept value: float32 value + int32 index).
+    """
+
+    codec: str = "float32"
+    error_feedback: bool = False
+    topk_ratio: float = 1 / 32
 
 
 @dataclass(frozen=True)
@@ -72,7 +101,20 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Dataset, held-out split and partitioning over clients."""
+    """Dataset, held-out split and partitioning over clients (see :mod:`fedmud.data`).
+
+    dataset: ``mnist5k`` and ``digits`` are embedded (no files, no network) and split
+        into train/test with ``test_fraction`` and ``seed``; ``mnist``,
+        ``fashionmnist``, ``svhn``, ``cifar10``, ``cifar100`` are read from ``root``
+        in torchvision's layout (downloaded when missing) with their official
+        train/test splits (``test_fraction`` does not apply).
+    partition: ``iid``; ``dirichlet`` (label proportions ~ Dir(``alpha``)); or
+        ``label-count``: each client holds max(1, round(``label_fraction`` ·
+        classes)) classes.
+    root: directory of the torchvision datasets; ``~`` is expanded and a relative
+        path is resolved against the current directory of the process loading it.
+    seed: the embedded sets' train/test split and the partitioners' draws.
+    """
 
     dataset: str = "mnist5k"
     partition: str = "iid"
@@ -80,6 +122,8 @@ class DataConfig:
     num_partitions: int = 10
     test_fraction: float = 0.2
     seed: int = 42
+    root: str = "data"
+    label_fraction: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -100,7 +144,7 @@ class RunConfig:
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     seed: int = 0
-    model: str = "cnn-mnist"
+    model: str = "auto"
     run_dir: str = "runs"
     downlink: str = "chain"
     round_timeout: float = 600.0
@@ -108,6 +152,7 @@ class RunConfig:
     resume: str = ""
     fault_corrupt_state_round: int = 0
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -144,17 +189,39 @@ def _number(
     return int(value) if integer else float(value)
 
 
-def _parse_ratio(cfg: Mapping[str, Any]) -> float:
-    value = cfg.get("ratio", DecompositionConfig.ratio)
+def _parse_ratio(cfg: Mapping[str, Any], key: str = "ratio", default: float = DecompositionConfig.ratio) -> float:
+    value = cfg.get(key, default)
     if isinstance(value, str):  # "1/32" reads better than 0.03125
         try:
             num, _, den = value.partition("/")
             value = float(num) / float(den) if den else float(num)
         except (ValueError, ZeroDivisionError):
             raise ConfigError(
-                f"ratio={cfg['ratio']!r} is not allowed; it must be a number or a fraction like '1/32' in (0, 1]"
+                f"{key}={cfg[key]!r} is not allowed; it must be a number or a fraction like '1/32' in (0, 1]"
             ) from None
-    return _number({"ratio": value}, "ratio", 0.0, low=0.0, high=1.0, low_open=True)
+    return _number({key: value}, key, 0.0, low=0.0, high=1.0, low_open=True)
+
+
+def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be true or false")
+    return value
+
+
+def _check_combinations(d: DecompositionConfig, u: UplinkConfig) -> None:
+    if d.init == "hrp" and d.method != "fedmud":
+        raise ConfigError(f"init='hrp' is not allowed with method={d.method!r}; it needs method='fedmud'")
+    if u.error_feedback and u.codec == "float32":
+        raise ConfigError(
+            "error-feedback=true is not allowed with uplink='float32' (lossless, nothing to feed back); "
+            "choose uplink float16, int8 or topk"
+        )
+    if u.error_feedback and d.method == "fedmud" and d.pattern == "ab":
+        raise ConfigError(
+            "error-feedback=true is not allowed with pattern='ab': the error is projected onto the next "
+            "round's factors, which needs an update linear in them; choose pattern aad or fab"
+        )
 
 
 def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
@@ -171,7 +238,14 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         init=_choice(cfg, "init", DecompositionConfig.init, INITS),
         init_scale=_number(cfg, "init-scale", DecompositionConfig.init_scale, low=0.0),
         frozen_scale=_number(cfg, "frozen-scale", DecompositionConfig.frozen_scale, low=0.0, low_open=True),
+        hrp_rounds=_number(cfg, "hrp-rounds", DecompositionConfig.hrp_rounds, integer=True, low=1),
     )
+    uplink = UplinkConfig(
+        codec=_choice(cfg, "uplink", UplinkConfig.codec, UPLINKS),
+        error_feedback=_flag(cfg, "error-feedback", UplinkConfig.error_feedback),
+        topk_ratio=_parse_ratio(cfg, "topk-ratio", UplinkConfig.topk_ratio),
+    )
+    _check_combinations(decomposition, uplink)
     train = TrainConfig(
         lr=_number(cfg, "lr", TrainConfig.lr, low=0.0, low_open=True),
         momentum=_number(cfg, "momentum", TrainConfig.momentum, low=0.0, high=1.0),
@@ -179,6 +253,9 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         local_epochs=_number(cfg, "local-epochs", TrainConfig.local_epochs, integer=True, low=1),
         batch_size=_number(cfg, "batch-size", TrainConfig.batch_size, integer=True, low=1),
     )
+    data_root = cfg.get("data-root", DataConfig.root)
+    if not isinstance(data_root, str) or not data_root.strip():
+        raise ConfigError(f"data-root={data_root!r} is not allowed; it must be a non-empty directory path")
     data = DataConfig(
         dataset=_choice(cfg, "dataset", DataConfig.dataset, DATASETS),
         partition=_choice(cfg, "partition", DataConfig.partition, PARTITIONS),
@@ -186,6 +263,10 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         num_partitions=_number(cfg, "num-partitions", DataConfig.num_partitions, integer=True, low=1),
         test_fraction=_number(cfg, "test-fraction", DataConfig.test_fraction, low=0.0, high=0.9, low_open=True),
         seed=_number(cfg, "data-seed", DataConfig.seed, integer=True, low=0),
+        root=data_root,
+        label_fraction=_number(
+            cfg, "label-fraction", DataConfig.label_fraction, low=0.0, high=1.0, low_open=True
+        ),
     )
     return RunConfig(
         rounds=_number(cfg, "num-server-rounds", RunConfig.rounds, integer=True, low=1),
@@ -202,6 +283,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
             cfg, "fault-corrupt-state-round", RunConfig.fault_corrupt_state_round, integer=True, low=0
         ),
         decomposition=decomposition,
+        uplink=uplink,
         train=train,
         data=data,
     )

@@ -24,8 +24,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import ConfigError, DecompositionConfig
-from .decomposition import UpdateParameterisation, allocate_sizes, build_update
+from .decomposition import UpdateParameterisation, allocate_sizes, build_update, matrix_shape
 from .seeds import derive_seed, draw_normal
+
+HRP_PREFIX = "hrp_"
 
 
 class DecomposedLayer(nn.Module):
@@ -53,6 +55,15 @@ class DecomposedLayer(nn.Module):
             else:
                 self.register_buffer(spec.name, zeros, persistent=False)
         self.register_buffer("offset", torch.zeros_like(base.weight), persistent=False)
+        if config.init == "hrp":  # directions fixed after the preheat; part of the global model
+            for term in update.terms:
+                anchor = next(f for f in update.factors if f.name == term.anchor)
+                self.register_buffer(HRP_PREFIX + anchor.name, torch.zeros(anchor.shape, device=base.weight.device))
+            self.register_buffer(HRP_PREFIX + "set", torch.zeros((), device=base.weight.device))
+
+    @property
+    def hrp_ready(self) -> bool:
+        return self.config.init == "hrp" and bool(getattr(self, HRP_PREFIX + "set").item())
 
     def factor(self, name: str) -> torch.Tensor:
         return getattr(self, name)
@@ -68,11 +79,15 @@ class DecomposedLayer(nn.Module):
     def reset(self, seed: int) -> None:
         """Draw every factor from ``seed`` (on CPU, then moved): identical on every device."""
         device = self.base.weight.device
-        zero_partners = self.config.init == "zero"
+        hrp = self.hrp_ready
+        zero_partners = self.config.init == "zero" or hrp
         for term in self.update.terms:
             anchor = next(f for f in self.update.factors if f.name == term.anchor)
-            std = self.config.frozen_scale * anchor.iso_std
-            self.factor(anchor.name).copy_(draw_normal(anchor.shape, derive_seed(seed, anchor.name), std, device))
+            if hrp:
+                self.factor(anchor.name).copy_(getattr(self, HRP_PREFIX + anchor.name))
+            else:
+                std = self.config.frozen_scale * anchor.iso_std
+                self.factor(anchor.name).copy_(draw_normal(anchor.shape, derive_seed(seed, anchor.name), std, device))
             partner = next(f for f in self.update.factors if f.name == term.partner)
             if zero_partners:
                 self.factor(partner.name).zero_()
@@ -80,8 +95,21 @@ class DecomposedLayer(nn.Module):
                 values = draw_normal(partner.shape, derive_seed(seed, partner.name), self._partner_std, device)
                 self.factor(partner.name).copy_(values)
         self.offset.zero_()
-        if self.config.init == "nonzero-compensated":
+        if self.config.init in ("nonzero-compensated", "hrp") and not zero_partners:
             self.offset.copy_(-self.delta_weight(exact=True))
+
+    @torch.no_grad()
+    def set_hrp_directions(self, delta: torch.Tensor) -> None:
+        """Fix the anchors' directions from ``delta``, the preheat's merged update (see :mod:`.projection`)."""
+        from .projection import hrp_directions
+
+        for name, value in hrp_directions(self.update, delta, self.config.frozen_scale).items():
+            getattr(self, HRP_PREFIX + name).copy_(value)
+        getattr(self, HRP_PREFIX + "set").fill_(1.0)
+
+    def anchors(self) -> dict[str, torch.Tensor]:
+        """The frozen factors of this round."""
+        return {f.name: self.factor(f.name).detach() for f in self.update.factors if not f.trainable}
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -101,6 +129,35 @@ class DecomposedLayer(nn.Module):
         if isinstance(self.base, nn.Linear):
             return F.linear(x, weight, self.base.bias)
         return self.base._conv_forward(x, weight, self.base.bias)
+
+
+class FactorizedLayer(nn.Module):
+    """FedLMT-style: the weight itself is ``U·V`` (rank ``r``), both factors trained and averaged.
+
+    ``U`` is (m, r) and ``V`` (r, n) in the (m, n) view of :class:`~.decomposition.LowRankUpdate`;
+    both are drawn with std ``sqrt(t / sqrt(r))`` so that ``U·V`` has the std ``t = 1/sqrt(fan_in)``.
+    """
+
+    def __init__(self, base: nn.Module, rank: int) -> None:
+        super().__init__()
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"only nn.Linear and nn.Conv2d can be factorised, not {type(base).__name__}")
+        self.shape = tuple(base.weight.shape)
+        m, n = matrix_shape(self.shape)
+        std = math.sqrt((1 / math.sqrt(math.prod(self.shape[1:]))) / math.sqrt(rank))
+        self.U = nn.Parameter(torch.randn(m, rank, device=base.weight.device) * std)
+        self.V = nn.Parameter(torch.randn(rank, n, device=base.weight.device) * std)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone())
+        self.conv_args = (
+            None if isinstance(base, nn.Linear) else (base.stride, base.padding, base.dilation, base.groups)
+        )
+        self.rank = rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (self.U @ self.V).reshape(self.shape)
+        if self.conv_args is None:
+            return F.linear(x, weight, self.bias)
+        return F.conv2d(x, weight, self.bias, *self.conv_args)
 
 
 @dataclass(frozen=True)
@@ -163,7 +220,9 @@ class DecomposedModel(nn.Module):
         super().__init__()
         self.config = config
         self.dense_reference_numel = sum(t.numel() for _, t in _uploaded_dense_state(model, set()))
-        if config.method == "fedavg":
+        # the undecomposed model's state (names, shapes, dtypes): what dense FedAvg sends down
+        self.reference_state = {n: torch.empty_like(t, device="meta") for n, t in model.state_dict().items()}
+        if config.method != "fedmud":  # fedavg: every layer dense; fedlmt: factorised below
             decomposed: dict[str, tuple[int, ...]] = {}
         else:
             dense = _resolve_dense(model, config.dense_layers)
@@ -172,7 +231,9 @@ class DecomposedModel(nn.Module):
             }
         skip = {f"{name}.weight" for name in decomposed}
         dense_numel = sum(t.numel() for _, t in _uploaded_dense_state(model, skip))
-        target = math.floor(config.ratio * self.dense_reference_numel) if config.method == "fedmud" else None
+        target = math.floor(config.ratio * self.dense_reference_numel) if config.method != "fedavg" else None
+        if config.method == "fedlmt":
+            _factorise(model, config, target)
         if decomposed:
             budget = target - dense_numel
             if budget <= 0:
@@ -213,7 +274,7 @@ class DecomposedModel(nn.Module):
         return {
             name.replace(".base.", "."): tensor
             for name, tensor in self.model.state_dict(keep_vars=True).items()
-            if name not in base_weights and torch.is_floating_point(tensor)
+            if name not in base_weights and torch.is_floating_point(tensor) and HRP_PREFIX not in name
         }
 
     def upload_layout(self) -> UploadLayout:
@@ -247,6 +308,30 @@ class DecomposedModel(nn.Module):
         for layer in self.layers().values():
             layer.merge()
 
+    def clear(self) -> None:
+        """Zero every layer's factors: the model computes with W."""
+        for layer in self.layers().values():
+            layer.clear()
+
+    # ------------------------------------------------------------------ high-rank preheating
+    @property
+    def hrp_ready(self) -> bool:
+        return any(layer.hrp_ready for layer in self.layers().values())
+
+    def set_hrp_directions(self, initial: Mapping[str, torch.Tensor]) -> None:
+        """Fix every layer's anchor directions from the update since ``initial`` (a global state)."""
+        for name, layer in self.layers().items():
+            layer.set_hrp_directions(layer.base.weight - initial[f"{name}.weight"].to(layer.base.weight.device))
+
+    def hrp_state(self) -> dict[str, torch.Tensor]:
+        """The preheat's directions (empty unless ``init=hrp``), named as in :meth:`global_state`."""
+        return {n: t for n, t in self.global_state().items() if HRP_PREFIX in n}
+
+    @torch.no_grad()
+    def load_hrp_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        items = {n: t for n, t in self._global_items().items() if HRP_PREFIX in n}
+        _copy_into(items, state, "HRP directions")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
@@ -262,6 +347,21 @@ class DecomposedModel(nn.Module):
             f"ratio {layout.numel / self.dense_reference_numel:.5f} (1/{self.dense_reference_numel / layout.numel:.1f})"
         )
         return lines
+
+
+def _factorise(model: nn.Module, config: DecompositionConfig, target: int) -> None:
+    """FedLMT: replace every layer not kept dense by ``U·V`` with ranks that fit ``target`` values."""
+    dense = _resolve_dense(model, config.dense_layers)
+    shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in _weight_layers(model) if name not in dense}
+    skip = {f"{name}.weight" for name in shapes}
+    budget = target - sum(t.numel() for _, t in _uploaded_dense_state(model, skip))
+    if budget <= 0:
+        raise ConfigError(f"ratio={config.ratio:.6g} is too small for method='fedlmt': the dense layers alone exceed it")
+    ranks = allocate_sizes("mat", "ab", shapes, budget)
+    for name in shapes:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FactorizedLayer(model.get_submodule(name), *ranks[name]))
 
 
 def decompose(model: nn.Module, config: DecompositionConfig) -> DecomposedModel:

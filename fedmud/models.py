@@ -33,7 +33,34 @@ class CNN(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-def build_model(name: str) -> nn.Module:
-    if name == "cnn-mnist":
-        return CNN(in_channels=1, num_classes=10, spatial=1)
-    raise ConfigError(f"model={name!r} is not allowed; choose one of cnn-mnist")
+# Input (channels, size) each model is built for; the class count comes from the dataset.
+MODEL_INPUTS = {"cnn-mnist": (1, 28), "cnn-cifar": (3, 32)}
+
+
+def resolve_model(name: str, dataset: str = "mnist5k") -> str:
+    """The concrete model for ``name`` on ``dataset``: ``auto`` picks the one built for its images."""
+    from .data import dataset_spec
+
+    spec = dataset_spec(dataset)
+    fits = [m for m, shape in MODEL_INPUTS.items() if shape == (spec.channels, spec.size)]
+    if name == "auto":
+        return fits[0]
+    if name not in MODEL_INPUTS:
+        raise ConfigError(f"model={name!r} is not allowed; choose one of auto, {', '.join(MODEL_INPUTS)}")
+    if name not in fits:
+        c, s = MODEL_INPUTS[name]
+        raise ConfigError(
+            f"model={name!r} is not allowed with dataset={dataset!r}: the model takes {c}×{s}×{s} images, "
+            f"the dataset has {spec.channels}×{spec.size}×{spec.size}; choose model auto or {fits[0]}"
+        )
+    return name
+
+
+def build_model(name: str, dataset: str = "mnist5k") -> nn.Module:
+    """The paper's CNN for ``dataset`` (``name``: ``auto``, ``cnn-mnist`` or ``cnn-cifar``)."""
+    from .data import dataset_spec
+
+    resolved, spec = resolve_model(name, dataset), dataset_spec(dataset)
+    if resolved == "cnn-mnist":  # 28→14→7→3→1
+        return CNN(in_channels=1, num_classes=spec.num_classes, spatial=1)
+    return CNN(in_channels=3, num_classes=spec.num_classes, spatial=4)  # cnn-cifar: 32→16→8→4→2

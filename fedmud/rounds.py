@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from .aggregate import WeightedMean
-from .codec import Codec
+from .codec import Codec, Parts, topk_count
+from .feedback import ErrorFeedback
 from .config import RunConfig
 from .model import DecomposedModel, decompose
 from .models import build_model
@@ -28,25 +29,48 @@ def build_decomposed(run: RunConfig, device: torch.device | str = "cpu") -> Deco
     """The run's model, decomposed; every party builds the same round-0 weights from ``run.seed``."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(run.seed)
-    model = decompose(build_model(run.model), run.decomposition).to(device)
+    model = decompose(build_model(run.model, run.data.dataset), run.decomposition).to(device)
     torch.random.set_rng_state(generator_state)
     return model
+
+
+def build_codec(run: RunConfig, model: DecomposedModel) -> Codec:
+    """The uplink codec the run config names (``topk``'s k from the dense bytes it may use)."""
+    layout = model.upload_layout()
+    k = topk_count(layout.numel, model.dense_reference_numel, run.uplink.topk_ratio) if run.uplink.codec == "topk" else 0
+    return Codec(layout, run.uplink.codec, k)
+
+
+def flatten_state(state: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Tensors in name order as one float32 vector (HRP directions in a link)."""
+    return torch.cat([t.detach().reshape(-1).cpu().float() for t in state.values()]).numpy()
 
 
 def apply_link(model: DecomposedModel, codec: Codec, link: Link) -> None:
     """Merge one round's aggregated upload: the same bitwise on server and clients (CPU)."""
     model.reset(link.seed)
-    model.load_uploaded_state(codec.decode(link.payload))
+    model.load_uploaded_state(codec.unflatten(codec.validate({"payload": link.payload})["payload"]))
     model.merge()
+    if link.basis is not None:
+        like = model.hrp_state()
+        flat, offset, state = torch.from_numpy(link.basis), 0, {}
+        if flat.numel() != sum(t.numel() for t in like.values()):
+            raise ValueError(f"HRP basis of {flat.numel()} values, the model has {sum(t.numel() for t in like.values())}")
+        for name, tensor in like.items():
+            state[name] = flat[offset : offset + tensor.numel()].reshape(tensor.shape)
+            offset += tensor.numel()
+        model.load_hrp_state(state)
 
 
 class ServerModel:
     """The global model on the server, the chain of recent merges and every client's sync record."""
 
-    def __init__(self, run: RunConfig, dtype: str = "float32") -> None:
+    def __init__(self, run: RunConfig) -> None:
         self.run = run
         self.model = build_decomposed(run)
-        self.codec = Codec(self.model.upload_layout(), dtype)
+        self.initial_state = {n: t.clone() for n, t in self.model.global_state().items()}
+        self.codec = build_codec(run, self.model)
+        self.link_codec = Codec(self.model.upload_layout(), "float32")
         self.round = 0  # the global round the model is at
         self.chain = ChainStore()
         self.records = SyncRecords()
@@ -69,17 +93,30 @@ class ServerModel:
         held = self.records.get(client, new_client_round=0)
         return plan_downlink(held, self.round, self.chain, self.link_bytes, self.full_bytes)
 
-    def apply_round(self, server_round: int, round_seed: int, uploads: Iterable[tuple[np.ndarray, float]]) -> int:
-        """Aggregate validated uploads (payload, weight), merge ΔW into W; returns how many merged.
+    def apply_round(self, server_round: int, round_seed: int, uploads: Iterable[tuple[Parts, float]]) -> int:
+        """Aggregate validated uploads (parts, weight), merge ΔW into W; returns how many merged.
 
-        With none, the round is skipped: the model stays, and no link is recorded.
+        Lossy codecs carry residuals against the round-start values, which the server
+        rebuilds from its model and the round seed. With no upload the round is
+        skipped: the model stays, and no link is recorded. With ``init=hrp`` the
+        first merge from round ``hrp_rounds`` on fixes the HRP directions; they ride
+        on that round's link.
         """
+        reference = None
+        if self.codec.residual:
+            self.model.reset(round_seed)
+            reference = self.codec.flatten(self.model.uploaded_state())
+            self.model.clear()
         mean = WeightedMean()
-        for payload, weight in uploads:
-            mean.add(self.codec.validate(payload), weight)
+        for parts, weight in uploads:
+            mean.add(self.codec.decode(parts, reference), weight)
         if mean.count:
             link = Link(server_round, round_seed, mean.result())
-            apply_link(self.model, self.codec, link)
+            apply_link(self.model, self.link_codec, link)
+            d = self.run.decomposition
+            if d.init == "hrp" and server_round >= d.hrp_rounds and not self.model.hrp_ready:
+                self.model.set_hrp_directions(self.initial_state)
+                link = Link(link.round, link.seed, link.payload, flatten_state(self.model.hrp_state()))
             self.chain.add(link)
             if self.link_bytes:  # a chain longer than this costs more than the full model
                 self.chain.prune(keep=max(1, self.full_bytes // self.link_bytes))
@@ -98,13 +135,15 @@ class SyncError(RuntimeError):
 class ClientModel:
     """A client's models: the global one it holds (CPU, exact merges) and one to train on ``device``."""
 
-    def __init__(self, run: RunConfig, device: torch.device, dtype: str = "float32") -> None:
+    def __init__(self, run: RunConfig, device: torch.device) -> None:
         self.run = run
         self.device = device
         self.global_model = build_decomposed(run)
         self.initial_state = {n: t.clone() for n, t in self.global_model.global_state().items()}
         self.model = build_decomposed(run, device)
-        self.codec = Codec(self.model.upload_layout(), dtype)
+        self.codec = build_codec(run, self.model)
+        self.link_codec = Codec(self.model.upload_layout(), "float32")
+        self.feedback = ErrorFeedback(self.model, self.codec) if run.uplink.error_feedback else None
 
     def sync(
         self,
@@ -130,16 +169,33 @@ class ClientModel:
                 raise SyncError(f"the chain starts at round {base_round}, this client holds round {held_round}")
             self.global_model.load_global_state(held_state)
             for link in links:
-                apply_link(self.global_model, self.codec, link)
+                apply_link(self.global_model, self.link_codec, link)
         state = self.global_model.global_state()
         digest = state_digest(state)
         if digest != expected_digest:
             raise SyncError(f"digest {digest} after the downlink, expected {expected_digest}")
         return {n: t.clone() for n, t in state.items()}
 
-    def train_round(self, round_seed: int, loader: DataLoader) -> tuple[np.ndarray, float]:
-        """Train from the synced global model with factors drawn from ``round_seed``; (upload, loss)."""
+    def train_round(
+        self, round_seed: int, loader: DataLoader, feedback: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[Parts, float, dict[str, torch.Tensor] | None]:
+        """Train from the synced global model with factors drawn from ``round_seed``.
+
+        Returns (encoded upload, mean loss, error-feedback state to keep); ``feedback``
+        is the state kept from this client's previous upload (None: start at zero).
+        """
         self.model.load_global_state(self.global_model.global_state())
         self.model.reset(round_seed)
+        reference = self.codec.flatten(self.model.uploaded_state()) if self.codec.residual else None
         loss = train_local(self.model, loader, self.run.train, self.device)
-        return self.codec.encode(self.model.uploaded_state()), loss
+        values = self.codec.flatten(self.model.uploaded_state())
+        if reference is None:
+            return self.codec.encode(values), loss, None
+        target = values - reference
+        if self.feedback is None:
+            return self.codec.encode(target), loss, None
+        self.feedback.load_state(feedback)
+        target = self.feedback.compensate(target)
+        parts = self.codec.encode(target)
+        self.feedback.update(target, self.codec.decode_vector(parts))
+        return parts, loss, self.feedback.state()

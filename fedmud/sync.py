@@ -37,11 +37,12 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 @dataclass(frozen=True)
 class Link:
-    """The aggregated upload merged in ``round`` (drawn from ``seed``)."""
+    """The aggregated upload merged in ``round`` (drawn from ``seed``), as float32 values."""
 
     round: int
     seed: int
     payload: np.ndarray
+    basis: np.ndarray | None = None  # HRP directions fixed by this round's merge (init=hrp), else None
 
 
 @dataclass

@@ -25,8 +25,9 @@ from .wire import content_bytes, downlink_record, upload_record
 app = ServerApp()
 
 
-def measure_message_sizes(server: ServerModel) -> tuple[int, int, int]:
-    """(dense FedAvg upload, full-model downlink, one more chain link) in bytes, serialised as sent."""
+def measure_message_sizes(server: ServerModel) -> tuple[int, int, int, int]:
+    """Bytes as serialised and sent: (dense FedAvg upload, dense FedAvg downlink, this run's
+    full-model downlink, one more chain link). The dense figures use the undecomposed model."""
     rng = np.random.default_rng(0)
     dense = rng.standard_normal(server.model.dense_reference_numel, dtype=np.float32)
     dense_up = content_bytes(upload_record(dense, 1, 0.0, 1))
@@ -38,15 +39,22 @@ def measure_message_sizes(server: ServerModel) -> tuple[int, int, int]:
     }
     digest = server.digest
     full = content_bytes(downlink_record(Downlink(FULL, 0), 1, 1, digest, state))
+    dense_state = {
+        name: torch.from_numpy(rng.standard_normal(tuple(t.shape), dtype=np.float32))
+        if t.is_floating_point()
+        else torch.zeros(t.shape, dtype=t.dtype)
+        for name, t in server.model.reference_state.items()
+    }
+    dense_full = content_bytes(downlink_record(Downlink(FULL, 0), 1, 1, digest, dense_state))
     payload = rng.standard_normal(server.codec.layout.numel, dtype=np.float32)
     no_link = content_bytes(downlink_record(Downlink(CHAIN, 0, 0, ()), 1, 1, digest, None))
     one_link = content_bytes(downlink_record(Downlink(CHAIN, 1, 0, (Link(1, 1, payload),)), 1, 1, digest, None))
-    return dense_up, full, one_link - no_link
+    return dense_up, dense_full, full, one_link - no_link
 
 
 def _start(run, server: ServerModel) -> tuple[Path, Ledger, list[dict], int]:
     """(run directory, ledger, history, first round): a new run, or the one ``run.resume`` names."""
-    dense_up, full, link = measure_message_sizes(server)
+    dense_up, dense_down, full, link = measure_message_sizes(server)
     server.full_bytes, server.link_bytes = full, link
     if run.resume:
         run_dir = Path(run.resume).expanduser()
@@ -56,7 +64,7 @@ def _start(run, server: ServerModel) -> tuple[Path, Ledger, list[dict], int]:
         return run_dir, ledger, history, server.round + 1
     run_dir = Path(run.run_dir).expanduser() / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, Ledger(dense_up_bytes=dense_up, dense_down_bytes=full), [], 1
+    return run_dir, Ledger(dense_up_bytes=dense_up, dense_down_bytes=dense_down), [], 1
 
 
 @app.main()

@@ -5,7 +5,8 @@ Downlink (server -> client), a RecordDict with
   base-round, link-rounds, link-seeds, digest;
 - ``arrays``: the full global model (``full``) or ``chain``: one flat payload per link.
 
-Uplink (client -> server): ``update`` (one flat payload) and ``metrics``
+Uplink (client -> server): ``update`` (the codec's flat arrays: ``payload``, or
+``payload`` + ``scales`` for int8, ``values`` + ``indices`` for top-k) and ``metrics``
 (num-examples, train-loss, server-round, partition-id), or, when the client
 could not sync, only ``metrics`` with ``sync-error`` set.
 
@@ -24,7 +25,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedmud.codec import Codec, PayloadError
+from fedmud.codec import Codec, Parts, PayloadError
 from fedmud.sync import CHAIN, FULL, Downlink, Link
 
 UPDATE_KEY, PAYLOAD_KEY, METRICS_KEY = "update", "payload", "metrics"
@@ -56,7 +57,12 @@ def downlink_record(
         if full_state is None:
             raise ValueError("a full downlink needs the global state")
         return RecordDict({CONFIG_KEY: config, ARRAYS_KEY: ArrayRecord(dict(full_state))})
-    chain = ArrayRecord({f"link-{link.round}": Array(link.payload) for link in downlink.links})
+    arrays = {}
+    for link in downlink.links:
+        arrays[f"link-{link.round}"] = Array(link.payload)
+        if link.basis is not None:  # HRP directions fixed in this round
+            arrays[f"basis-{link.round}"] = Array(link.basis)
+    chain = ArrayRecord(arrays)
     return RecordDict({CONFIG_KEY: config, CHAIN_KEY: chain})
 
 
@@ -84,7 +90,7 @@ def read_downlink(content: RecordDict) -> ReceivedDownlink:
     else:
         chain = content.array_records[CHAIN_KEY]
         links = tuple(
-            Link(int(r), int(s), chain[f"link-{r}"].numpy())
+            Link(int(r), int(s), chain[f"link-{r}"].numpy(), chain[f"basis-{r}"].numpy() if f"basis-{r}" in chain else None)
             for r, s in zip(config["link-rounds"], config["link-seeds"])
         )
     base = int(config["base-round"])
@@ -102,12 +108,18 @@ def read_downlink(content: RecordDict) -> ReceivedDownlink:
 
 # ---------------------------------------------------------------------------- uplink
 def upload_record(
-    payload: np.ndarray, num_examples: int, train_loss: float, server_round: int, partition_id: int = 0
+    parts: Mapping[str, np.ndarray] | np.ndarray,
+    num_examples: int,
+    train_loss: float,
+    server_round: int,
+    partition_id: int = 0,
 ) -> RecordDict:
-    """A client's reply: one flat payload and its metrics."""
+    """A client's reply: the codec's flat arrays (or one float32 payload) and its metrics."""
+    if isinstance(parts, np.ndarray):
+        parts = {PAYLOAD_KEY: parts}
     return RecordDict(
         {
-            UPDATE_KEY: ArrayRecord({PAYLOAD_KEY: Array(payload)}),
+            UPDATE_KEY: ArrayRecord({name: Array(array) for name, array in parts.items()}),
             METRICS_KEY: MetricRecord(
                 {
                     "num-examples": int(num_examples),
@@ -132,24 +144,25 @@ def is_sync_error(content: RecordDict) -> bool:
     return metrics is not None and metrics.get("sync-error") == 1
 
 
-def read_upload(content: RecordDict, codec: Codec, server_round: int, max_bytes: int) -> tuple[np.ndarray, float]:
-    """(payload, weight) of a reply that is safe to aggregate, else :class:`PayloadError` saying why."""
+def read_upload(content: RecordDict, codec: Codec, server_round: int, max_bytes: int) -> tuple[Parts, float]:
+    """(parts, weight) of a reply that is safe to aggregate, else :class:`PayloadError` saying why."""
     if UPDATE_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
         raise PayloadError(f"reply lacks {UPDATE_KEY!r} arrays or {METRICS_KEY!r} metrics; has {sorted(content.keys())}")
     arrays, metrics = content.array_records[UPDATE_KEY], content.metric_records[METRICS_KEY]
-    if list(arrays.keys()) != [PAYLOAD_KEY]:
-        raise PayloadError(f"update holds {sorted(arrays.keys())}, expected only {PAYLOAD_KEY!r}")
+    expected = sorted(codec.parts)
+    if sorted(arrays.keys()) != expected:
+        raise PayloadError(f"update holds {sorted(arrays.keys())}, expected only {', '.join(map(repr, expected))}")
     answered = metrics.get("server-round")
     if answered != server_round:
         raise PayloadError(f"reply answers round {answered}, this is round {server_round}")
     weight = metrics.get("num-examples")
     if not isinstance(weight, int) or weight <= 0:
         raise PayloadError(f"num-examples is {weight!r}, expected a positive integer")
-    array = arrays[PAYLOAD_KEY]
-    if len(array.data) > max_bytes:
-        raise PayloadError(f"payload has {len(array.data)} bytes, the limit is {max_bytes}")
+    size = sum(len(array.data) for array in arrays.values())
+    if size > max_bytes:
+        raise PayloadError(f"payload has {size} bytes, the limit is {max_bytes}")
     try:
-        values = array.numpy()
+        parts = {name: array.numpy() for name, array in arrays.items()}
     except Exception as err:  # a corrupt buffer must not stop the round
         raise PayloadError(f"payload does not decode: {err}") from None
-    return codec.validate(values), float(weight)
+    return codec.validate(parts), float(weight)

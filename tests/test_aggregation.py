@@ -69,3 +69,38 @@ def test_kron_block_rank_exceeds_same_budget_low_rank():
     assert torch.linalg.matrix_rank(update.delta_weight(factors)) == 16
     low_rank = LowRankUpdate((16, 16), "ab", rank=1)  # 32 parameters too
     assert torch.linalg.matrix_rank(low_rank.delta_weight(_client_factors(low_rank, 0))) == 1
+
+
+# --------------------------------------------------------------------------- whole model, every init
+def _trained_clients(model, seed, weights):
+    """Each client's uploaded state after 'training' (a random step on its trained factors)."""
+    out = []
+    for c, _ in enumerate(weights):
+        model.reset(seed)
+        g = torch.Generator().manual_seed(1000 + c)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        effective = {n: l.effective_weight().detach().clone() for n, l in model.layers().items()}
+        out.append(({n: t.clone() for n, t in model.uploaded_state().items()}, effective))
+    model.clear()
+    return out
+
+
+@pytest.mark.parametrize("init", ["zero", "nonzero", "nonzero-compensated", "hrp"])
+@pytest.mark.parametrize("kind", ["kron", "mat"])
+def test_aad_merge_is_the_weighted_mean_of_the_clients_models_for_every_init(init, kind):
+    """What the server merges equals the mean of what clients computed with, offsets included."""
+    from fedmud.config import parse_run_config
+    from fedmud.rounds import ServerModel
+
+    server = ServerModel(parse_run_config({"init": init, "kind": kind, "hrp-rounds": 1}))
+    if init == "hrp":  # a preheat round first, so that round 2 runs on the HRP directions
+        server.apply_round(1, 11, [({"payload": server.codec.flatten(s)}, 1.0) for s, _ in _trained_clients(server.model, 11, [1.0])])
+        assert server.model.hrp_ready
+    clients = _trained_clients(server.model, 22, WEIGHTS)
+    server.apply_round(2, 22, [({"payload": server.codec.flatten(s)}, w) for (s, _), w in zip(clients, WEIGHTS)])
+    for name, layer in server.model.layers().items():
+        expected = sum(w * eff[name] for (_, eff), w in zip(clients, WEIGHTS)) / sum(WEIGHTS)
+        assert torch.allclose(layer.base.weight, expected, atol=2e-5), name

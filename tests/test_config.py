@@ -12,8 +12,12 @@ from fedmud.models import build_model
     [
         ("pattern", "abc", "ab, fab, aad"),
         ("kind", "tucker", "kron, mat"),
-        ("method", "fedprox", "fedmud, fedavg"),
-        ("init", "random", "zero, nonzero, nonzero-compensated"),
+        ("method", "fedprox", "fedmud, fedavg, fedlmt"),
+        ("init", "random", "zero, nonzero, nonzero-compensated, hrp"),
+        ("uplink", "int4", "float32, float16, int8, topk"),
+        ("error-feedback", "yes", "true or false"),
+        ("topk-ratio", 2, "<= 1.0"),
+        ("hrp-rounds", 0, ">= 1"),
         ("ratio", 0, "> 0.0"),
         ("ratio", -0.5, "> 0.0"),
         ("ratio", 1.5, "<= 1.0"),
@@ -51,3 +55,16 @@ def test_ratio_below_what_dense_layers_need_is_refused():
 def test_defaults_parse():
     run = parse_run_config({})
     assert (run.decomposition.kind, run.decomposition.pattern, run.decomposition.ratio) == ("kron", "aad", 1 / 32)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"init": "hrp", "method": "fedavg"}, "init='hrp' is not allowed with method='fedavg'"),
+        ({"error-feedback": True}, "error-feedback=true is not allowed with uplink='float32'"),
+        ({"error-feedback": True, "uplink": "int8", "pattern": "ab"}, "not allowed with pattern='ab'"),
+    ],
+)
+def test_combinations_that_cannot_work_are_refused(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config(cfg)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from fedmud.codec import Codec, PayloadError
 from fedmud.config import DecompositionConfig
 from fedmud.model import decompose
 from fedmud.models import build_model
@@ -62,22 +61,6 @@ def test_fedavg_uploads_everything(model):
     dense = decompose(build_model("cnn-mnist"), DecompositionConfig(method="fedavg"))
     assert dense.decomposed_names == ()
     assert dense.upload_layout().numel == dense.dense_reference_numel
-
-
-def test_codec_round_trips_and_rejects_bad_payloads(model):
-    codec = Codec(model.upload_layout())
-    state = model.uploaded_state()
-    payload = codec.encode(state)
-    decoded = codec.decode(payload)
-    assert all(torch.equal(decoded[n], state[n].cpu()) for n in state)
-    bad = payload.copy()
-    bad[3] = float("nan")
-    with pytest.raises(PayloadError, match="non-finite"):
-        codec.validate(bad)
-    with pytest.raises(PayloadError, match="shape"):
-        codec.validate(payload[:-1])
-    with pytest.raises(PayloadError, match="dtype"):
-        codec.validate(payload.astype("float64"))
 
 
 def test_after_merge_the_model_computes_with_the_merged_weights_only(model):

@@ -10,9 +10,9 @@ from fedmud.seeds import round_seed
 from fedmud.sync import CHAIN, FULL, ChainStore, Link, SyncRecords, plan_downlink, state_digest
 
 
-def _upload(server: ServerModel, seed: int) -> np.ndarray:
+def _upload(server: ServerModel, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return (0.01 * rng.standard_normal(server.codec.layout.numel)).astype(np.float32)
+    return {"payload": (0.01 * rng.standard_normal(server.codec.layout.numel)).astype(np.float32)}
 
 
 def _run_rounds(server: ServerModel, rounds: range, clients: int = 3) -> None:
@@ -22,9 +22,9 @@ def _run_rounds(server: ServerModel, rounds: range, clients: int = 3) -> None:
 
 
 @pytest.mark.parametrize("kind", ["kron", "mat"])
-@pytest.mark.parametrize("init", ["nonzero", "nonzero-compensated"])
+@pytest.mark.parametrize("init", ["nonzero", "nonzero-compensated", "hrp"])
 def test_a_new_client_reaches_the_server_model_bitwise_from_the_chain(kind, init):
-    run = parse_run_config({"kind": kind, "init": init})
+    run = parse_run_config({"kind": kind, "init": init, "hrp-rounds": 2})
     server = ServerModel(run)
     _run_rounds(server, range(1, 4))
     plan = plan_downlink(0, server.round, server.chain, link_bytes=1, full_bytes=100)
@@ -33,6 +33,9 @@ def test_a_new_client_reaches_the_server_model_bitwise_from_the_chain(kind, init
     state = client.sync(None, plan.kind, server.digest, base_round=plan.base_round, links=plan.links)
     expected = server.global_state()
     assert all(torch.equal(state[n], expected[n]) for n in expected)
+    if init == "hrp":  # the directions were fixed after round 2 and rode on its link
+        assert [link.basis is not None for link in plan.links] == [False, True, False]
+        assert client.global_model.hrp_ready and server.model.hrp_ready
 
 
 def _client_holding_round_2():

@@ -1,0 +1,207 @@
+"""``fedmud-bench``: run a suite of methods through Flower's simulation and compare what they cost.
+
+    fedmud-bench --suite default                      # 9 methods, ~15 min on 2 cores
+    fedmud-bench --suite smoke --out /tmp/bench       # 2 methods, 2 clients, 2 rounds
+    fedmud-bench --suite default --methods fedavg,fedmud --rounds 3
+    fedmud-bench --list                               # suites and methods
+
+Writes OUT (default results/bench/<suite>/): runs/<method>.csv|json, summary.md|json,
+accuracy_vs_mb_up.png, accuracy_vs_round.png, label_distribution.png,
+tensorboard/<method>/, logs/<method>.log, raw/<method>/<timestamp>/.
+Exit status: 0 if every method finished, 1 if any failed, 130 if interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .runner import Outcome, Runner, duration, flwr_command, shell_command
+from .suites import METHODS, SUITES, resolve
+from .superlink import TOKEN_VAR, PrivateSuperLink
+
+# what a bench run owns in its output directory (cleared at the start of a run)
+OWNED = ("runs", "raw", "logs", "tensorboard", "summary.md", "summary.json",
+         "accuracy_vs_mb_up.png", "accuracy_vs_round.png", "label_distribution.png")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fedmud-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--suite", default="default", choices=sorted(SUITES))
+    parser.add_argument("--list", action="store_true", help="print the suites and methods and exit")
+    group = parser.add_argument_group("suite fields (override the suite's value)")
+    group.add_argument("--methods", help=f"comma-separated, from: {', '.join(METHODS)}")
+    group.add_argument("--rounds", type=int)
+    group.add_argument("--supernodes", type=int, help="simulated clients (= partitions); all train every round")
+    group.add_argument("--partition", help="iid, dirichlet, ... (as the run config allows)")
+    group.add_argument("--alpha", type=float, help="Dirichlet concentration")
+    group.add_argument("--dataset")
+    group.add_argument("--target", type=float, help="target accuracy for bytes/time to target")
+    group.add_argument("--local-epochs", type=int)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--data-seed", type=int)
+    group.add_argument("--up-mbps", type=float, help="uplink per client, Mbit/s (default 5)")
+    group.add_argument("--down-mbps", type=float, help="downlink per client, Mbit/s (default 20)")
+    parser.add_argument("--out", type=Path, help="results directory (default results/bench/<suite>)")
+    parser.add_argument("--app", type=Path, help="the Flower app (repository root); default: this checkout")
+    parser.add_argument("--run-timeout", type=float, default=1800.0, help="seconds one run may take (default 1800)")
+    return parser.parse_args(argv)
+
+
+def app_root(given: Path | None) -> Path:
+    if given is not None:
+        return given.resolve()
+    for candidate in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (candidate / "pyproject.toml").is_file() and (candidate / "server" / "app.py").is_file():
+            return candidate
+    sys.exit("fedmud-bench: cannot find the Flower app; run from the repository root or pass --app")
+
+
+def invocation(argv: list[str]) -> str:
+    prog = "python -m bench" if Path(sys.argv[0]).name == "__main__.py" else "fedmud-bench"
+    return " ".join([prog, shlex.join(argv)]).strip()
+
+
+def config_problem(suite, method: str, app_dir: Path) -> str:
+    """Why Flower or the apps would refuse this method's run config, or "" (checked before a 20 s start-up)."""
+    import tomllib
+
+    from fedmud.config import ConfigError, parse_run_config
+
+    config = suite.run_config(method)
+    declared = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    missing = [key for key in config if key not in declared]
+    if missing:
+        return f"run-config key(s) {', '.join(missing)} not in pyproject.toml [tool.flwr.app.config]"
+    try:
+        parse_run_config({**declared, **config})
+    except ConfigError as err:
+        return f"configuration error: {err}"
+    return ""
+
+
+def _interrupt(signum, frame):  # SIGTERM/SIGHUP: clean up as on Ctrl-C
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.list:
+        for name, suite in SUITES.items():
+            print(f"{name}: {suite.to_dict()}")
+        for name, overrides in METHODS.items():
+            print(f"  {name}: {overrides}")
+        return 0
+    try:
+        suite = resolve(
+            args.suite,
+            methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None,
+            rounds=args.rounds,
+            supernodes=args.supernodes,
+            partition=args.partition,
+            alpha=args.alpha,
+            dataset=args.dataset,
+            target=args.target,
+            local_epochs=args.local_epochs,
+            seed=args.seed,
+            data_seed=args.data_seed,
+            up_mbps=args.up_mbps,
+            down_mbps=args.down_mbps,
+        )
+    except ValueError as err:
+        print(f"fedmud-bench: {err}", file=sys.stderr)
+        return 2
+    if suite.up_mbps <= 0 or suite.down_mbps <= 0 or suite.rounds < 1 or suite.supernodes < 2:
+        print("fedmud-bench: bandwidths must be > 0, rounds >= 1, supernodes >= 2", file=sys.stderr)
+        return 2
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # flwr-datasets' plot helper reports an event
+    app_dir = app_root(args.app)
+    out = (args.out or Path("results") / "bench" / suite.name).resolve()
+    for name in OWNED:  # the directory describes one invocation
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    command = invocation(argv)
+    print(f"{command}: {len(suite.methods)} runs ({', '.join(suite.methods)}) -> {out}", flush=True)
+    print(f"suite: {suite.to_dict()}", flush=True)
+
+    started = time.monotonic()
+    outcomes: list[Outcome] = []
+    runs: dict[str, dict] = {}
+    interrupted, reason = False, ""
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    superlink = PrivateSuperLink(app_dir, out / "logs" / "superlink.log")
+    runner = Runner(suite, superlink, app_dir, out, args.run_timeout)
+    from .report import load_run, write_run  # after argument checks: imports torch
+
+    try:
+        superlink.start()
+        print(f"SuperLink pid {superlink.pid} (logs/superlink.log); every process the bench starts carries "
+              f"{TOKEN_VAR}={superlink.token} and is stopped at the end", flush=True)
+        for index, method in enumerate(suite.methods):
+            problem = config_problem(suite, method, app_dir)
+            if problem:
+                run_command = shell_command(flwr_command(suite, method, out / "raw" / method))
+                outcomes.append(Outcome(method, run_command, "failed", error=f"not run: {problem}"))
+                runner.status(index, method, f"FAILED before starting: {problem}", 0.0)
+                continue
+            outcome = runner.run(index, method)
+            outcomes.append(outcome)
+            if outcome.status == "ok":
+                try:
+                    runs[method] = load_run(outcome, suite)
+                    write_run(runs[method], out)
+                except (OSError, KeyError, ValueError) as err:
+                    outcome.status, outcome.error = "failed", f"unreadable results in {outcome.run_dir}: {err!r}"
+    except KeyboardInterrupt:
+        interrupted = True
+        runner.stop_current()
+        print("\ninterrupted: stopping the runs", flush=True)
+    except Exception as err:  # noqa: BLE001 - e.g. the SuperLink did not start; report what there is
+        print(f"fedmud-bench: {err!r}", file=sys.stderr, flush=True)
+        reason = repr(err)
+    finally:
+        superlink.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    done = {o.method for o in outcomes}
+    for method in suite.methods:
+        if method not in done:
+            status = "interrupted" if interrupted else "failed"
+            outcomes.append(Outcome(method, shell_command(flwr_command(suite, method, out / "raw" / method)),
+                                    status, error="interrupted" if interrupted else f"not run: {reason}"))
+
+    from .report import plot_curves, plot_partition, summarise, table, write_tensorboard
+
+    summary = summarise(suite, runs, outcomes, command, out)
+    if runs:
+        plot_curves(runs, suite, out)
+        write_tensorboard(runs, out)
+    try:
+        plot_partition(suite, out)
+    except Exception as err:  # noqa: BLE001 - a plot must not lose the results
+        print(f"fedmud-bench: label distribution plot failed: {err!r}", file=sys.stderr)
+
+    print()
+    print("\n".join(table(summary)), flush=True)
+    failed = [o for o in outcomes if o.status != "ok"]
+    for o in failed:
+        print(f"{o.status.upper()}: {o.method}: {o.error}", flush=True)
+    print(f"{len(runs)}/{len(suite.methods)} runs finished in {duration(time.monotonic() - started)}; "
+          f"results in {out} (summary.md)", flush=True)
+    if interrupted:
+        return 130
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

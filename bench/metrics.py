@@ -1,0 +1,128 @@
+"""Pure functions of a finished run: bytes and time to a target accuracy, the bandwidth model."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+
+# the columns of runs/<method>.csv, in order
+COLUMNS = (
+    "round",
+    "accuracy",
+    "loss",
+    "train_loss",
+    "accepted",
+    "up_bytes",
+    "down_bytes",
+    "cum_up_bytes",
+    "cum_down_bytes",
+    "dense_cum_up_bytes",
+    "dense_cum_down_bytes",
+    "wall_s",
+    "compute_s",
+    "comm_s",
+    "cum_comm_s",
+    "est_time_s",
+)
+
+
+def value_at_target(accuracies: Sequence[float], values: Sequence[float], target: float) -> float | None:
+    """``values`` where accuracy first reaches ``target``, linearly interpolated; None if never reached.
+
+    Rows are in round order. If round ``i`` is the first with accuracy >= target, the
+    result lies between ``values[i-1]`` and ``values[i]`` at the fraction of the way the
+    accuracy went from ``accuracies[i-1]`` to ``target``. Already reached at the first
+    row: ``values[0]``.
+    """
+    if len(accuracies) != len(values):
+        raise ValueError("accuracies and values differ in length")
+    for i, accuracy in enumerate(accuracies):
+        if not accuracy >= target:  # NaN never reaches
+            continue
+        if i == 0:
+            return float(values[0])
+        before = accuracies[i - 1]
+        frac = (target - before) / (accuracy - before) if math.isfinite(before) else 1.0
+        return float(values[i - 1] + frac * (values[i] - values[i - 1]))
+    return None
+
+
+def bytes_to_target(rows: Sequence[Mapping], target: float, key: str = "cum_up_bytes") -> float | None:
+    """Cumulative bytes (``key``) uploaded when the run first reached ``target`` accuracy, or None."""
+    return value_at_target([r["accuracy"] for r in rows], [r[key] for r in rows], target)
+
+
+def comm_seconds(records: Iterable[Mapping], up_mbps: float, down_mbps: float) -> dict[int, float]:
+    """Estimated communication time of each round from a ledger's records.
+
+    Every client has its own link (``up_mbps`` up, ``down_mbps`` down, megabits per
+    second) and the clients transfer in parallel, so a round takes as long as its
+    slowest client: max over clients of up_bytes*8/up_bps + down_bytes*8/down_bps.
+    """
+    if up_mbps <= 0 or down_mbps <= 0:
+        raise ValueError("bandwidths must be > 0")
+    per_client: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for record in records:
+        slot = 0 if record["direction"] == "up" else 1
+        per_client[int(record["round"])][str(record["client"])][slot] += int(record["bytes"])
+    return {
+        r: max(up * 8 / (up_mbps * 1e6) + down * 8 / (down_mbps * 1e6) for up, down in clients.values())
+        for r, clients in per_client.items()
+    }
+
+
+def enrich(results: Sequence[Mapping], comm: Mapping[int, float]) -> list[dict]:
+    """Rows of ``runs/<method>.csv``: the run's results plus compute and modelled comm time.
+
+    compute_s: measured wall time of the round (ServerApp clock, start-up excluded);
+    comm_s: the bandwidth model's time of the round; est_time_s: wall_s + cumulative comm_s.
+    """
+    rows, previous_wall, cum_comm = [], 0.0, 0.0
+    for r in results:
+        wall = float(r["wall_s"])
+        comm_s = float(comm.get(int(r["round"]), 0.0))
+        cum_comm += comm_s
+        row = {
+            "round": int(r["round"]),
+            "accuracy": float(r["accuracy"]),
+            "loss": float(r["loss"]),
+            "train_loss": float(r.get("train-loss", float("nan"))),
+            "accepted": r.get("accepted", ""),
+            "up_bytes": int(r["up_bytes"]),
+            "down_bytes": int(r["down_bytes"]),
+            "cum_up_bytes": int(r["cum_up_bytes"]),
+            "cum_down_bytes": int(r["cum_down_bytes"]),
+            "dense_cum_up_bytes": int(r.get("dense_cum_up_bytes", 0)),
+            "dense_cum_down_bytes": int(r.get("dense_cum_down_bytes", 0)),
+            "wall_s": wall,
+            "compute_s": wall - previous_wall,
+            "comm_s": comm_s,
+            "cum_comm_s": cum_comm,
+            "est_time_s": wall + cum_comm,
+        }
+        previous_wall = wall
+        rows.append(row)
+    return rows
+
+
+def run_summary(rows: Sequence[Mapping], target: float) -> dict:
+    """One method's line of the summary (bytes in bytes, times in seconds; None = not reached)."""
+    trained = [r for r in rows if r["round"] > 0]
+    final = rows[-1]
+    return {
+        "rounds": final["round"],
+        "final_accuracy": final["accuracy"],
+        "best_accuracy": max(r["accuracy"] for r in rows),
+        "up_bytes": final["cum_up_bytes"],
+        "down_bytes": final["cum_down_bytes"],
+        "up_bytes_to_target": bytes_to_target(rows, target),
+        "down_bytes_to_target": bytes_to_target(rows, target, "cum_down_bytes"),
+        "rounds_to_target": value_at_target([r["accuracy"] for r in rows], [r["round"] for r in rows], target),
+        "time_to_target_s": bytes_to_target(rows, target, "est_time_s"),
+        "comm_s_per_round": sum(r["comm_s"] for r in trained) / len(trained) if trained else 0.0,
+        "compute_s_per_round": sum(r["compute_s"] for r in trained) / len(trained) if trained else 0.0,
+        "wall_s": final["wall_s"],
+        "comm_s": final["cum_comm_s"],
+        "est_time_s": final["est_time_s"],
+    }

@@ -1,0 +1,288 @@
+"""Datasets, loaders, models picked by ``auto`` and partitions.
+
+The torchvision datasets are tested on tiny files written here in torchvision's
+on-disk formats (idx, CIFAR pickles, SVHN .mat); ``digits`` is the real scikit-learn set.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedmud.config import DATASETS, ConfigError, DataConfig, parse_run_config
+from fedmud.data import (
+    SPECS,
+    TORCHVISION_FILES,
+    CropFlip,
+    classes_per_partition,
+    client_loader,
+    load_splits,
+    partition_indices,
+    partitioner_for,
+    resolve_root,
+    test_loader as eval_loader,
+)
+from fedmud.models import build_model, resolve_model
+
+N_TRAIN, N_TEST = 20, 10
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = np.array([0x0800 + array.ndim, *array.shape], dtype=">i4")  # 0x08: uint8
+    path.write_bytes(header.tobytes() + array.astype(np.uint8).tobytes())
+
+
+def _write_pickle(path: Path, entry: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        pickle.dump(entry, fh)
+
+
+def write_dataset(name: str, root: Path, seed: int = 0) -> tuple[dict, dict]:
+    """Tiny files in torchvision's layout; returns the (images NHW[C], labels) they hold per split."""
+    rng = np.random.default_rng(seed)
+    spec = SPECS[name]
+    shape = (spec.size, spec.size) if spec.channels == 1 else (spec.size, spec.size, 3)
+    images = {s: rng.integers(0, 256, (n, *shape), dtype=np.uint8) for s, n in (("train", N_TRAIN), ("test", N_TEST))}
+    labels = {s: rng.integers(0, spec.num_classes, len(images[s])).astype(np.int64) for s in images}
+    if name in ("mnist", "fashionmnist"):
+        raw = root / ("MNIST" if name == "mnist" else "FashionMNIST") / "raw"
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            _write_idx(raw / f"{prefix}-images-idx3-ubyte", images[split])
+            _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[split])
+    elif name == "cifar10":
+        flat = {s: images[s].transpose(0, 3, 1, 2).reshape(len(images[s]), -1) for s in images}  # rows of R, G, B planes
+        for i, part in enumerate(np.array_split(np.arange(N_TRAIN), 5), start=1):
+            entry = {"data": flat["train"][part], "labels": labels["train"][part].tolist()}
+            _write_pickle(root / "cifar-10-batches-py" / f"data_batch_{i}", entry)
+        _write_pickle(root / "cifar-10-batches-py" / "test_batch", {"data": flat["test"], "labels": labels["test"].tolist()})
+    elif name == "cifar100":
+        for split in images:
+            entry = {
+                "data": images[split].transpose(0, 3, 1, 2).reshape(len(images[split]), -1),
+                "fine_labels": labels[split].tolist(),
+                "coarse_labels": (labels[split] // 5).tolist(),
+            }
+            _write_pickle(root / "cifar-100-python" / split, entry)
+    elif name == "svhn":
+        from scipy.io import savemat
+
+        root.mkdir(parents=True, exist_ok=True)
+        for split in images:
+            y = np.where(labels[split] == 0, 10, labels[split]).astype(np.uint8).reshape(-1, 1)  # SVHN: 0 is 10
+            savemat(str(root / f"{split}_32x32.mat"), {"X": images[split].transpose(1, 2, 3, 0), "y": y})
+    else:
+        raise AssertionError(name)
+    return images, labels
+
+
+TORCHVISION = ("mnist", "fashionmnist", "svhn", "cifar10", "cifar100")
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_files_load_into_splits(name, tmp_path):
+    images, labels = write_dataset(name, tmp_path)
+    train, test = load_splits(name, root=str(tmp_path))
+    for split, got in (("train", train), ("test", test)):
+        assert got.images.dtype == np.uint8 and got.labels.dtype == np.int64
+        assert got.images.shape == images[split].shape
+        np.testing.assert_array_equal(got.images, images[split])  # layout (NHWC) and order kept
+        np.testing.assert_array_equal(got.labels, labels[split])
+    # official splits: test-fraction and data-seed do not change them
+    other_train, other_test = load_splits(name, test_fraction=0.5, seed=7, root=str(tmp_path))
+    np.testing.assert_array_equal(other_test.labels, test.labels)
+    assert len(other_train.labels) == N_TRAIN
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_client_loader_normalises_and_auto_model_fits(name, tmp_path):
+    write_dataset(name, tmp_path)
+    spec = SPECS[name]
+    config = DataConfig(dataset=name, root=str(tmp_path), num_partitions=2)
+    loader = client_loader(config, partition_id=1, batch_size=4, seed=3)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    batches = list(loader)
+    x, y = batches[0]
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape == (4, spec.channels, spec.size, spec.size)
+    pixels = torch.cat([b[0] for b in batches]) * std + mean  # back to [0, 1]
+    assert pixels.min() > -1e-5 and pixels.max() < 1 + 1e-5
+    assert torch.allclose(pixels * 255, (pixels * 255).round(), atol=1e-3)
+    if not spec.augment:  # the client sees exactly its partition's images, normalised
+        train, _ = load_splits(name, root=str(tmp_path))
+        own = train.images[partition_indices(config)[1]]
+        got = (pixels * 255).round().to(torch.uint8)
+        got = got.squeeze(1) if spec.channels == 1 else got.permute(0, 2, 3, 1)
+        assert sorted(map(bytes, got.numpy())) == sorted(map(bytes, own))
+
+    model = build_model("auto", name).eval()
+    assert resolve_model("auto", name) == ("cnn-mnist" if spec.channels == 1 else "cnn-cifar")
+    with torch.no_grad():
+        assert model(x).shape == (4, spec.num_classes)
+        assert model(next(iter(eval_loader(config, batch_size=5)))[0]).shape == (5, spec.num_classes)
+
+
+def test_cifar_augmentation_is_reproducible_from_the_seed(tmp_path):
+    write_dataset("cifar10", tmp_path)
+    config = DataConfig(dataset="cifar10", root=str(tmp_path), num_partitions=1)
+    first = [x for x, _ in client_loader(config, 0, 8, seed=5)]
+    again = [x for x, _ in client_loader(config, 0, 8, seed=5)]
+    other = [x for x, _ in client_loader(config, 0, 8, seed=6)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_crop_flip_gives_a_shifted_possibly_flipped_crop_of_the_black_padded_image():
+    spec = SPECS["cifar10"]
+    x = torch.randn(16, 3, 32, 32)
+    out = CropFlip(spec, torch.Generator().manual_seed(0))(x)
+    assert out.shape == x.shape
+    fill = (-torch.tensor(spec.mean) / torch.tensor(spec.std)).view(3, 1, 1)
+    flipped = 0
+    for image, result in zip(x, out):
+        padded = fill.expand(3, 40, 40).clone()
+        padded[:, 4:36, 4:36] = image
+        candidates = [(padded[:, i : i + 32, j : j + 32], flip) for i in range(9) for j in range(9) for flip in (0, 1)]
+        matches = [flip for crop, flip in candidates if torch.equal(crop.flip(2) if flip else crop, result)]
+        assert matches, "output is not a crop (or flipped crop) of the padded image"
+        flipped += matches[0]
+    assert 0 < flipped < 16  # flips happen, not always
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_missing_files_without_network_name_dataset_root_and_files(name, tmp_path, monkeypatch):
+    with socket.socket() as s:  # a local port nothing listens on: every download is refused at once
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, dead)
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's cached opener would ignore the proxies
+    root = tmp_path / "empty"
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        load_splits(name, root=str(root))
+    assert time.monotonic() - start < 30
+    message = str(err.value)
+    assert message.startswith(f"dataset={name!r}")
+    assert str(root) in message
+    assert all(f in message for f in TORCHVISION_FILES[name])
+
+
+def test_digits_are_28x28_uint8_split_by_fraction_and_seed():
+    train, test = load_splits("digits", 0.2, 42)
+    assert train.images.shape == (1797 - 359, 28, 28) and test.images.shape == (359, 28, 28)
+    assert train.images.dtype == np.uint8 and train.labels.dtype == np.int64
+    assert train.images.max() == 255 and train.images.min() == 0
+    assert set(train.labels) == set(test.labels) == set(range(10))
+    all_images = np.concatenate([train.images, test.images]).reshape(1797, -1)
+    assert len({bytes(r) for r in all_images}) > 1700  # a split, not copies
+    again, _ = load_splits("digits", 0.2, 42)
+    other, _ = load_splits("digits", 0.2, 43)
+    assert np.array_equal(again.labels, train.labels) and not np.array_equal(other.labels, train.labels)
+    config = DataConfig(dataset="digits", num_partitions=3)
+    x, y = next(iter(client_loader(config, 0, 16, seed=0)))
+    assert x.shape == (16, 1, 28, 28) and abs(float(x.mean())) < 1.0
+    with torch.no_grad():
+        assert build_model("auto", "digits").eval()(x).shape == (16, 10)
+
+
+@pytest.mark.parametrize(("fraction", "expected"), [(0.3, 3), (0.2, 2), (0.01, 1), (1.0, 10)])
+def test_label_count_gives_each_client_the_expected_classes(fraction, expected):
+    config = DataConfig(dataset="digits", partition="label-count", label_fraction=fraction, num_partitions=10)
+    assert classes_per_partition(config) == expected
+    train, _ = load_splits("digits", config.test_fraction, config.seed)
+    parts = partition_indices(config)
+    assert len(parts) == 10
+    assert [len(set(train.labels[p].tolist())) for p in parts] == [expected] * 10
+    everything = np.concatenate(parts)
+    assert len(everything) == len(set(everything.tolist())) == len(train.labels)  # disjoint and covering
+    assert partition_indices(config) is parts  # cached
+
+
+def test_partitioner_for_feeds_flwr_datasets_plots():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from flwr_datasets.visualization import plot_label_distributions
+
+    config = DataConfig(dataset="digits", partition="label-count", num_partitions=10)
+    partitioner = partitioner_for(config)
+    assert {"index", "label"} <= set(partitioner.dataset.column_names)
+    fig, axis, counts = plot_label_distributions(
+        partitioner, label_name="label", plot_type="heatmap", verbose_labels=False
+    )
+    assert counts.shape == (10, 10)
+    assert ((counts > 0).sum(axis=1) == 3).all()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_iid_and_dirichlet_still_partition_the_default_dataset():
+    for partition in ("iid", "dirichlet"):
+        parts = partition_indices(DataConfig(partition=partition, num_partitions=5))
+        everything = np.concatenate(parts)
+        assert len(everything) == len(set(everything.tolist())) == 4000
+
+
+def test_data_root_expands_home_and_resolves_against_the_current_directory(tmp_path, monkeypatch):
+    assert resolve_root("~/fedmud-data") == Path.home() / "fedmud-data"
+    write_dataset("mnist", tmp_path / "here")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_root("here") == tmp_path / "here"
+    train, _ = load_splits("mnist", root="here")
+    assert train.images.shape == (N_TRAIN, 28, 28)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("dataset", "imagenet", "mnist5k, digits, mnist, fashionmnist, svhn, cifar10, cifar100"),
+        ("partition", "pathological", "iid, dirichlet, label-count"),
+        ("model", "resnet18", "auto, cnn-mnist, cnn-cifar"),
+        ("label-fraction", 0, "> 0.0"),
+        ("label-fraction", 1.5, "<= 1.0"),
+        ("label-fraction", "half", "a number"),
+        ("data-root", "", "non-empty directory path"),
+        ("data-root", 3, "non-empty directory path"),
+    ],
+)
+def test_bad_data_values_name_key_value_and_allowed(key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({key: value})
+    message = str(err.value)
+    assert message.startswith(f"{key}={value!r} is not allowed")
+    assert allowed in message
+
+
+@pytest.mark.parametrize(("model", "dataset", "fits"), [("cnn-mnist", "cifar10", "cnn-cifar"), ("cnn-cifar", "digits", "cnn-mnist")])
+def test_a_model_that_does_not_fit_the_dataset_is_refused(model, dataset, fits):
+    with pytest.raises(ConfigError) as err:
+        build_model(model, dataset)
+    message = str(err.value)
+    assert message.startswith(f"model={model!r} is not allowed with dataset={dataset!r}") and fits in message
+
+
+def test_defaults_and_pyproject_declare_the_data_keys():
+    run = parse_run_config({})
+    assert (run.model, run.data.dataset, run.data.root, run.data.label_fraction) == ("auto", "mnist5k", "data", 0.3)
+    assert resolve_model(run.model, run.data.dataset) == "cnn-mnist"
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert {"model", "dataset", "data-root", "partition", "label-fraction", "alpha"} <= set(declared)
+    parsed = parse_run_config(declared)
+    assert (parsed.model, parsed.data.root, parsed.data.label_fraction) == ("auto", "data", 0.3)
+    assert set(SPECS) == set(DATASETS)
