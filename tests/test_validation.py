@@ -140,3 +140,33 @@ def test_strategy_skips_a_round_below_min_replies(task_identity, tmp_path, good)
     assert metrics["accepted"] == 0 and metrics["rejected"] == 1
     assert server.digest == digest and not server.chain.links
     strategy.writer.close()
+
+
+# ------------------------------------------------------------------------- compressed uploads, HRP links
+@pytest.mark.parametrize("scheme", ["int8", "topk"])
+def test_compressed_replies_cross_the_wire_and_a_tampered_one_is_rejected(scheme, good):
+    server = ServerModel(parse_run_config({"uplink": scheme}))
+    parts = server.codec.encode(good)
+    received, _ = read_upload(upload_record(parts, 40, 0.1, ROUND), server.codec, ROUND, _limit(server))
+    assert all(np.array_equal(received[k], parts[k]) for k in parts)
+    bad = {k: v.copy() for k, v in parts.items()}
+    if scheme == "int8":
+        bad["scales"][0] = np.nan
+    else:
+        bad["indices"][0] = server.codec.layout.numel + 5
+    with pytest.raises(PayloadError, match="non-finite|must lie in"):
+        read_upload(upload_record(bad, 40, 0.1, ROUND), server.codec, ROUND, _limit(server))
+    with pytest.raises(PayloadError, match="expected only"):
+        read_upload(upload_record(good, 40, 0.1, ROUND), server.codec, ROUND, _limit(server))
+
+
+def test_the_hrp_basis_rides_on_its_chain_link_through_the_wire():
+    from fedmud.sync import CHAIN, Downlink, Link
+    from server.wire import downlink_record, read_downlink
+
+    payload, basis = np.arange(6, dtype=np.float32), np.full(4, 0.5, dtype=np.float32)
+    links = (Link(1, 11, payload, basis), Link(2, 22, payload + 1))
+    got = read_downlink(downlink_record(Downlink(CHAIN, 2, 0, links), 3, 33, "d", None))
+    assert [link.round for link in got.links] == [1, 2]
+    assert np.array_equal(got.links[0].basis, basis) and got.links[1].basis is None
+    assert np.array_equal(got.links[1].payload, payload + 1)
