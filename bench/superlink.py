@@ -101,6 +101,39 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def superlink_command(home: Path, database: Path, connection: str, simulation: bool) -> tuple[list[str], int, int]:
+    """A loopback SuperLink on free ports, and ``home``'s default connection ``connection`` to it.
+
+    Writes ``home/config.toml``; returns (command line, its HTTP port, its Fleet API port).
+    """
+    http_port, control_port, fleet_port, health_port = (free_port() for _ in range(4))
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{connection}"\n\n'
+        f'[superlink.{connection}]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
+    )
+    args = [
+        "flower-superlink",
+        "--insecure",
+        *(["--simulation"] if simulation else []),
+        "--isolation",
+        "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http_port),
+        "--control-api-address",
+        f"127.0.0.1:{control_port}",
+        "--fleet-api-address",
+        f"127.0.0.1:{fleet_port}",
+        "--health-server-address",
+        f"127.0.0.1:{health_port}",
+        "--database",
+        str(database),
+    ]
+    return args, http_port, fleet_port
+
+
 class PrivateSuperLink:
     """One simulation SuperLink; ``env`` is the environment under which ``flwr run . --stream`` reaches it."""
 
@@ -120,29 +153,7 @@ class PrivateSuperLink:
         }
 
     def start(self) -> None:
-        http_port, fleet_port, health_port = (free_port() for _ in range(3))
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
-        )
-        args = [
-            "flower-superlink",
-            "--insecure",
-            "--simulation",
-            "--isolation",
-            "subprocess",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(http_port),
-            "--fleet-api-address",
-            f"127.0.0.1:{fleet_port}",
-            "--health-server-address",
-            f"127.0.0.1:{health_port}",
-            "--database",
-            str(self.workdir / "state.db"),
-        ]
+        args, http_port, _ = superlink_command(self.home, self.workdir / "state.db", CONNECTION, simulation=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:
             self.process = subprocess.Popen(

@@ -19,7 +19,7 @@ from .aggregate import WeightedMean
 from .codec import Codec, Parts, topk_count
 from .feedback import ErrorFeedback
 from .config import RunConfig
-from .model import DecomposedModel, decompose
+from .model import DecomposedModel, UploadLayout, decompose
 from .models import build_model
 from .sync import FULL, ChainStore, Downlink, Link, SyncRecords, plan_downlink, state_digest
 from .training import evaluate, train_local
@@ -41,9 +41,9 @@ def build_codec(run: RunConfig, model: DecomposedModel) -> Codec:
     return Codec(layout, run.uplink.codec, k)
 
 
-def flatten_state(state: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """Tensors in name order as one float32 vector (HRP directions in a link)."""
-    return torch.cat([t.detach().reshape(-1).cpu().float() for t in state.values()]).numpy()
+def basis_codec(model: DecomposedModel) -> Codec:
+    """float32 vector <-> the HRP directions (``init=hrp``), as they ride on a link."""
+    return Codec(UploadLayout(tuple((n, tuple(t.shape)) for n, t in model.hrp_state().items())))
 
 
 def apply_link(model: DecomposedModel, codec: Codec, link: Link) -> None:
@@ -52,14 +52,7 @@ def apply_link(model: DecomposedModel, codec: Codec, link: Link) -> None:
     model.load_uploaded_state(codec.unflatten(codec.validate({"payload": link.payload})["payload"]))
     model.merge()
     if link.basis is not None:
-        like = model.hrp_state()
-        flat, offset, state = torch.from_numpy(link.basis), 0, {}
-        if flat.numel() != sum(t.numel() for t in like.values()):
-            raise ValueError(f"HRP basis of {flat.numel()} values, the model has {sum(t.numel() for t in like.values())}")
-        for name, tensor in like.items():
-            state[name] = flat[offset : offset + tensor.numel()].reshape(tensor.shape)
-            offset += tensor.numel()
-        model.load_hrp_state(state)
+        model.load_hrp_state(basis_codec(model).unflatten(link.basis))
 
 
 class ServerModel:
@@ -116,7 +109,8 @@ class ServerModel:
             d = self.run.decomposition
             if d.init == "hrp" and server_round >= d.hrp_rounds and not self.model.hrp_ready:
                 self.model.set_hrp_directions(self.initial_state)
-                link = Link(link.round, link.seed, link.payload, flatten_state(self.model.hrp_state()))
+                basis = basis_codec(self.model).flatten(self.model.hrp_state())
+                link = Link(link.round, link.seed, link.payload, basis)
             self.chain.add(link)
             if self.link_bytes:  # a chain longer than this costs more than the full model
                 self.chain.prune(keep=max(1, self.full_bytes // self.link_bytes))

@@ -31,21 +31,21 @@ def measure_message_sizes(server: ServerModel) -> tuple[int, int, int, int]:
     rng = np.random.default_rng(0)
     dense = rng.standard_normal(server.model.dense_reference_numel, dtype=np.float32)
     dense_up = content_bytes(upload_record(dense, 1, 0.0, 1))
-    # random values: Flower stores identical chunks once, and fresh weights (BatchNorm's ones
-    # and zeros) would understate what a trained model costs
-    state = {
-        name: torch.from_numpy(rng.standard_normal(tuple(t.shape), dtype=np.float32)) if t.is_floating_point() else t
-        for name, t in server.global_state().items()
-    }
     digest = server.digest
-    full = content_bytes(downlink_record(Downlink(FULL, 0), 1, 1, digest, state))
-    dense_state = {
-        name: torch.from_numpy(rng.standard_normal(tuple(t.shape), dtype=np.float32))
-        if t.is_floating_point()
-        else torch.zeros(t.shape, dtype=t.dtype)
-        for name, t in server.model.reference_state.items()
-    }
-    dense_full = content_bytes(downlink_record(Downlink(FULL, 0), 1, 1, digest, dense_state))
+
+    def full_downlink(like: dict[str, torch.Tensor]) -> int:
+        # random values: Flower stores identical chunks once, and fresh weights (BatchNorm's ones
+        # and zeros) would understate what a trained model costs
+        state = {
+            name: torch.from_numpy(rng.standard_normal(tuple(t.shape), dtype=np.float32))
+            if t.is_floating_point()
+            else torch.zeros(t.shape, dtype=t.dtype)
+            for name, t in like.items()
+        }
+        return content_bytes(downlink_record(Downlink(FULL, 0), 1, 1, digest, state))
+
+    full = full_downlink(server.global_state())
+    dense_full = full_downlink(server.model.reference_state)
     payload = rng.standard_normal(server.codec.layout.numel, dtype=np.float32)
     no_link = content_bytes(downlink_record(Downlink(CHAIN, 0, 0, ()), 1, 1, digest, None))
     one_link = content_bytes(downlink_record(Downlink(CHAIN, 1, 0, (Link(1, 1, payload),)), 1, 1, digest, None))

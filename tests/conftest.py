@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.superlink import free_port, wait_for_port
+from bench.superlink import free_port, superlink_command, wait_for_port
 from bench.superlink import stop_group as stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,32 +21,10 @@ class SuperLink:
         self.workdir = workdir
         self.home = workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
-        http_port, control_port, self.fleet_port, health_port = (free_port() for _ in range(4))
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
-        )
+        args, http_port, self.fleet_port = superlink_command(self.home, workdir / "state.db", "test", simulation)
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
         self.processes: list[subprocess.Popen] = []
-        args = [
-            "flower-superlink",
-            "--insecure",
-            "--isolation",
-            "subprocess",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(http_port),
-            "--control-api-address",
-            f"127.0.0.1:{control_port}",
-            "--fleet-api-address",
-            f"127.0.0.1:{self.fleet_port}",
-            "--health-server-address",
-            f"127.0.0.1:{health_port}",
-            "--database",
-            str(workdir / "state.db"),
-        ]
-        self.start("superlink", args + (["--simulation"] if simulation else []), http_port)
+        self.start("superlink", args, http_port)
 
     def start(self, name: str, args: list[str], port: int) -> subprocess.Popen:
         """Start a Flower process in its own process group and wait until it listens on ``port``."""
