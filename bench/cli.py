@@ -3,6 +3,8 @@
     fedmud-bench --suite default                      # 9 methods, ~15 min on 2 cores
     fedmud-bench --suite smoke --out /tmp/bench       # 2 methods, 2 clients, 2 rounds
     fedmud-bench --suite default --methods fedavg,fedmud --rounds 3
+    fedmud-bench --suite smoke --model vit            # every method on your choice of model
+    fedmud-bench --model mypackage.models:build --dataset mypackage.data:load
     fedmud-bench --list                               # suites and methods
 
 Writes OUT (default results/bench/<suite>/): runs/<method>.csv|json, summary.md|json,
@@ -20,10 +22,12 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .runner import Outcome, Runner, duration, flwr_command, shell_command
-from .suites import METHODS, SUITES, resolve
+from .suites import METHODS, SUITES, Suite, resolve
 from .superlink import TOKEN_VAR, PrivateSuperLink
 
 # what a bench run owns in its output directory (cleared at the start of a run)
@@ -43,7 +47,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     group.add_argument("--supernodes", type=int, help="simulated clients (= partitions); all train every round")
     group.add_argument("--partition", help="iid, dirichlet, ... (as the run config allows)")
     group.add_argument("--alpha", type=float, help="Dirichlet concentration")
-    group.add_argument("--dataset")
+    group.add_argument("--dataset", help="a built-in dataset (mnist5k, cifar10, ...) or 'package.module:factory'")
+    group.add_argument(
+        "--model",
+        help="every method's model: a built-in (cnn-mnist, resnet18, vit, ...) or 'package.module:factory' "
+        "(default: the run config's 'auto', the paper's CNN for the dataset)",
+    )
     group.add_argument("--target", type=float, help="target accuracy for bytes/time to target")
     group.add_argument("--local-epochs", type=int)
     group.add_argument("--seed", type=int)
@@ -70,11 +79,18 @@ def invocation(argv: list[str]) -> str:
     return " ".join([prog, shlex.join(argv)]).strip()
 
 
-def config_problem(suite, method: str, app_dir: Path) -> str:
-    """Why Flower or the apps would refuse this method's run config, or "" (checked before a 20 s start-up)."""
+def config_problem(suite: Suite, method: str, app_dir: Path) -> str:
+    """Why Flower or the apps would refuse this method's run config, or "" (checked before a 20 s start-up).
+
+    Besides the keys and values, builds the method's model as the apps will (``model`` and
+    ``dataset`` factories imported with the app directory on ``sys.path``, as Flower puts it
+    there), so a factory that does not import, or a model that cannot reach the ratio,
+    is reported here.
+    """
     import tomllib
 
     from fedmud.config import ConfigError, parse_run_config
+    from fedmud.rounds import build_decomposed
 
     config = suite.run_config(method)
     declared = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -82,110 +98,173 @@ def config_problem(suite, method: str, app_dir: Path) -> str:
     if missing:
         return f"run-config key(s) {', '.join(missing)} not in pyproject.toml [tool.flwr.app.config]"
     try:
-        parse_run_config({**declared, **config})
+        run = parse_run_config({**declared, **config})
+        with _on_sys_path(app_dir):
+            build_decomposed(run)  # imports the factories, builds the model, plans it at the ratio
     except ConfigError as err:
         return f"configuration error: {err}"
+    except Exception as err:  # noqa: BLE001 - the apps would fail the same way; say so now
+        return f"building the model failed: {type(err).__name__}: {err}"
     return ""
+
+
+@contextmanager
+def _on_sys_path(directory: Path):
+    """``directory`` first on ``sys.path`` for the duration (as Flower loads the app), then as it was."""
+    entry = str(directory)
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if added and entry in sys.path:
+            sys.path.remove(entry)
 
 
 def _interrupt(signum, frame):  # SIGTERM/SIGHUP: clean up as on Ctrl-C
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+@dataclass
+class Results:
+    """What a bench invocation produced, method by method."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    runs: dict[str, dict] = field(default_factory=dict)  # finished methods' rows and summaries
+    interrupted: bool = False
+    reason: str = ""  # why the methods not run did not run (when not interrupted)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.list:
-        for name, suite in SUITES.items():
-            print(f"{name}: {suite.to_dict()}")
-        for name, overrides in METHODS.items():
-            print(f"  {name}: {overrides}")
-        return 0
+        return list_suites()
     try:
-        suite = resolve(
-            args.suite,
-            methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None,
-            rounds=args.rounds,
-            supernodes=args.supernodes,
-            partition=args.partition,
-            alpha=args.alpha,
-            dataset=args.dataset,
-            target=args.target,
-            local_epochs=args.local_epochs,
-            seed=args.seed,
-            data_seed=args.data_seed,
-            up_mbps=args.up_mbps,
-            down_mbps=args.down_mbps,
-        )
+        suite = suite_from_args(args)
     except ValueError as err:
         print(f"fedmud-bench: {err}", file=sys.stderr)
         return 2
-    if suite.up_mbps <= 0 or suite.down_mbps <= 0 or suite.rounds < 1 or suite.supernodes < 2:
-        print("fedmud-bench: bandwidths must be > 0, rounds >= 1, supernodes >= 2", file=sys.stderr)
-        return 2
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # flwr-datasets' plot helper reports an event
     app_dir = app_root(args.app)
-    out = (args.out or Path("results") / "bench" / suite.name).resolve()
+    out = prepare_out(args.out, suite)
+    command = invocation(argv)
+    print(f"{command}: {len(suite.methods)} runs ({', '.join(suite.methods)}) -> {out}", flush=True)
+    print(f"suite: {suite.to_dict()}", flush=True)
+    started = time.monotonic()
+    results = run_suite(suite, app_dir, out, args.run_timeout)
+    account_for_unrun(results, suite, out)
+    return report(results, suite, command, out, time.monotonic() - started)
+
+
+def list_suites() -> int:
+    for name, suite in SUITES.items():
+        print(f"{name}: {suite.to_dict()}")
+    for name, overrides in METHODS.items():
+        print(f"  {name}: {overrides}")
+    return 0
+
+
+def suite_from_args(args: argparse.Namespace) -> Suite:
+    """The suite named by ``--suite`` with the flags given; ValueError for a value the bench cannot run."""
+    suite = resolve(
+        args.suite,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None,
+        rounds=args.rounds,
+        supernodes=args.supernodes,
+        partition=args.partition,
+        alpha=args.alpha,
+        dataset=args.dataset,
+        model=args.model,
+        target=args.target,
+        local_epochs=args.local_epochs,
+        seed=args.seed,
+        data_seed=args.data_seed,
+        up_mbps=args.up_mbps,
+        down_mbps=args.down_mbps,
+    )
+    if suite.up_mbps <= 0 or suite.down_mbps <= 0 or suite.rounds < 1 or suite.supernodes < 2:
+        raise ValueError("bandwidths must be > 0, rounds >= 1, supernodes >= 2")
+    return suite
+
+
+def prepare_out(given: Path | None, suite: Suite) -> Path:
+    """The results directory, cleared of what an earlier invocation of the bench wrote there."""
+    out = (given or Path("results") / "bench" / suite.name).resolve()
     for name in OWNED:  # the directory describes one invocation
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    command = invocation(argv)
-    print(f"{command}: {len(suite.methods)} runs ({', '.join(suite.methods)}) -> {out}", flush=True)
-    print(f"suite: {suite.to_dict()}", flush=True)
+    return out
 
-    started = time.monotonic()
-    outcomes: list[Outcome] = []
-    runs: dict[str, dict] = {}
-    interrupted, reason = False, ""
+
+def run_suite(suite: Suite, app_dir: Path, out: Path, run_timeout: float) -> Results:
+    """Start the private SuperLink, run every method on it, stop it (also on Ctrl-C, SIGTERM, SIGHUP)."""
+    results = Results()
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     superlink = PrivateSuperLink(app_dir, out / "logs" / "superlink.log")
-    runner = Runner(suite, superlink, app_dir, out, args.run_timeout)
-    from .report import load_run, write_run  # after argument checks: imports torch
-
+    runner = Runner(suite, superlink, app_dir, out, run_timeout)
     try:
         superlink.start()
         print(f"SuperLink pid {superlink.pid} (logs/superlink.log); every process the bench starts carries "
               f"{TOKEN_VAR}={superlink.token} and is stopped at the end", flush=True)
         for index, method in enumerate(suite.methods):
-            problem = config_problem(suite, method, app_dir)
-            if problem:
-                run_command = shell_command(flwr_command(suite, method, out / "raw" / method))
-                outcomes.append(Outcome(method, run_command, "failed", error=f"not run: {problem}"))
-                runner.status(index, method, f"FAILED before starting: {problem}", 0.0)
-                continue
-            outcome = runner.run(index, method)
-            outcomes.append(outcome)
-            if outcome.status == "ok":
-                try:
-                    runs[method] = load_run(outcome, suite)
-                    write_run(runs[method], out)
-                except (OSError, KeyError, ValueError) as err:
-                    outcome.status, outcome.error = "failed", f"unreadable results in {outcome.run_dir}: {err!r}"
+            run_method(runner, index, method, results)
     except KeyboardInterrupt:
-        interrupted = True
+        results.interrupted = True
         runner.stop_current()
         print("\ninterrupted: stopping the runs", flush=True)
     except Exception as err:  # noqa: BLE001 - e.g. the SuperLink did not start; report what there is
         print(f"fedmud-bench: {err!r}", file=sys.stderr, flush=True)
-        reason = repr(err)
+        results.reason = repr(err)
     finally:
         superlink.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    done = {o.method for o in outcomes}
+    return results
+
+
+def run_method(runner: Runner, index: int, method: str, results: Results) -> None:
+    """Check one method's config, run it, read its results; the outcome is added to ``results``."""
+    from .report import load_run, write_run  # imports torch
+
+    suite, out = runner.suite, runner.out
+    problem = config_problem(suite, method, runner.app_dir)
+    if problem:
+        run_command = shell_command(flwr_command(suite, method, out / "raw" / method))
+        results.outcomes.append(Outcome(method, run_command, "failed", error=f"not run: {problem}"))
+        runner.status(index, method, f"FAILED before starting: {problem}", 0.0)
+        return
+    outcome = runner.run(index, method)
+    results.outcomes.append(outcome)
+    if outcome.status == "ok":
+        try:
+            results.runs[method] = load_run(outcome, suite)
+            write_run(results.runs[method], out)
+        except (OSError, KeyError, ValueError) as err:
+            outcome.status, outcome.error = "failed", f"unreadable results in {outcome.run_dir}: {err!r}"
+
+
+def account_for_unrun(results: Results, suite: Suite, out: Path) -> None:
+    """An outcome for every method that did not get to run (interrupted, or the SuperLink failed)."""
+    done = {o.method for o in results.outcomes}
     for method in suite.methods:
         if method not in done:
-            status = "interrupted" if interrupted else "failed"
-            outcomes.append(Outcome(method, shell_command(flwr_command(suite, method, out / "raw" / method)),
-                                    status, error="interrupted" if interrupted else f"not run: {reason}"))
+            status = "interrupted" if results.interrupted else "failed"
+            error = "interrupted" if results.interrupted else f"not run: {results.reason}"
+            command = shell_command(flwr_command(suite, method, out / "raw" / method))
+            results.outcomes.append(Outcome(method, command, status, error=error))
 
+
+def report(results: Results, suite: Suite, command: str, out: Path, seconds: float) -> int:
+    """Write the summary, plots and TensorBoard logs, print the table; the exit status."""
     from .report import plot_curves, plot_partition, summarise, table, write_tensorboard
 
-    summary = summarise(suite, runs, outcomes, command, out)
-    if runs:
-        plot_curves(runs, suite, out)
-        write_tensorboard(runs, out)
+    summary = summarise(suite, results.runs, results.outcomes, command, out)
+    if results.runs:
+        plot_curves(results.runs, suite, out)
+        write_tensorboard(results.runs, out)
     try:
         plot_partition(suite, out)
     except Exception as err:  # noqa: BLE001 - a plot must not lose the results
@@ -193,12 +272,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print("\n".join(table(summary)), flush=True)
-    failed = [o for o in outcomes if o.status != "ok"]
+    failed = [o for o in results.outcomes if o.status != "ok"]
     for o in failed:
         print(f"{o.status.upper()}: {o.method}: {o.error}", flush=True)
-    print(f"{len(runs)}/{len(suite.methods)} runs finished in {duration(time.monotonic() - started)}; "
+    print(f"{len(results.runs)}/{len(suite.methods)} runs finished in {duration(seconds)}; "
           f"results in {out} (summary.md)", flush=True)
-    if interrupted:
+    if results.interrupted:
         return 130
     return 1 if failed else 0
 

@@ -152,6 +152,7 @@ def markdown(summary: dict) -> str:
     partition = suite["partition"] + (f" (α={suite['alpha']})" if suite["partition"] == "dirichlet" else "")
     extra = "".join(f", {k}={v}" for k, v in suite["extra"].items())
     epochs = f", local-epochs={suite['local_epochs']}" if suite["local_epochs"] is not None else ""
+    model = f", model {suite['model']}" if suite.get("model") is not None else ""
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
     lines = [
         f"# Communication-cost benchmark: `{suite['name']}`",
@@ -161,8 +162,8 @@ def markdown(summary: dict) -> str:
         f"Machine: {m['cpu_cores']} CPU cores ({m['cpu_cores_usable']} usable, {m['cpu']}){gpu}, "
         f"{m.get('memory_gb', '?')} GB; Python {m['python']}, flwr {m.get('flwr')}, torch {m.get('torch')}.",
         "",
-        f"Suite: {suite['dataset']}, partition {partition}, {suite['supernodes']} clients (all train every round), "
-        f"{suite['rounds']} rounds, seed={suite['seed']}, data-seed={suite['data_seed']}{epochs}{extra}; "
+        f"Suite: {suite['dataset']}{model}, partition {partition}, {suite['supernodes']} clients "
+        f"(all train every round), {suite['rounds']} rounds, seed={suite['seed']}, data-seed={suite['data_seed']}{epochs}{extra}; "
         "every other key at its `pyproject.toml` default; same data, partition and seeds for every method, "
         "one `flwr run` each through the same ServerApp/ClientApp in Flower's simulation.",
         "",
@@ -240,7 +241,8 @@ def plot_curves(runs: dict[str, dict], suite: Suite, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    title = f"{suite.dataset}, {suite.partition}, {suite.supernodes} clients, {suite.rounds} rounds"
+    model = f", {suite.model}" if suite.model is not None else ""
+    title = f"{suite.dataset}{model}, {suite.partition}, {suite.supernodes} clients, {suite.rounds} rounds"
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, run in runs.items():
         rows = [r for r in run["rows"] if r["cum_up_bytes"] > 0]

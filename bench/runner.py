@@ -95,6 +95,20 @@ class Outcome:
     seconds: float = 0.0
 
 
+@dataclass
+class Watch:
+    """What is followed of one run while its output streams in."""
+
+    index: int
+    method: str
+    start: float = field(default_factory=time.monotonic)
+    errors: list[str] = field(default_factory=list)
+    last_eval: float | None = None  # when the last evaluated round was seen
+    rounds_done: int = 0
+    timed_out: bool = False
+    returncode: int | None = None
+
+
 class Runner:
     """Runs the suite's methods one after another, printing one status line per round."""
 
@@ -121,69 +135,36 @@ class Runner:
         )
 
     def run(self, index: int, method: str) -> Outcome:
+        """One method's ``flwr run``, followed line by line until it ends or times out."""
         run_dir = self.out / "raw" / method
         shutil.rmtree(run_dir, ignore_errors=True)  # this method's previous results in this out dir
         run_dir.mkdir(parents=True)
         command = flwr_command(self.suite, method, run_dir)
         outcome = Outcome(method, shell_command(command), "failed")
-        log_path = self.out / "logs" / f"{method}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        start = time.monotonic()
+        watch = Watch(index, method)
         self.status(index, method, "starting", 0.0)
-        errors: list[str] = []
-        last_eval, rounds_done = None, 0
+        self._follow(command, outcome.command, watch)
+        outcome.seconds = time.monotonic() - watch.start
+        self.eta.saw_run(outcome.seconds, watch.rounds_done)
+        self._conclude(outcome, watch, run_dir)
+        text = f"done in {duration(outcome.seconds)}" if outcome.status == "ok" else f"FAILED: {outcome.error}"
+        self.status(index, method, text, outcome.seconds)
+        return outcome
+
+    def _follow(self, command: list[str], shown: str, watch: Watch) -> None:
+        """Start ``command``, log and read its output until it exits or ``run_timeout`` passes; then stop it."""
+        log_path = self.out / "logs" / f"{watch.method}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log:
-            log.write(f"$ {outcome.command}\n")
+            log.write(f"$ {shown}\n")
             log.flush()
-            self.current = process = subprocess.Popen(
-                command,
-                cwd=self.app_dir,
-                env=self.superlink.env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-                bufsize=1,
-                start_new_session=True,
-            )
+            self.current = process = self._start(command)
             lines: queue.Queue = queue.Queue()
             reader = threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True)
             reader.start()
-            timed_out = False
             try:
-                while True:
-                    try:
-                        line = lines.get(timeout=1.0)
-                    except queue.Empty:
-                        if time.monotonic() - start > self.run_timeout:
-                            timed_out = True
-                            break
-                        continue
-                    if line is None:
-                        break
-                    line = ANSI_RE.sub("", line)
-                    log.write(line)
-                    log.flush()
-                    match = EVAL_RE.search(line)
-                    if match:
-                        r = int(match.group(1))
-                        now = time.monotonic()
-                        if last_eval is not None and r > 0:
-                            self.eta.saw_round(now - last_eval)
-                        last_eval, rounds_done = now, r
-                        if r > 0:
-                            self.status(
-                                index,
-                                method,
-                                f"round {r}/{self.suite.rounds} acc {float(match.group(2)):.4f} "
-                                f"up {float(match.group(6)):.2f} MB down {float(match.group(7)):.2f} MB",
-                                now - start,
-                            )
-                    else:
-                        found = CONFIG_ERROR_RE.search(line) or ERROR_RE.search(line)
-                        if found:
-                            errors.append(found.group(0).strip())
-                if timed_out:
+                self._read(lines, log, watch)
+                if watch.timed_out:
                     stop_group(process, grace=5.0)
                 else:
                     process.wait()
@@ -191,24 +172,76 @@ class Runner:
                 if process.poll() is None:  # interrupted: stop this run's client
                     stop_group(process, grace=5.0)
                 self.current = None
-        outcome.seconds = time.monotonic() - start
-        self.eta.saw_run(outcome.seconds, rounds_done)
+        watch.returncode = process.returncode
+
+    def _start(self, command: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(
+            command,
+            cwd=self.app_dir,
+            env=self.superlink.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
+        )
+
+    def _read(self, lines: queue.Queue, log, watch: Watch) -> None:
+        """Log every line and act on it, until the output ends or the run times out."""
+        while True:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() - watch.start > self.run_timeout:
+                    watch.timed_out = True
+                    return
+                continue
+            if line is None:
+                return
+            line = ANSI_RE.sub("", line)
+            log.write(line)
+            log.flush()
+            self._on_line(line, watch)
+
+    def _on_line(self, line: str, watch: Watch) -> None:
+        """An evaluated round: progress line and ETA; an error line: kept for the outcome."""
+        match = EVAL_RE.search(line)
+        if not match:
+            found = CONFIG_ERROR_RE.search(line) or ERROR_RE.search(line)
+            if found:
+                watch.errors.append(found.group(0).strip())
+            return
+        r = int(match.group(1))
+        now = time.monotonic()
+        if watch.last_eval is not None and r > 0:
+            self.eta.saw_round(now - watch.last_eval)
+        watch.last_eval, watch.rounds_done = now, r
+        if r > 0:
+            self.status(
+                watch.index,
+                watch.method,
+                f"round {r}/{self.suite.rounds} acc {float(match.group(2)):.4f} "
+                f"up {float(match.group(6)):.2f} MB down {float(match.group(7)):.2f} MB",
+                now - watch.start,
+            )
+
+    def _conclude(self, outcome: Outcome, watch: Watch, run_dir: Path) -> None:
+        """Status and error of a run that ended: a summary.json means it finished, whatever `flwr run` returned."""
         results = sorted(run_dir.glob("*/summary.json"))
-        if timed_out:
+        if watch.timed_out:
             outcome.error = f"timed out after {duration(self.run_timeout)} (--run-timeout); the SuperLink was restarted"
             self.superlink.restart()  # the run goes on inside the SuperLink otherwise
-        elif not results:  # a run that wrote its summary finished, whatever `flwr run` returned
-            configuration = [e for e in errors if e.startswith("configuration error")]
-            reason = (configuration or errors or ["no error in the log"])[0]
+        elif not results:
+            configuration = [e for e in watch.errors if e.startswith("configuration error")]
+            reason = (configuration or watch.errors or ["no error in the log"])[0]
             outcome.error = (
-                f"{reason}; `flwr run` exited with {process.returncode}, no summary.json (see logs/{method}.log)"
+                f"{reason}; `flwr run` exited with {watch.returncode}, no summary.json "
+                f"(see logs/{outcome.method}.log)"
             )
         else:
             outcome.status, outcome.run_dir = "ok", results[-1].parent
             (outcome.run_dir / "checkpoint.pt").unlink(missing_ok=True)  # not needed to compare; large
-        text = f"done in {duration(outcome.seconds)}" if outcome.status == "ok" else f"FAILED: {outcome.error}"
-        self.status(index, method, text, outcome.seconds)
-        return outcome
 
     def stop_current(self) -> None:
         if self.current is not None:

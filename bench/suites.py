@@ -33,7 +33,8 @@ class Suite:
 
     name: str
     methods: tuple[str, ...] = tuple(METHODS)
-    dataset: str = "mnist5k"
+    dataset: str = "mnist5k"  # a built-in name or 'package.module:factory'
+    model: str | None = None  # None: the pyproject.toml default ('auto'); a built-in name or 'package.module:factory'
     partition: str = "iid"
     alpha: float = 0.3
     supernodes: int = 10
@@ -58,6 +59,8 @@ class Suite:
             "seed": self.seed,
             "data-seed": self.data_seed,
         }
+        if self.model is not None:
+            config["model"] = self.model
         if self.local_epochs is not None:
             config["local-epochs"] = self.local_epochs
         return {**config, **self.extra}

@@ -1,19 +1,27 @@
-"""ClientApp: sync the global model held in node state, train the decomposed update, upload it."""
+"""ClientApp: sync the global model held in node state, train the decomposed update, upload it.
+
+:func:`run_client_round` is a client's whole round for any model and data; a Flower
+app of your own calls it from its ``@app.train()`` with its own model factory and
+training loader (see ``examples/custom-app``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
 from logging import WARNING
 
 import torch
+from torch.utils.data import DataLoader
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fedmud.config import RunConfig, parse_run_config
 from fedmud.data import client_loader
-from fedmud.rounds import ClientModel, SyncError
+from fedmud.rounds import ClientModel, ModelFactory, SyncError
+from fedmud.task import Task
 from fedmud.training import pick_device
 from server.wire import read_downlink, sync_error_record, upload_record
 
@@ -22,8 +30,9 @@ HELD_MODEL, HELD_SYNC, HELD_FEEDBACK = "global-model", "global-sync", "error-fee
 
 
 @lru_cache(maxsize=2)
-def _client_model(run: RunConfig) -> ClientModel:
-    return ClientModel(run, pick_device())
+def _client_model(run: RunConfig, model_fn: ModelFactory | None, task: Task | None) -> ClientModel:
+    """One ClientModel per (config, factory, task) in this process: built once, reused every round."""
+    return ClientModel(run, pick_device(), model_fn, task)
 
 
 def _run_config(context: Context) -> RunConfig:
@@ -45,10 +54,30 @@ def _held(context: Context) -> tuple[int, dict[str, torch.Tensor]] | None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    return run_client_round(msg, context)
+
+
+def run_client_round(
+    msg: Message,
+    context: Context,
+    loader_fn: Callable[[int, int, RunConfig], DataLoader] | None = None,
+    model_fn: ModelFactory | None = None,
+    task: Task | None = None,
+) -> Message:
+    """One client round: sync the held global model, train the decomposed update, reply.
+
+    ``loader_fn(partition_id, seed, run)``: this client's shuffled training loader,
+    ``seed`` changing every round, ``run`` the validated :class:`~fedmud.config.RunConfig`
+    (``run.data.num_partitions`` from the node config, ``run.train.batch_size``)
+    (default: the config's ``dataset``, partitioned by ``partition``); ``model_fn``: builds the undecomposed model, the same function
+    the server uses (default: the config's ``model``); ``task``: loss and metric
+    (default: the config's ``task``). Pass the same objects every round (module-level
+    functions), so the client's models are built once per process.
+    """
     run = _run_config(context)
     downlink = read_downlink(msg.content)
     partition_id = int(context.node_config.get("partition-id", 0))
-    client = _client_model(run)
+    client = _client_model(run, model_fn, task)
 
     held = _held(context)
     if held is not None and run.fault_corrupt_state_round == downlink.server_round:
@@ -64,7 +93,11 @@ def train(msg: Message, context: Context) -> Message:
     context.state.array_records[HELD_MODEL] = ArrayRecord(state)
     context.state.config_records[HELD_SYNC] = ConfigRecord({"round": downlink.target_round})
 
-    loader = client_loader(run.data, partition_id, run.train.batch_size, seed=downlink.round_seed + partition_id)
+    seed = downlink.round_seed + partition_id
+    if loader_fn is None:
+        loader = client_loader(run.data, partition_id, run.train.batch_size, seed=seed)
+    else:
+        loader = loader_fn(partition_id, seed, run)
     kept = context.state.array_records.get(HELD_FEEDBACK)
     payload, loss, feedback = client.train_round(
         downlink.round_seed, loader, None if kept is None else kept.to_torch_state_dict()

@@ -1,14 +1,17 @@
 """FedMUD: federated training of decomposed model updates (pure PyTorch + numpy; no Flower)."""
 
 from .config import ConfigError, DecompositionConfig, RunConfig, parse_run_config
-from .model import DecomposedLayer, DecomposedModel, decompose
+from .model import DecomposedModel, DecomposedUpdate, decompose
+from .plan import DecompositionPlan, plan_decomposition
 
 __all__ = [
     "ConfigError",
-    "DecomposedLayer",
     "DecomposedModel",
+    "DecomposedUpdate",
     "DecompositionConfig",
+    "DecompositionPlan",
     "RunConfig",
     "decompose",
     "parse_run_config",
+    "plan_decomposition",
 ]

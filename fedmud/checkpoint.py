@@ -24,7 +24,7 @@ from .sync import ChainStore, Link
 
 CHECKPOINT = "checkpoint.pt"
 # Keys that must match for a resumed run to be the same run.
-_FIXED = ("decomposition", "uplink", "model", "seed", "data", "train", "downlink")
+_FIXED = ("decomposition", "uplink", "model", "task", "seed", "data", "train", "downlink")
 
 
 def save_checkpoint(run_dir: Path, server: ServerModel, ledger: Ledger, history: list[dict]) -> Path:

@@ -33,11 +33,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .model import UploadLayout
-
 SCHEMES = ("float32", "float16", "int8", "topk")
 INT8_CHUNK = 1024
 Parts = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class UploadLayout:
+    """Names and shapes of everything a client uploads, in wire order (both sides derive it)."""
+
+    entries: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.entries)
 
 
 class PayloadError(ValueError):

@@ -8,6 +8,7 @@ the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,11 @@ INITS = ("zero", "nonzero", "nonzero-compensated", "hrp")
 UPLINKS = ("float32", "float16", "int8", "topk")
 DATASETS = ("mnist5k", "digits", "mnist", "fashionmnist", "svhn", "cifar10", "cifar100")
 PARTITIONS = ("iid", "dirichlet", "label-count")
-MODELS = ("auto", "cnn-mnist", "cnn-cifar")
+# Built-in names; `model` and `dataset` also take a user factory as 'package.module:factory'.
+MODELS = ("auto", "cnn-mnist", "cnn-cifar", "resnet18", "mobilenet-v3-small", "vit", "text-transformer", "lstm")
 DOWNLINKS = ("chain", "full")
+TASKS = ("classification", "regression")
+IMPORT_STRING = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 class ConfigError(ValueError):
@@ -41,8 +45,10 @@ class DecompositionConfig:
         trained factor (F1·T1 + T2·F2), so aggregation is exact.
     ratio: target for everything uploaded (dense layers and BatchNorm included)
         relative to dense FedAvg's upload, in (0, 1].
-    dense_layers: names of weight layers trained densely; ``("first", "last")``
-        means the model's first and last weight layers (the paper's choice).
+    dense_layers: tensors trained densely (see :mod:`fedmud.plan`): ``auto`` the
+        paper's first and last layers when they fit the ratio; ``first``/``last``
+        those layers always; a tensor name (``conv1.weight``) or a module name (every
+        weight tensor under it).
     init: ``zero`` trained factors start at 0 (for ``ab``: the right factor),
         ``nonzero`` trained factors drawn too and the round-start update kept,
         ``nonzero-compensated`` drawn too and ΔW(T0) subtracted exactly,
@@ -61,7 +67,7 @@ class DecompositionConfig:
     kind: str = "kron"
     pattern: str = "aad"
     ratio: float = 1 / 32
-    dense_layers: tuple[str, ...] = ("first", "last")
+    dense_layers: tuple[str, ...] = ("auto",)
     init: str = "nonzero-compensated"
     init_scale: float = 0.1
     frozen_scale: float = 4.0
@@ -107,7 +113,8 @@ class DataConfig:
         into train/test with ``test_fraction`` and ``seed``; ``mnist``,
         ``fashionmnist``, ``svhn``, ``cifar10``, ``cifar100`` are read from ``root``
         in torchvision's layout (downloaded when missing) with their official
-        train/test splits (``test_fraction`` does not apply).
+        train/test splits (``test_fraction`` does not apply); ``package.module:factory``
+        is the user's own data (see :mod:`fedmud.data`).
     partition: ``iid``; ``dirichlet`` (label proportions ~ Dir(``alpha``)); or
         ``label-count``: each client holds max(1, round(``label_fraction`` ·
         classes)) classes.
@@ -138,6 +145,8 @@ class RunConfig:
     resume: a run directory whose checkpoint the run continues from ("" = new run).
     fault_corrupt_state_round: fault injection for tests; in that round every client
         perturbs the model it holds before applying the downlink (0 = off).
+    task: ``classification`` (cross-entropy, accuracy), ``regression`` (MSE) or
+        ``package.module:factory`` returning a :class:`fedmud.task.Task`.
     """
 
     rounds: int = 20
@@ -151,6 +160,7 @@ class RunConfig:
     min_replies: int = 1
     resume: str = ""
     fault_corrupt_state_round: int = 0
+    task: str = "classification"
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -161,6 +171,22 @@ def _choice(cfg: Mapping[str, Any], key: str, default: str, allowed: tuple[str, 
     value = cfg.get(key, default)
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+    return value
+
+
+def is_import_string(value: object) -> bool:
+    """Whether ``value`` reads as ``package.module:factory`` (the import itself is checked later)."""
+    return isinstance(value, str) and IMPORT_STRING.fullmatch(value) is not None
+
+
+def _builtin_or_factory(cfg: Mapping[str, Any], key: str, default: str, builtins: tuple[str, ...]) -> str:
+    """A built-in name or a user factory ``package.module:factory``; imported when the model/data are built."""
+    value = cfg.get(key, default)
+    if value not in builtins and not is_import_string(value):
+        raise ConfigError(
+            f"{key}={value!r} is not allowed; choose one of {', '.join(builtins)} "
+            "or give a factory as 'package.module:factory'"
+        )
     return value
 
 
@@ -224,11 +250,23 @@ def _check_combinations(d: DecompositionConfig, u: UplinkConfig) -> None:
         )
 
 
+def _task(cfg: Mapping[str, Any]) -> str:
+    value = cfg.get("task", RunConfig.task)
+    if not isinstance(value, str) or not (value in TASKS or is_import_string(value)):
+        raise ConfigError(
+            f"task={value!r} is not allowed; choose one of {', '.join(TASKS)} or give 'package.module:factory'"
+        )
+    return value
+
+
 def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     """Validate a flat Flower run config into a :class:`RunConfig`."""
-    dense = cfg.get("dense-layers", "first,last")
-    if not isinstance(dense, str):
-        raise ConfigError(f"dense-layers={dense!r} is not allowed; give a comma-separated list of layer names")
+    dense = cfg.get("dense-layers", "auto")
+    if not isinstance(dense, str) or not dense.strip():
+        raise ConfigError(
+            f"dense-layers={dense!r} is not allowed; give auto, or a comma-separated list of first, last, "
+            "tensor names and module names"
+        )
     decomposition = DecompositionConfig(
         method=_choice(cfg, "method", "fedmud", METHODS),
         kind=_choice(cfg, "kind", "kron", KINDS),
@@ -257,7 +295,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     if not isinstance(data_root, str) or not data_root.strip():
         raise ConfigError(f"data-root={data_root!r} is not allowed; it must be a non-empty directory path")
     data = DataConfig(
-        dataset=_choice(cfg, "dataset", DataConfig.dataset, DATASETS),
+        dataset=_builtin_or_factory(cfg, "dataset", DataConfig.dataset, DATASETS),
         partition=_choice(cfg, "partition", DataConfig.partition, PARTITIONS),
         alpha=_number(cfg, "alpha", DataConfig.alpha, low=0.0, low_open=True),
         num_partitions=_number(cfg, "num-partitions", DataConfig.num_partitions, integer=True, low=1),
@@ -273,7 +311,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         fraction_train=_number(cfg, "fraction-train", RunConfig.fraction_train, low=0.0, high=1.0, low_open=True),
         min_train_nodes=_number(cfg, "min-train-nodes", RunConfig.min_train_nodes, integer=True, low=1),
         seed=_number(cfg, "seed", RunConfig.seed, integer=True, low=0),
-        model=_choice(cfg, "model", RunConfig.model, MODELS),
+        model=_builtin_or_factory(cfg, "model", RunConfig.model, MODELS),
         run_dir=str(cfg.get("run-dir", RunConfig.run_dir)),
         downlink=_choice(cfg, "downlink", RunConfig.downlink, DOWNLINKS),
         round_timeout=_number(cfg, "round-timeout", RunConfig.round_timeout, low=0.0, low_open=True),
@@ -282,6 +320,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         fault_corrupt_state_round=_number(
             cfg, "fault-corrupt-state-round", RunConfig.fault_corrupt_state_round, integer=True, low=0
         ),
+        task=_task(cfg),
         decomposition=decomposition,
         uplink=uplink,
         train=train,

@@ -16,9 +16,34 @@ train/test splits (``test-fraction`` does not apply). CIFAR and SVHN files are r
 here directly (pickles, ``.mat``) rather than through torchvision's classes, whose md5
 checks refuse anything but the published files.
 
-Every dataset becomes ``Split(images uint8, labels int64)``; loaders normalise with the
-dataset's per-channel mean and std. The train split is partitioned over clients with
-flwr-datasets partitioners applied to an in-memory ``datasets.Dataset``.
+Every built-in dataset becomes ``Split(images uint8, labels int64)``; loaders normalise
+with the dataset's per-channel mean and std. The train split is partitioned over clients
+with flwr-datasets partitioners applied to an in-memory ``datasets.Dataset`` of
+``(index, label)`` rows, whatever the dataset.
+
+Your own data: ``dataset = "package.module:factory"``. The factory is called with the
+keyword arguments it declares among
+
+- ``root``: ``data-root``, ``~`` expanded and made absolute;
+- ``seed``: ``data-seed``;
+- ``test_fraction``: ``test-fraction``;
+
+(all three when it takes ``**kwargs``) and returns ``(train, test)``, each either
+
+- a map-style ``torch.utils.data.Dataset`` whose items are ``(x, y)`` pairs: ``x`` a
+  tensor or NumPy array (floating point for images and features, an integer type for
+  token ids), ``y`` an integer class label ``>= 0``. Labels are read from a ``.targets``
+  attribute when the dataset has one, else by reading every item once; or
+- a Hugging Face ``datasets.Dataset`` with a ``label`` column and exactly one other
+  column holding the input as numbers of one shape; it is converted to tensors.
+
+Nothing is normalised or augmented here: the user's Dataset does that. Batches are only
+cast to the models' dtypes (floating point to float32, integers to int64). The data's
+:class:`DatasetInfo`, which model factories receive, comes from the first train example's
+shape; classes are the train set's ``num_classes`` (or ``len(classes)``) when it has that
+attribute, else the largest label + 1 over train and test; ``vocab_size`` is the largest
+token + 1 over train and test when the inputs are integers (token data), else None. The
+loaded sets are cached per process, as the built-in ones are.
 """
 
 from __future__ import annotations
@@ -32,9 +57,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset, default_collate
 
 from .config import DATASETS, ConfigError, DataConfig
+from .factories import call_factory, load_factory, refusal, type_phrase
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 DOWNLOAD_TIMEOUT_S = 60.0  # per blocking socket operation while torchvision downloads
@@ -80,6 +106,21 @@ TORCHVISION_FILES: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
+class DatasetInfo:
+    """What a model factory needs to know about the data.
+
+    input_shape: one example's shape without the batch dimension, e.g. ``(1, 28, 28)``
+        for images or ``(L,)`` for token sequences.
+    num_classes: the number of class labels.
+    vocab_size: token datasets only: the largest token id + 1 (None otherwise).
+    """
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    vocab_size: int | None = None
+
+
+@dataclass(frozen=True)
 class Split:
     images: np.ndarray  # uint8, (N, H, W) or (N, H, W, C)
     labels: np.ndarray  # int64, (N,)
@@ -90,6 +131,19 @@ def dataset_spec(dataset: str) -> DatasetSpec:
         return SPECS[dataset]
     except KeyError:
         raise ConfigError(f"dataset={dataset!r} is not allowed; choose one of {', '.join(DATASETS)}") from None
+
+
+def is_builtin(dataset: str) -> bool:
+    """Whether ``dataset`` names a built-in dataset (else it is a factory import string)."""
+    return dataset in SPECS
+
+
+def dataset_info(config: DataConfig) -> DatasetInfo:
+    """Input shape, classes and vocabulary of ``config``'s dataset (a factory's is loaded to find out)."""
+    if not is_builtin(config.dataset):
+        return custom_data(config).info
+    spec = dataset_spec(config.dataset)
+    return DatasetInfo((spec.channels, spec.size, spec.size), spec.num_classes)
 
 
 def resolve_root(root: str) -> Path:
@@ -106,7 +160,15 @@ def load_splits(dataset: str, test_fraction: float = 0.2, seed: int = 42, root: 
 
 
 def splits(config: DataConfig) -> tuple[Split, Split]:
+    """(train, test) of a built-in dataset."""
     return load_splits(config.dataset, config.test_fraction, config.seed, config.root)
+
+
+def train_labels(config: DataConfig) -> np.ndarray:
+    """int64 class label of every train example, built-in or user dataset: what partitions are drawn from."""
+    if is_builtin(config.dataset):
+        return splits(config)[0].labels
+    return custom_data(config).train_labels
 
 
 @lru_cache(maxsize=4)
@@ -232,11 +294,11 @@ def partitioner_for(config: DataConfig):
     i is class i mod num_classes, the others drawn with ``data-seed``; a class that no
     client draws is left out).
     """
-    from datasets import Dataset
+    from datasets import Dataset as TableDataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
-    train, _ = splits(config)
-    table = Dataset.from_dict({"index": np.arange(len(train.labels)), "label": train.labels})
+    labels = train_labels(config)
+    table = TableDataset.from_dict({"index": np.arange(len(labels)), "label": labels})
     if config.partition == "iid":
         partitioner = IidPartitioner(num_partitions=config.num_partitions)
     elif config.partition == "dirichlet":
@@ -272,7 +334,7 @@ def partitioner_for(config: DataConfig):
 
 def classes_per_partition(config: DataConfig) -> int:
     """``label-count``: how many distinct classes each client holds."""
-    return max(1, round(config.label_fraction * dataset_spec(config.dataset).num_classes))
+    return max(1, round(config.label_fraction * dataset_info(config).num_classes))
 
 
 @lru_cache(maxsize=4)
@@ -340,9 +402,13 @@ def client_loader(config: DataConfig, partition_id: int, batch_size: int, seed: 
             f"partition-id={partition_id} is not allowed; it must be in [0, {config.num_partitions - 1}] "
             f"(num-partitions={config.num_partitions})"
         )
-    train, _ = splits(config)
-    data = to_tensors(train, partition_indices(config)[partition_id], config.dataset)
+    indices = partition_indices(config)[partition_id]
     generator = torch.Generator().manual_seed(seed)
+    if not is_builtin(config.dataset):
+        own = Subset(custom_data(config).train, indices.tolist())
+        return DataLoader(own, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=model_dtypes)
+    train, _ = splits(config)
+    data = to_tensors(train, indices, config.dataset)
     spec = dataset_spec(config.dataset)
     collate = None
     if spec.augment:
@@ -356,5 +422,195 @@ def client_loader(config: DataConfig, partition_id: int, batch_size: int, seed: 
 
 
 def test_loader(config: DataConfig, batch_size: int = 500) -> DataLoader:
+    """The held-out split, in order."""
+    if not is_builtin(config.dataset):
+        return DataLoader(custom_data(config).test, batch_size=batch_size, collate_fn=model_dtypes)
     _, test = splits(config)
     return DataLoader(to_tensors(test, dataset=config.dataset), batch_size=batch_size)
+
+
+# --- user datasets: ``dataset = "package.module:factory"`` ---------------------------------
+
+PAIR = "a pair (train, test) of torch.utils.data.Dataset or datasets.Dataset"
+ITEM = "items (x, y) with x a tensor or array and y an integer class label >= 0"
+
+
+@dataclass(frozen=True)
+class CustomData:
+    """A factory's (train, test) as map-style torch datasets, their labels and the data's info."""
+
+    train: Dataset
+    test: Dataset
+    train_labels: np.ndarray  # int64, one per train item
+    test_labels: np.ndarray
+    info: DatasetInfo
+
+
+def custom_data(config: DataConfig) -> CustomData:
+    """The user dataset ``config.dataset`` names, loaded once per process."""
+    return _custom_data(config.dataset, config.root, config.seed, config.test_fraction)
+
+
+@lru_cache(maxsize=4)
+def _custom_data(dataset: str, root: str, seed: int, test_fraction: float) -> CustomData:
+    factory = load_factory("dataset", dataset)
+    result = call_factory(
+        "dataset", dataset, factory, root=str(resolve_root(root)), seed=seed, test_fraction=test_fraction
+    )
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise refusal("dataset", dataset, f"the factory returned {type_phrase(result)}", PAIR)
+    train, test = (_as_torch(dataset, split, data) for split, data in zip(("train", "test"), result))
+    seen_train, seen_test = _scan(dataset, "train", train), _scan(dataset, "test", test)
+    if seen_test.shape != seen_train.shape:
+        raise refusal(
+            "dataset", dataset, f"train inputs have shape {seen_train.shape} but test inputs {seen_test.shape}",
+            "train and test inputs of one shape",
+        )
+    vocab = max(seen_train.top_token, seen_test.top_token) + 1 if seen_train.tokens else None
+    classes = _num_classes(dataset, train, max(seen_train.labels.max(), seen_test.labels.max()) + 1)
+    info = DatasetInfo(seen_train.shape, classes, vocab)
+    return CustomData(train, test, seen_train.labels, seen_test.labels, info)
+
+
+def model_dtypes(batch):
+    """Collate ``(x, y)`` items and cast to what models take: float32 inputs (int64 tokens), int64 labels."""
+    x, y = default_collate(batch)
+    x = x.float() if x.is_floating_point() else x.long()
+    return x, torch.as_tensor(y).long()
+
+
+def _as_torch(dataset: str, split: str, data: object) -> Dataset:
+    """A map-style torch Dataset of ``(x, y)``: torch datasets as given, Hugging Face ones converted."""
+    from datasets import Dataset as HuggingFaceDataset  # comes with flwr-datasets
+
+    if isinstance(data, HuggingFaceDataset):
+        return _from_hugging_face(dataset, split, data)
+    if isinstance(data, IterableDataset) or not isinstance(data, Dataset) or not hasattr(data, "__len__"):
+        reason = f"the factory's {split} set is {type_phrase(data)}"
+        raise refusal("dataset", dataset, reason, PAIR + " (map-style, with a length)")
+    return data
+
+
+def _from_hugging_face(dataset: str, split: str, data) -> TensorDataset:
+    """Tensors of a ``datasets.Dataset``'s one input column and its ``label`` column."""
+    columns = list(data.column_names)
+    wanted = "a Hugging Face dataset with a 'label' column and exactly one input column"
+    if "label" not in columns:
+        raise refusal("dataset", dataset, f"the {split} set has no 'label' column (columns: {columns})", wanted)
+    inputs = [c for c in columns if c != "label"]
+    if len(inputs) != 1:
+        raise refusal("dataset", dataset, f"the {split} set has input columns {inputs}", wanted)
+    table = data.with_format("numpy")
+    try:
+        x = np.asarray(table[inputs[0]])
+    except ValueError:  # rows of different lengths
+        x = np.asarray([], dtype=object)
+    if x.dtype.kind not in "biuf":
+        raise refusal(
+            "dataset", dataset, f"the {split} set's column {inputs[0]!r} does not hold numbers of one shape",
+            "numeric inputs of one shape (tokenise and pad text first)",
+        )
+    y = np.asarray(table["label"])
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise refusal("dataset", dataset, f"the {split} set's 'label' column holds {y.dtype} values", ITEM)
+    converted = TensorDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+    label_feature = data.features["label"]
+    if hasattr(label_feature, "num_classes"):  # a ClassLabel column knows its classes
+        converted.num_classes = int(label_feature.num_classes)
+    return converted
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What one pass over a split found."""
+
+    labels: np.ndarray  # int64
+    shape: tuple[int, ...]  # the first input's
+    tokens: bool  # inputs are integer token ids
+    top_token: int  # the largest token id (-1 unless tokens)
+
+
+def _scan(dataset: str, split: str, data: Dataset) -> _Seen:
+    """Labels, input shape and largest token of a split.
+
+    Read from whole tensors or ``.targets`` when the split has them, else item by item.
+    """
+    if len(data) == 0:
+        raise refusal("dataset", dataset, f"the {split} set is empty", "non-empty train and test sets")
+    first, _ = _pair(dataset, split, 0, data[0])
+    tokens = not (first.is_floating_point() or first.is_complex() or first.dtype == torch.bool)
+    shape = tuple(first.shape)
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:  # whole tensors at hand: no pass needed
+        x, y = data.tensors
+        labels = _targets(dataset, split, y, len(data))
+        return _Seen(labels, shape, tokens, int(x.max()) if tokens else -1)
+    targets = getattr(data, "targets", None)
+    if targets is not None and not tokens:
+        return _Seen(_targets(dataset, split, targets, len(data)), shape, False, -1)
+    labels, top = [], -1
+    for i in range(len(data)):
+        x, y = _pair(dataset, split, i, data[i])
+        if tuple(x.shape) != shape:
+            raise refusal(
+                "dataset", dataset, f"{split} item {i} has input shape {tuple(x.shape)}, item 0 {shape}",
+                "inputs of one shape",
+            )
+        labels.append(y)
+        top = max(top, int(x.max())) if tokens and x.numel() else top
+    return _Seen(np.asarray(labels, dtype=np.int64), shape, tokens, top)
+
+
+def _pair(dataset: str, split: str, i: int, item: object) -> tuple[torch.Tensor, int]:
+    """Item ``i`` as (input tensor, class label), or a ConfigError saying what is wrong with it."""
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise refusal("dataset", dataset, f"{split} item {i} is {type_phrase(item)}, not an (x, y) pair", ITEM)
+    x, y = item
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise refusal(
+            "dataset", dataset, f"{split} item {i} has an input x of type {type(x).__name__}",
+            ITEM + " (turn images into tensors in the Dataset, e.g. with torchvision's ToTensor)",
+        )
+    label = _label(y)
+    if label is None:
+        raise refusal("dataset", dataset, f"{split} item {i} has label y={y!r}", ITEM)
+    return x, label
+
+
+def _label(y: object) -> int | None:
+    """``y`` as a class label: an integer >= 0 (Python, NumPy or a one-element tensor), else None."""
+    if isinstance(y, torch.Tensor):
+        if y.numel() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            return None
+        y = y.item()
+    elif isinstance(y, np.ndarray):
+        if y.size != 1 or y.dtype.kind not in "iu":
+            return None
+        y = y.item()
+    if isinstance(y, bool) or not isinstance(y, (int, np.integer)) or y < 0:
+        return None
+    return int(y)
+
+
+def _targets(dataset: str, split: str, targets: object, length: int) -> np.ndarray:
+    """A ``.targets`` attribute (or label tensor) as int64 labels, checked: one integer >= 0 per item."""
+    labels = np.asarray(targets.numpy() if isinstance(targets, torch.Tensor) else targets)
+    if labels.ndim != 1 or len(labels) != length or labels.dtype.kind not in "iu" or (labels < 0).any():
+        raise refusal("dataset", dataset, f"the {split} set's labels are not one integer >= 0 per item", ITEM)
+    return labels.astype(np.int64)
+
+
+def _num_classes(dataset: str, train: Dataset, observed: int) -> int:
+    """The train set's declared ``num_classes`` (or ``len(classes)``), else the largest label + 1."""
+    declared = getattr(train, "num_classes", None)
+    if declared is None and hasattr(getattr(train, "classes", None), "__len__"):
+        declared = len(train.classes)
+    if not isinstance(declared, (int, np.integer)) or isinstance(declared, bool):
+        return int(observed)
+    if declared < observed:
+        raise refusal(
+            "dataset", dataset, f"the train set declares {declared} classes but a label is {observed - 1}",
+            "labels below the declared number of classes",
+        )
+    return int(declared)

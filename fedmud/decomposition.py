@@ -21,8 +21,10 @@ mean of their factors: the server aggregates factors and loses nothing.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -103,13 +105,22 @@ class UpdateParameterisation:
 
 
 def matrix_shape(weight_shape: tuple[int, ...]) -> tuple[int, int]:
-    """The matrix a weight is viewed as: Linear (out, in); Conv2d (out·kh, in·kw)."""
+    """The matrix a tensor of two or more dimensions is viewed as.
+
+    2-D (Linear, Embedding, attention ``in_proj_weight``, RNN ``weight_ih``/``weight_hh``):
+    itself. More dimensions (convolutions, transposed too: ``(d0, d1, k1, k2, ...)``): the
+    paper's ``(d0·k1, d1·k2·...)`` — Conv2d as ``(out·kh, in·kw)`` — unless the plain
+    ``(d0, d1·k1·k2·...)`` is squarer, as for a depthwise convolution (``d1 = 1``), whose
+    paper view would be a thin ``(C·k, k)``. Only the count matters to the algebra: ΔW is
+    built flat and reshaped.
+    """
     if len(weight_shape) == 2:
         return weight_shape[0], weight_shape[1]
-    if len(weight_shape) == 4:
-        out, inp, kh, kw = weight_shape
-        return out * kh, inp * kw
-    raise ValueError(f"cannot view a weight of shape {weight_shape} as a matrix")
+    if len(weight_shape) > 2:
+        paper = (weight_shape[0] * weight_shape[2], weight_shape[1] * math.prod(weight_shape[3:]))
+        plain = (weight_shape[0], math.prod(weight_shape[1:]))
+        return plain if sum(plain) < sum(paper) else paper
+    raise ValueError(f"cannot view a tensor of shape {weight_shape} as a matrix; it needs two or more dimensions")
 
 
 class LowRankUpdate(UpdateParameterisation):
@@ -189,8 +200,10 @@ class BlockKroneckerUpdate(UpdateParameterisation):
 _KRON_SIZES = range(2, 33)
 
 
-def _candidates(kind: str, pattern: str, weight_shape: tuple[int, ...]) -> list[tuple[int, tuple[int, ...]]]:
-    """(uploaded values, size parameters) for every admissible size of one layer, cheapest first."""
+@lru_cache(maxsize=4096)
+def _candidates(kind: str, pattern: str, weight_shape: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """(uploaded values, size parameters) for every admissible size of one tensor, cheapest first
+    (among equal costs the most balanced Kronecker sizes first)."""
     if kind == "mat":
         m, n = matrix_shape(weight_shape)
         out = [(LowRankUpdate.cost(weight_shape, pattern, r), (r,)) for r in range(1, min(m, n) + 1)]
@@ -204,7 +217,12 @@ def _candidates(kind: str, pattern: str, weight_shape: tuple[int, ...]) -> list[
                 # balanced factors first among equal costs: a kron of near-square sizes wastes least
                 out.append((BlockKroneckerUpdate.cost(weight_shape, pattern, a, b), (a, b)))
         out.sort(key=lambda c: (c[0], abs(c[1][0] - c[1][1])))
-    return sorted(out, key=lambda c: c[0])
+    return tuple(sorted(out, key=lambda c: c[0]))
+
+
+def smallest_cost(kind: str, pattern: str, weight_shape: tuple[int, ...]) -> int:
+    """Values the smallest admissible update of a tensor uploads (compare with its own size)."""
+    return _candidates(kind, pattern, weight_shape)[0][0]
 
 
 def build_update(kind: str, pattern: str, weight_shape: tuple[int, ...], sizes: tuple[int, ...]) -> UpdateParameterisation:
@@ -225,14 +243,15 @@ def allocate_sizes(
     each layer is uniform, as in the paper, while the total stays under budget.
     Raises :class:`ConfigError` if even the smallest sizes exceed the budget.
     """
-    options = {name: _candidates(kind, pattern, shape) for name, shape in weight_shapes.items()}
+    options = {name: _candidates(kind, pattern, tuple(shape)) for name, shape in weight_shapes.items()}
+    costs = {name: [c[0] for c in cands] for name, cands in options.items()}
 
     def pick(rho: float) -> dict[str, tuple[int, tuple[int, ...]]]:
         chosen = {}
         for name, cands in options.items():
-            limit = rho * math.prod(weight_shapes[name])
-            fitting = [c for c in cands if c[0] <= limit]
-            chosen[name] = max(fitting, key=lambda c: c[0]) if fitting else cands[0]
+            # the largest cost within rho of the tensor's size; the first (most balanced) of that cost
+            last = bisect_right(costs[name], rho * math.prod(weight_shapes[name])) - 1
+            chosen[name] = cands[bisect_left(costs[name], costs[name][last])] if last >= 0 else cands[0]
         return chosen
 
     def total(chosen: Mapping[str, tuple[int, tuple[int, ...]]]) -> int:

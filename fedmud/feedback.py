@@ -41,7 +41,7 @@ class ErrorFeedback:
             offset += size
         self.slices = {
             lname: {f.name: offsets[f"{lname}.{f.name}"] for f in layer.update.factors if f.trainable}
-            for lname, layer in model.layers().items()
+            for lname, layer in model.updates().items()
         }
         self.dense_mask = np.ones(codec.layout.numel, dtype=bool)
         for factors in self.slices.values():
@@ -52,7 +52,7 @@ class ErrorFeedback:
     def reset(self) -> None:
         self.dense_error = np.zeros(self.codec.layout.numel, dtype=np.float32)
         self.weight_error = {
-            name: torch.zeros(layer.update.weight_shape) for name, layer in self.model.layers().items()
+            name: torch.zeros(layer.update.weight_shape) for name, layer in self.model.updates().items()
         }
         self._projected: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -68,13 +68,13 @@ class ErrorFeedback:
             self.weight_error[name] = state[f"weight/{name}"].detach().cpu().float().clone()
 
     def _layer_anchors(self, name: str) -> dict[str, torch.Tensor]:
-        return {n: t.cpu() for n, t in self.model.layers()[name].anchors().items()}
+        return {n: t.cpu() for n, t in self.model.updates()[name].anchors().items()}
 
     def compensate(self, residual: np.ndarray) -> np.ndarray:
         """``residual`` plus the carried error, written in this round's coordinates."""
         target = residual.astype(np.float32) + np.where(self.dense_mask, self.dense_error, 0.0).astype(np.float32)
         self._projected = {}
-        for name, layer in self.model.layers().items():
+        for name, layer in self.model.updates().items():
             projected = project_to_trained(layer.update, self._layer_anchors(name), self.weight_error[name])
             self._projected[name] = projected
             for factor, sl in self.slices[name].items():
@@ -85,7 +85,7 @@ class ErrorFeedback:
         """Keep what ``sent`` (the decoded upload) lost of ``target`` (from :meth:`compensate`)."""
         diff = (target - sent).astype(np.float32)
         self.dense_error = np.where(self.dense_mask, diff, 0.0).astype(np.float32)
-        for name, layer in self.model.layers().items():
+        for name, layer in self.model.updates().items():
             anchors = self._layer_anchors(name)
             lost = {f: torch.from_numpy(diff[sl].copy()).reshape(layer.factor(f).shape) for f, sl in self.slices[name].items()}
             with torch.no_grad():

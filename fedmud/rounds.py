@@ -9,30 +9,55 @@ the frozen factors from the seed, trains and encodes its upload.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from .aggregate import WeightedMean
-from .codec import Codec, Parts, topk_count
+from .codec import Codec, Parts, UploadLayout, topk_count
 from .feedback import ErrorFeedback
-from .config import RunConfig
-from .model import DecomposedModel, UploadLayout, decompose
-from .models import build_model
+from .config import ConfigError, RunConfig
+from .model import DecomposedModel, decompose
 from .sync import FULL, ChainStore, Downlink, Link, SyncRecords, plan_downlink, state_digest
+from .task import Task, resolve_task
 from .training import evaluate, train_local
 
+ModelFactory = Callable[[], nn.Module]
 
-def build_decomposed(run: RunConfig, device: torch.device | str = "cpu") -> DecomposedModel:
-    """The run's model, decomposed; every party builds the same round-0 weights from ``run.seed``."""
+
+def run_model_factory(run: RunConfig) -> ModelFactory:
+    """The factory the run config names (built-in or ``package.module:factory``), bound to its data."""
+    from .models import model_factory
+
+    return model_factory(run.model, run.data)
+
+
+def build_decomposed(
+    run: RunConfig, device: torch.device | str = "cpu", model_fn: ModelFactory | None = None
+) -> DecomposedModel:
+    """The run's model, decomposed; every party builds the same round-0 weights from ``run.seed``.
+
+    ``model_fn`` builds the undecomposed model (default: the one the run config names);
+    it is called under ``torch.manual_seed(run.seed)``, so its initial weights are a
+    function of the seed on every party.
+    """
+    given = model_fn is not None
+    model_fn = model_fn or run_model_factory(run)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(run.seed)
-    model = decompose(build_model(run.model, run.data.dataset), run.decomposition).to(device)
-    torch.random.set_rng_state(generator_state)
-    return model
-
+    try:  # the model's initial weights (and fedlmt's factors) are drawn from the global generator
+        model = model_fn()
+        if not isinstance(model, nn.Module):
+            what = f"model_fn={getattr(model_fn, '__qualname__', model_fn)!r}" if given else f"model={run.model!r}"
+            raise ConfigError(
+                f"{what} is not allowed: the factory returned a {type(model).__name__}, expected a torch.nn.Module"
+            )
+        return decompose(model, run.decomposition).to(device)
+    finally:
+        torch.random.set_rng_state(generator_state)
 
 def build_codec(run: RunConfig, model: DecomposedModel) -> Codec:
     """The uplink codec the run config names (``topk``'s k from the dense bytes it may use)."""
@@ -55,12 +80,14 @@ def apply_link(model: DecomposedModel, codec: Codec, link: Link) -> None:
         model.load_hrp_state(basis_codec(model).unflatten(link.basis))
 
 
+
 class ServerModel:
     """The global model on the server, the chain of recent merges and every client's sync record."""
 
-    def __init__(self, run: RunConfig) -> None:
+    def __init__(self, run: RunConfig, model_fn: ModelFactory | None = None, task: Task | None = None) -> None:
         self.run = run
-        self.model = build_decomposed(run)
+        self.task = task or resolve_task(run.task)
+        self.model = build_decomposed(run, model_fn=model_fn)
         self.initial_state = {n: t.clone() for n, t in self.model.global_state().items()}
         self.codec = build_codec(run, self.model)
         self.link_codec = Codec(self.model.upload_layout(), "float32")
@@ -119,7 +146,8 @@ class ServerModel:
         return mean.count
 
     def evaluate(self, loader: DataLoader) -> tuple[float, float]:
-        return evaluate(self.model, loader, torch.device("cpu"))
+        """(mean loss, mean metric) of the global model on ``loader`` (CPU)."""
+        return evaluate(self.model, loader, torch.device("cpu"), self.task)
 
 
 class SyncError(RuntimeError):
@@ -129,12 +157,16 @@ class SyncError(RuntimeError):
 class ClientModel:
     """A client's models: the global one it holds (CPU, exact merges) and one to train on ``device``."""
 
-    def __init__(self, run: RunConfig, device: torch.device) -> None:
+    def __init__(
+        self, run: RunConfig, device: torch.device, model_fn: ModelFactory | None = None, task: Task | None = None
+    ) -> None:
         self.run = run
         self.device = device
-        self.global_model = build_decomposed(run)
+        self.task = task or resolve_task(run.task)
+        model_fn = model_fn or run_model_factory(run)
+        self.global_model = build_decomposed(run, model_fn=model_fn)
         self.initial_state = {n: t.clone() for n, t in self.global_model.global_state().items()}
-        self.model = build_decomposed(run, device)
+        self.model = build_decomposed(run, device, model_fn)
         self.codec = build_codec(run, self.model)
         self.link_codec = Codec(self.model.upload_layout(), "float32")
         self.feedback = ErrorFeedback(self.model, self.codec) if run.uplink.error_feedback else None
@@ -181,7 +213,7 @@ class ClientModel:
         self.model.load_global_state(self.global_model.global_state())
         self.model.reset(round_seed)
         reference = self.codec.flatten(self.model.uploaded_state()) if self.codec.residual else None
-        loss = train_local(self.model, loader, self.run.train, self.device)
+        loss = train_local(self.model, loader, self.run.train, self.device, self.task)
         values = self.codec.flatten(self.model.uploaded_state())
         if reference is None:
             return self.codec.encode(values), loss, None

@@ -1,4 +1,4 @@
-"""Local training and evaluation (plain PyTorch)."""
+"""Local training and evaluation (plain PyTorch), for any model and task."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import TrainConfig
+from .task import CLASSIFICATION, Task
 
 
 def pick_device() -> torch.device:
@@ -14,18 +15,23 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train_local(model: nn.Module, loader: DataLoader, config: TrainConfig, device: torch.device) -> float:
+def _to(batch, device: torch.device):
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
+def train_local(
+    model: nn.Module, loader: DataLoader, config: TrainConfig, device: torch.device, task: Task = CLASSIFICATION
+) -> float:
     """SGD over the trainable parameters for ``config.local_epochs``; returns the mean loss."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    criterion = nn.CrossEntropyLoss()
     total, count = 0.0, 0
     for _ in range(config.local_epochs):
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = _to(x, device), _to(y, device)
             optimiser.zero_grad(set_to_none=True)
-            loss = criterion(model(x), y)
+            loss = task.loss(model(x), y)
             loss.backward()
             optimiser.step()
             total += loss.item() * len(y)
@@ -34,15 +40,16 @@ def train_local(model: nn.Module, loader: DataLoader, config: TrainConfig, devic
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    """(mean loss, accuracy) on ``loader``."""
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, task: Task = CLASSIFICATION
+) -> tuple[float, float]:
+    """(mean loss, mean metric) on ``loader``; the metric is accuracy for classification."""
     model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss, correct, count = 0.0, 0, 0
+    loss, metric, count = 0.0, 0.0, 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
+        x, y = _to(x, device), _to(y, device)
         out = model(x)
-        loss += criterion(out, y).item()
-        correct += (out.argmax(1) == y).sum().item()
+        loss += task.loss(out, y).item() * len(y)
+        metric += task.metric(out, y)
         count += len(y)
-    return loss / max(count, 1), correct / max(count, 1)
+    return loss / max(count, 1), metric / max(count, 1)

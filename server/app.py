@@ -1,4 +1,9 @@
-"""ServerApp: validate the config, build (or resume) the global model, run the rounds, report bytes."""
+"""ServerApp: validate the config, build (or resume) the global model, run the rounds, report bytes.
+
+:func:`run_server` is the whole server side for any model and data; a Flower app of
+your own calls it from its ``@app.main()`` with its own model factory, held-out data
+and task (see ``examples/custom-app``).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmud.checkpoint import load_checkpoint, restore
 from fedmud.config import ConfigError, parse_run_config
+from fedmud.data import test_loader
 from fedmud.ledger import DOWN, UP, Ledger
-from fedmud.rounds import ServerModel
+from fedmud.rounds import ModelFactory, ServerModel
+from fedmud.task import Task
 from fedmud.sync import CHAIN, FULL, Downlink, Link
 
 from .strategy import FedMUD
@@ -69,9 +77,30 @@ def _start(run, server: ServerModel) -> tuple[Path, Ledger, list[dict], int]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    run_server(grid, context.run_config)
+
+
+def run_server(
+    grid: Grid,
+    run_config: dict,
+    model_fn: ModelFactory | None = None,
+    test_data: DataLoader | None = None,
+    task: Task | None = None,
+) -> dict:
+    """Run a whole FedMUD federation from the ServerApp's side; returns the summary.
+
+    ``run_config``: the flat Flower run config (validated here). ``model_fn``: builds
+    the undecomposed model (default: the config's ``model``); ``test_data``: the
+    held-out loader the global model is evaluated on (default: the config's
+    ``dataset``); ``task``: loss and metric (default: the config's ``task``). Every
+    configuration error, the user's factories' included, stops the run here, before
+    any round, with one message naming the key, the value and what is allowed.
+    """
+    test_data_given = test_data
     try:
-        run = parse_run_config(context.run_config)
-        server = ServerModel(run)
+        run = parse_run_config(run_config)
+        server = ServerModel(run, model_fn=model_fn, task=task)
+        test_data = test_data if test_data is not None else test_loader(run.data)
         run_dir, ledger, history, first_round = _start(run, server)
     except ConfigError as err:
         log(ERROR, "configuration error: %s", err)
@@ -85,6 +114,7 @@ def main(grid: Grid, context: Context) -> None:
         server,
         ledger,
         run_dir,
+        test_data,
         history=history,
         fraction_train=run.fraction_train,
         min_train_nodes=run.min_train_nodes,
@@ -92,10 +122,22 @@ def main(grid: Grid, context: Context) -> None:
     )
     strategy.run_rounds(grid, first_round)
     strategy.writer.close()
-    report(run, ledger, strategy.history, run_dir)
+    names = {
+        "model": run.model if model_fn is None else _qualified(model_fn),
+        "dataset": run.data.dataset if test_data_given is None else _qualified(test_data_given),
+    }
+    return report(run, ledger, strategy.history, run_dir, server.task.metric_name, names)
 
 
-def report(run, ledger: Ledger, history: list[dict], run_dir: Path) -> None:
+def _qualified(obj) -> str:
+    """``module:name`` of a user's function or object, for the summary (their own model and data)."""
+    target = obj if callable(obj) else type(obj)
+    return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', type(obj).__name__)}"
+
+
+def report(
+    run, ledger: Ledger, history: list[dict], run_dir: Path, metric_name: str = "accuracy", names: dict | None = None
+) -> dict:
     totals, dense = ledger.totals(), ledger.dense_equivalent()
     final = history[-1]
     uploads = sum(1 for r in ledger.records if r[2] == UP)
@@ -105,6 +147,10 @@ def report(run, ledger: Ledger, history: list[dict], run_dir: Path) -> None:
         "pattern": run.decomposition.pattern,
         "downlink": run.downlink,
         "rounds": run.rounds,
+        "model": run.model,
+        "dataset": run.data.dataset,
+        **(names or {}),
+        "metric": metric_name,
         "final_accuracy": final["accuracy"],
         "up_bytes": totals[UP],
         "down_bytes": totals[DOWN],
@@ -118,7 +164,7 @@ def report(run, ledger: Ledger, history: list[dict], run_dir: Path) -> None:
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    log(INFO, "FINAL accuracy %.4f after %d rounds", final["accuracy"], run.rounds)
+    log(INFO, "FINAL %s %.4f after %d rounds", metric_name, final["accuracy"], run.rounds)
     log(
         INFO,
         "FINAL uploaded %.3f MB (dense FedAvg %.3f MB, 1/%.1f); downloaded %.3f MB (dense FedAvg %.3f MB, 1/%.1f)",
@@ -130,3 +176,4 @@ def report(run, ledger: Ledger, history: list[dict], run_dir: Path) -> None:
         dense[DOWN] / max(totals[DOWN], 1),
     )
     log(INFO, "FINAL results in %s", run_dir)
+    return summary

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 
+from torch.utils.data import DataLoader
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -29,7 +30,6 @@ from flwr.serverapp.strategy import FedAvg
 from fedmud.checkpoint import save_checkpoint
 from fedmud.codec import PayloadError
 from fedmud.config import RunConfig
-from fedmud.data import test_loader
 from fedmud.ledger import DOWN, UP, Ledger
 from fedmud.rounds import ServerModel
 from fedmud.seeds import numpy_rng, round_seed
@@ -51,6 +51,8 @@ class FedMUD(FedAvg):
         Where every message's bytes are recorded.
     run_dir : Path
         Where ``results.json``, ``ledger.json``, ``checkpoint.pt`` and TensorBoard logs go.
+    test_data : DataLoader
+        The held-out data the global model is evaluated on after every round.
     history : list[dict] (default: empty)
         Per-round rows of a resumed run.
     max_upload_factor : float (default: 2.0)
@@ -65,6 +67,7 @@ class FedMUD(FedAvg):
         server_model: ServerModel,
         ledger: Ledger,
         run_dir: Path,
+        test_data: DataLoader,
         history: list[dict] | None = None,
         max_upload_factor: float = 2.0,
         **kwargs,
@@ -77,7 +80,7 @@ class FedMUD(FedAvg):
         self.max_upload_bytes = int(max_upload_factor * server_model.codec.payload_nbytes) + 1024
         self.history: list[dict] = history or []
         self._round_stats: dict[int, dict] = {}
-        self._test_loader = test_loader(run.data)
+        self._test_loader = test_data
         self._started = time.monotonic() - (self.history[-1]["wall_s"] if self.history else 0.0)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -211,8 +214,9 @@ class FedMUD(FedAvg):
         self.ledger.save(self.run_dir / "ledger.json")
         log(
             INFO,
-            "round %d: accuracy %.4f loss %.4f | up %s down %s | cumulative up %s down %s",
+            "round %d: %s %.4f loss %.4f | up %s down %s | cumulative up %s down %s",
             server_round,
+            self.server_model.task.metric_name,
             accuracy,
             loss,
             _mb(round_bytes[UP]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -70,13 +71,37 @@ def simulation_superlink(tmp_path_factory):
         superlink.stop()
 
 
-def flwr_run(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`flwr run . test --stream ARGS` against the fixture's SuperLink."""
+def flwr_run(env: dict, *args: str, timeout: float = 600, app: str = ".") -> subprocess.CompletedProcess:
+    """`flwr run APP test --stream ARGS` against the fixture's SuperLink (APP relative to the repository)."""
     return subprocess.run(
-        ["flwr", "run", ".", "test", "--stream", *args],
+        ["flwr", "run", app, "test", "--stream", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def finished_run(env: dict, run_dir: Path, run_config: str, supernodes: int = 3, app: str = ".") -> dict:
+    """Run `flwr run` to its end with ``-c run_config run-dir=RUN_DIR``; asserts it succeeded and
+    returns its output and what it wrote: summary, results, ledger, and its directory."""
+    result = flwr_run(
+        env,
+        "--federation-config",
+        f"num-supernodes={supernodes} client-resources-num-cpus=1",
+        "-c",
+        f'{run_config} run-dir="{run_dir}"',
+        app=app,
+    )
+    output = result.stdout + result.stderr
+    summaries = list(run_dir.glob("*/summary.json"))
+    assert result.returncode == 0 and summaries, output[-4000:]
+    run = summaries[0].parent
+    return {
+        "output": output,
+        "summary": json.loads(summaries[0].read_text()),
+        "results": json.loads((run / "results.json").read_text()),
+        "ledger": json.loads((run / "ledger.json").read_text()),
+        "dir": run,
+    }

@@ -82,7 +82,7 @@ def _trained_clients(model, seed, weights):
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(0.05 * torch.randn(p.shape, generator=g))
-        effective = {n: l.effective_weight().detach().clone() for n, l in model.layers().items()}
+        effective = {n: model.effective_weight(n).detach().clone() for n in model.updates()}
         out.append(({n: t.clone() for n, t in model.uploaded_state().items()}, effective))
     model.clear()
     return out
@@ -101,6 +101,6 @@ def test_aad_merge_is_the_weighted_mean_of_the_clients_models_for_every_init(ini
         assert server.model.hrp_ready
     clients = _trained_clients(server.model, 22, WEIGHTS)
     server.apply_round(2, 22, [({"payload": server.codec.flatten(s)}, w) for (s, _), w in zip(clients, WEIGHTS)])
-    for name, layer in server.model.layers().items():
+    for name in server.model.updates():
         expected = sum(w * eff[name] for (_, eff), w in zip(clients, WEIGHTS)) / sum(WEIGHTS)
-        assert torch.allclose(layer.base.weight, expected, atol=2e-5), name
+        assert torch.allclose(server.model.base_weight(name), expected, atol=2e-5), name

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import config_problem
+from bench.cli import config_problem, parse_args, suite_from_args
 from bench.metrics import COLUMNS, bytes_to_target, comm_seconds, enrich, run_summary, value_at_target
+from bench.runner import flwr_command
 from bench.suites import METHODS, SUITES, render_overrides, resolve
 from bench.superlink import processes_with_token
 
@@ -140,6 +141,53 @@ def test_a_refused_config_is_found_before_running():
     bad = replace(SUITES["smoke"], extra={"pattern": "xyz"})
     assert "pattern='xyz' is not allowed" in config_problem(bad, "fedmud", ROOT)
     assert "not in pyproject.toml" in config_problem(replace(SUITES["smoke"], extra={"no-such-key": 1}), "fedavg", ROOT)
+
+
+def test_the_model_flag_reaches_every_methods_run_config(tmp_path):
+    args = parse_args(["--suite", "smoke", "--model", "package.models:build", "--dataset", "package.data:load"])
+    suite = suite_from_args(args)
+    assert suite.model == "package.models:build" and suite.dataset == "package.data:load"
+    for method in METHODS:
+        config = suite.run_config(method)
+        assert config["model"] == "package.models:build" and config["dataset"] == "package.data:load"
+    command = flwr_command(suite, "fedavg", tmp_path)
+    overrides = command[command.index("-c") + 1]
+    assert "model='package.models:build'" in overrides and "dataset='package.data:load'" in overrides
+
+
+def test_without_a_model_the_run_config_keeps_the_pyproject_default():
+    suite = suite_from_args(parse_args(["--suite", "smoke"]))
+    assert suite.model is None and SUITES["default"].model is None
+    assert not any("model" in suite.run_config(m) for m in METHODS)
+
+
+def test_a_model_import_string_that_does_not_import_is_reported_before_running():
+    suite = replace(SUITES["smoke"], model="no_such_package.models:build")
+    problem = config_problem(suite, "fedmud", ROOT)
+    assert problem.startswith("configuration error: model='no_such_package.models:build' is not allowed")
+    assert "cannot import module 'no_such_package.models'" in problem
+    assert "has no attribute 'nope'" in config_problem(replace(suite, model="fedmud.models:nope"), "fedavg", ROOT)
+    assert config_problem(replace(suite, model="fedmud.models:cnn_mnist"), "fedmud", ROOT) == ""
+
+
+def test_a_model_that_cannot_reach_the_ratio_is_reported_before_running():
+    suite = replace(SUITES["smoke"], model="mobilenet-v3-small", extra={"ratio": "1/64"})
+    assert "ratio=0.015625 (1/64.0) cannot be reached" in config_problem(suite, "fedmud", ROOT)
+    assert "is not allowed with dataset='mnist5k'" in config_problem(replace(suite, model="cnn-cifar"), "fedmud", ROOT)
+
+
+def test_a_factory_in_the_app_directory_is_imported_as_flower_imports_it(tmp_path):
+    name = "fedmud_bench_test_models"
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    (tmp_path / f"{name}.py").write_text("from fedmud.models import cnn_mnist as build\n")
+    suite = replace(SUITES["smoke"], model=f"{name}:build")
+    before = list(sys.path)
+    try:
+        assert "cannot import module" in config_problem(suite, "fedmud", ROOT)
+        assert config_problem(suite, "fedmud", tmp_path) == ""
+    finally:
+        sys.modules.pop(name, None)
+    assert sys.path == before
 
 
 # ---------------------------------------------------------------------- end to end

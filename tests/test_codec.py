@@ -108,7 +108,7 @@ def test_malformed_compressed_uploads_are_rejected(vector):
 def test_projection_recovers_updates_in_the_subspace_and_leaves_an_orthogonal_rest(kind, pattern):
     model = _model(kind=kind, pattern=pattern)
     model.reset(7)
-    layer = model.layers()["features.8"]
+    layer = model.updates()["features.8.weight"]
     anchors = layer.anchors()
     g = torch.Generator().manual_seed(3)
     z = {f.name: torch.randn(f.shape, generator=g) for f in layer.update.factors if f.trainable}
@@ -145,13 +145,13 @@ def test_error_feedback_loses_nothing_only_delays_it(scheme, kw):
         ef.update(target, sent)
         dense_res += np.where(ef.dense_mask, r, 0)
         dense_sent += np.where(ef.dense_mask, sent, 0)
-        for name, layer in model.layers().items():
+        for name, layer in model.updates().items():
             anchors = layer.anchors()
             for key, vec in (("res", r), ("sent", sent)):
                 trained = {f: torch.from_numpy(vec[sl].copy()).reshape(layer.factor(f).shape) for f, sl in ef.slices[name].items()}
                 sums[key][name] = sums[key].get(name, 0) + linear_delta(layer.update, anchors, trained)
     assert np.allclose(dense_sent + ef.dense_error, dense_res, atol=1e-5)
-    for name in model.layers():
+    for name in model.updates():
         assert torch.allclose(sums["sent"][name] + ef.weight_error[name], sums["res"][name], atol=1e-4), name
     assert np.abs(ef.dense_error).max() > 0  # the codec did lose something
 

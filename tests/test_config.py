@@ -4,7 +4,7 @@ import pytest
 
 from fedmud.config import ConfigError, parse_run_config
 from fedmud.model import decompose
-from fedmud.models import build_model
+from fedmud.models import CNN
 
 
 @pytest.mark.parametrize(
@@ -40,16 +40,21 @@ def test_ratio_accepts_fractions():
     assert parse_run_config({"ratio": 0.25}).decomposition.ratio == 0.25
 
 
-def test_unknown_dense_layer_lists_the_model_layers():
+def test_unknown_dense_layer_lists_the_model_tensors():
     run = parse_run_config({"dense-layers": "first,features.99"})
-    with pytest.raises(ConfigError, match=r"'features.99'.*allowed: first, last, features.0, features.4"):
-        decompose(build_model(run.model), run.decomposition)
+    with pytest.raises(ConfigError, match=r"'features.99'.*allowed: auto, first, last, .*features.0.weight, features.4.weight"):
+        decompose(CNN(), run.decomposition)
 
 
-def test_ratio_below_what_dense_layers_need_is_refused():
+def test_ratio_below_what_the_model_can_reach_is_refused_with_the_smallest_ratio():
     run = parse_run_config({"ratio": "1/1000"})
-    with pytest.raises(ConfigError, match="ratio=0.001 is too small"):
-        decompose(build_model(run.model), run.decomposition)
+    with pytest.raises(ConfigError, match=r"ratio=0.001 \(1/1000.0\) cannot be reached .* allowed: ratio >= "):
+        decompose(CNN(), run.decomposition)
+
+
+def test_an_empty_dense_layers_is_refused():
+    with pytest.raises(ConfigError, match="dense-layers='' is not allowed; give auto"):
+        parse_run_config({"dense-layers": ""})
 
 
 def test_defaults_parse():

@@ -2,6 +2,7 @@
 
 The torchvision datasets are tested on tiny files written here in torchvision's
 on-disk formats (idx, CIFAR pickles, SVHN .mat); ``digits`` is the real scikit-learn set.
+User datasets come from the factories in ``tests/factories.py``, written as a user would.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedmud.config import DATASETS, ConfigError, DataConfig, parse_run_config
+from fedmud.config import DATASETS, MODELS, ConfigError, DataConfig, parse_run_config
 from fedmud.data import (
     SPECS,
     TORCHVISION_FILES,
     CropFlip,
+    DatasetInfo,
     classes_per_partition,
     client_loader,
+    custom_data,
+    dataset_info,
     load_splits,
     partition_indices,
     partitioner_for,
@@ -126,8 +130,8 @@ def test_client_loader_normalises_and_auto_model_fits(name, tmp_path):
         got = got.squeeze(1) if spec.channels == 1 else got.permute(0, 2, 3, 1)
         assert sorted(map(bytes, got.numpy())) == sorted(map(bytes, own))
 
-    model = build_model("auto", name).eval()
-    assert resolve_model("auto", name) == ("cnn-mnist" if spec.channels == 1 else "cnn-cifar")
+    model = build_model("auto", config).eval()
+    assert resolve_model("auto", config) == ("cnn-mnist" if spec.channels == 1 else "cnn-cifar")
     with torch.no_grad():
         assert model(x).shape == (4, spec.num_classes)
         assert model(next(iter(eval_loader(config, batch_size=5)))[0]).shape == (5, spec.num_classes)
@@ -196,7 +200,7 @@ def test_digits_are_28x28_uint8_split_by_fraction_and_seed():
     x, y = next(iter(client_loader(config, 0, 16, seed=0)))
     assert x.shape == (16, 1, 28, 28) and abs(float(x.mean())) < 1.0
     with torch.no_grad():
-        assert build_model("auto", "digits").eval()(x).shape == (16, 10)
+        assert build_model("auto", config).eval()(x).shape == (16, 10)
 
 
 @pytest.mark.parametrize(("fraction", "expected"), [(0.3, 3), (0.2, 2), (0.01, 1), (1.0, 10)])
@@ -253,7 +257,8 @@ def test_data_root_expands_home_and_resolves_against_the_current_directory(tmp_p
     [
         ("dataset", "imagenet", "mnist5k, digits, mnist, fashionmnist, svhn, cifar10, cifar100"),
         ("partition", "pathological", "iid, dirichlet, label-count"),
-        ("model", "resnet18", "auto, cnn-mnist, cnn-cifar"),
+        ("model", "resnet", ", ".join(MODELS)),
+        ("dataset", "my_pkg.data", "or give a factory as 'package.module:factory'"),
         ("label-fraction", 0, "> 0.0"),
         ("label-fraction", 1.5, "<= 1.0"),
         ("label-fraction", "half", "a number"),
@@ -272,7 +277,7 @@ def test_bad_data_values_name_key_value_and_allowed(key, value, allowed):
 @pytest.mark.parametrize(("model", "dataset", "fits"), [("cnn-mnist", "cifar10", "cnn-cifar"), ("cnn-cifar", "digits", "cnn-mnist")])
 def test_a_model_that_does_not_fit_the_dataset_is_refused(model, dataset, fits):
     with pytest.raises(ConfigError) as err:
-        build_model(model, dataset)
+        build_model(model, DataConfig(dataset=dataset))
     message = str(err.value)
     assert message.startswith(f"model={model!r} is not allowed with dataset={dataset!r}") and fits in message
 
@@ -280,9 +285,149 @@ def test_a_model_that_does_not_fit_the_dataset_is_refused(model, dataset, fits):
 def test_defaults_and_pyproject_declare_the_data_keys():
     run = parse_run_config({})
     assert (run.model, run.data.dataset, run.data.root, run.data.label_fraction) == ("auto", "mnist5k", "data", 0.3)
-    assert resolve_model(run.model, run.data.dataset) == "cnn-mnist"
+    assert resolve_model(run.model, run.data) == "cnn-mnist"
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert {"model", "dataset", "data-root", "partition", "label-fraction", "alpha"} <= set(declared)
     parsed = parse_run_config(declared)
     assert (parsed.model, parsed.data.root, parsed.data.label_fraction) == ("auto", "data", 0.3)
     assert set(SPECS) == set(DATASETS)
+
+
+# --- user datasets: dataset = "package.module:factory" ----------------------------------------
+
+
+def user(name: str, **kw) -> DataConfig:
+    return DataConfig(dataset=f"tests.factories:{name}", **kw)
+
+
+@pytest.mark.parametrize(
+    ("name", "info"),
+    [
+        ("mnist5k", DatasetInfo((1, 28, 28), 10)),
+        ("digits", DatasetInfo((1, 28, 28), 10)),
+        ("cifar100", DatasetInfo((3, 32, 32), 100)),
+    ],
+)
+def test_dataset_info_of_built_ins_comes_from_their_spec_without_reading_files(name, info):
+    assert dataset_info(DataConfig(dataset=name, root="/nonexistent")) == info
+
+
+def test_user_tensor_datasets_load_with_their_shape_and_classes():
+    from tests.factories import image_tensors
+
+    config = user("image_tensors", num_partitions=3)
+    assert dataset_info(config) == DatasetInfo((1, 28, 28), 4)
+    train, test = image_tensors(seed=config.seed, test_fraction=config.test_fraction)
+    x, y = next(iter(eval_loader(config, batch_size=len(test))))
+    assert torch.equal(x, test.tensors[0]) and torch.equal(y, test.tensors[1])  # not normalised, in order
+    assert len(custom_data(config).train) == len(train) == 192
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_user_data_is_partitioned_and_each_client_loads_its_own_items(partition):
+    config = user("image_tensors", partition=partition, num_partitions=3)
+    parts = partition_indices(config)
+    everything = np.concatenate(parts)
+    assert len(everything) == len(set(everything.tolist())) == 192  # disjoint and covering
+    train = custom_data(config).train
+    for i, own in enumerate(parts):
+        got = torch.cat([x for x, _ in client_loader(config, i, batch_size=16, seed=0)])
+        assert sorted(map(bytes, got.numpy())) == sorted(bytes(train[j][0].numpy()) for j in own)
+
+
+def test_label_count_partitions_user_data_by_its_classes():
+    config = user("image_tensors", partition="label-count", label_fraction=0.5, num_partitions=4)
+    labels = custom_data(config).train_labels
+    assert classes_per_partition(config) == 2
+    assert [len(set(labels[p].tolist())) for p in partition_indices(config)] == [2] * 4
+
+
+def test_a_hugging_face_dataset_becomes_float32_tensors_from_its_input_and_label_columns():
+    config = user("hugging_face", num_partitions=2)
+    assert dataset_info(config) == DatasetInfo((8,), 5)
+    x, y = next(iter(client_loader(config, 0, batch_size=10, seed=0)))
+    assert (x.dtype, x.shape, y.dtype) == (torch.float32, (10, 8), torch.int64)
+
+
+def test_token_data_reports_its_vocabulary_and_loads_as_int64():
+    config = user("token_tensors", num_partitions=2)
+    assert dataset_info(config) == DatasetInfo((12,), 3, vocab_size=30)
+    x, _ = next(iter(client_loader(config, 1, batch_size=4, seed=0)))
+    assert x.dtype == torch.int64 and x.shape == (4, 12)
+
+
+def test_a_dataset_of_numpy_items_gives_labels_from_targets_and_classes_from_its_classes():
+    config = user("array_items", num_partitions=2)
+    data = custom_data(config)
+    assert dataset_info(config) == DatasetInfo((3, 8, 8), 6)  # six declared classes, four used
+    np.testing.assert_array_equal(data.train_labels, np.asarray(data.train.targets))
+    x, y = next(iter(client_loader(config, 0, batch_size=5, seed=0)))
+    assert (x.dtype, x.shape, y.dtype) == (torch.float32, (5, 3, 8, 8), torch.int64)
+
+
+def test_a_dataset_factory_gets_root_seed_and_test_fraction_it_declares():
+    config = user("any_dataset_arguments", root="~/somewhere", seed=7, test_fraction=0.3)
+    received = custom_data(config).train.received
+    assert received == {"root": str(Path.home() / "somewhere"), "seed": 7, "test_fraction": 0.3}
+    assert dataset_info(user("no_dataset_arguments")) == DatasetInfo((1, 28, 28), 4)
+
+
+def test_user_datasets_are_loaded_once_per_process():
+    assert custom_data(user("image_tensors")) is custom_data(user("image_tensors", partition="dirichlet"))
+
+
+def test_a_model_learns_user_data_through_the_client_loader():
+    config = user("image_tensors", num_partitions=1)
+    torch.manual_seed(0)
+    model = build_model("tests.factories:linear_model", config)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        for x, y in client_loader(config, 0, batch_size=16, seed=0):
+            optimiser.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimiser.step()
+    x, y = next(iter(eval_loader(config)))
+    assert (model(x).argmax(1) == y).float().mean() > 0.9
+
+
+DATASET_EXPECTED = f"expected a built-in name ({', '.join(DATASETS)}) or 'package.module:factory'"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "expected"),
+    [
+        ("nope.mod:f", "cannot import module 'nope.mod' (ModuleNotFoundError: No module named 'nope')", DATASET_EXPECTED),
+        ("tests.factories:missing", "module 'tests.factories' has no attribute 'missing'", DATASET_EXPECTED),
+        (
+            "tests.factories:one_dataset",
+            "the factory returned a TensorDataset",
+            "expected a pair (train, test) of torch.utils.data.Dataset or datasets.Dataset",
+        ),
+        (
+            "tests.factories:hugging_face_without_label",
+            "the train set has no 'label' column (columns: ['features', 'target'])",
+            "expected a Hugging Face dataset with a 'label' column and exactly one input column",
+        ),
+        (
+            "tests.factories:torch_without_labels",
+            "train item 0 is a Tensor, not an (x, y) pair",
+            "expected items (x, y) with x a tensor or array and y an integer class label >= 0",
+        ),
+        (
+            "tests.factories:float_labels",
+            "train item 0 has label y=tensor(",
+            "expected items (x, y) with x a tensor or array and y an integer class label >= 0",
+        ),
+        ("tests.factories:empty_train", "the train set is empty", "expected non-empty train and test sets"),
+    ],
+)
+def test_an_unusable_dataset_factory_names_key_value_reason_and_what_is_expected(value, reason, expected):
+    with pytest.raises(ConfigError) as err:
+        dataset_info(DataConfig(dataset=value))
+    message = str(err.value)
+    assert message.startswith(f"dataset={value!r} is not allowed: {reason}")
+    assert message.endswith(expected)
+
+
+def test_config_accepts_a_dataset_factory_import_string():
+    assert parse_run_config({"dataset": "my_pkg.data:load"}).data.dataset == "my_pkg.data:load"

@@ -19,7 +19,7 @@ torch.manual_seed({torch_seed})
 model = decompose(build_model("cnn-mnist"), DecompositionConfig(kind="{kind}"))
 model.reset(123456789)
 h = hashlib.sha256()
-for name, layer in model.layers().items():
+for name, layer in model.updates().items():
     for f in layer.update.factors:
         h.update(name.encode() + f.name.encode() + layer.factor(f.name).detach().numpy().tobytes())
 print(h.hexdigest())
@@ -39,7 +39,7 @@ def test_two_processes_draw_identical_factors():
 
 def test_different_rounds_draw_different_factors():
     model = decompose(build_model("cnn-mnist"), DecompositionConfig())
-    layer = next(iter(model.layers().values()))
+    layer = next(iter(model.updates().values()))
     model.reset(1)
     first = layer.factor("F1").clone()
     model.reset(2)
@@ -50,6 +50,6 @@ def test_layers_draw_independent_factors():
     model = decompose(build_model("cnn-mnist"), DecompositionConfig(kind="mat"))
     model.reset(7)
     digests = {
-        hashlib.sha256(layer.factor("F1").numpy().tobytes()).hexdigest() for layer in model.layers().values()
+        hashlib.sha256(layer.factor("F1").numpy().tobytes()).hexdigest() for layer in model.updates().values()
     }
-    assert len(digests) == len(model.layers())
+    assert len(digests) == len(model.updates())

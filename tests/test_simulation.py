@@ -4,32 +4,14 @@ import json
 
 import pytest
 
-from .conftest import flwr_run
+from .conftest import finished_run, flwr_run
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def two_round_run(simulation_superlink, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs")
-    result = flwr_run(
-        simulation_superlink,
-        "--federation-config",
-        "num-supernodes=3 client-resources-num-cpus=1",
-        "-c",
-        f'num-server-rounds=2 local-epochs=1 run-dir="{run_dir}"',
-    )
-    output = result.stdout + result.stderr
-    summaries = list(run_dir.glob("*/summary.json"))
-    assert result.returncode == 0 and summaries, output[-4000:]
-    run = summaries[0].parent
-    return {
-        "output": output,
-        "summary": json.loads(summaries[0].read_text()),
-        "ledger": json.loads((run / "ledger.json").read_text()),
-        "results": json.loads((run / "results.json").read_text()),
-        "dir": run,
-    }
+    return finished_run(simulation_superlink, tmp_path_factory.mktemp("runs"), "num-server-rounds=2 local-epochs=1")
 
 
 def test_run_completes_every_round_with_every_client(two_round_run):
@@ -67,8 +49,31 @@ def test_tensorboard_events_are_written(two_round_run):
     assert list((two_round_run["dir"] / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_bad_config_stops_the_run_naming_key_value_and_allowed(simulation_superlink, tmp_path):
-    result = flwr_run(simulation_superlink, "-c", f'pattern="xyz" run-dir="{tmp_path}"', timeout=300)
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ('pattern="xyz"', "pattern='xyz' is not allowed; choose one of ab, fab, aad"),
+        (
+            'model="no_such_package.nets:build"',
+            "model='no_such_package.nets:build' is not allowed: cannot import module 'no_such_package.nets'",
+        ),
+    ],
+)
+def test_bad_config_stops_the_run_before_any_round_naming_key_value_and_allowed(
+    simulation_superlink, tmp_path, overrides, message
+):
+    result = flwr_run(simulation_superlink, "-c", f'{overrides} run-dir="{tmp_path}"', timeout=300)
     output = result.stdout + result.stderr
-    assert "pattern='xyz' is not allowed; choose one of ab, fab, aad" in output
-    assert not list(tmp_path.glob("*/summary.json"))
+    assert message in output
+    assert "[ROUND 1" not in output and not list(tmp_path.glob("*/summary.json"))
+
+
+def test_a_vision_transformer_trains_through_the_simulation_within_the_ratio(simulation_superlink, tmp_path):
+    """Not only the paper's CNN: a ViT (attention in_proj, class token, positional embedding decomposed)."""
+    run = finished_run(simulation_superlink, tmp_path, 'model="vit" num-server-rounds=2 local-epochs=1 lr=0.1')
+    assert "encoder.layers.encoder_layer_0.self_attention.in_proj_weight (576, 192): aad kron" in run["output"]
+    rows = run["results"]
+    assert all(r["accepted"] == 3 for r in rows[1:])
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2  # it learns (chance is 0.1)
+    uploads = [r["bytes"] for r in run["ledger"]["records"] if r["direction"] == "up"]
+    assert max(uploads) <= 1.05 * run["ledger"]["dense_up_bytes"] / 32

@@ -116,7 +116,7 @@ def test_strategy_merges_only_valid_replies_and_counts_the_rest(task_identity, t
     run = parse_run_config({"min-replies": 1})
     server = ServerModel(run)
     server.round = ROUND - 1
-    strategy = FedMUD(run, server, Ledger(), tmp_path)
+    strategy = FedMUD(run, server, Ledger(), tmp_path, test_data=[])
     before = {n: t.clone() for n, t in server.global_state().items()}
     replies = [_reply(1, upload_record(good, 40, 0.2, ROUND, partition_id=0))]
     replies += [_reply(10 + i, make(server, good)) for i, (make, _) in enumerate(BAD.values())]
@@ -134,7 +134,7 @@ def test_strategy_skips_a_round_below_min_replies(task_identity, tmp_path, good)
     run = parse_run_config({"min-replies": 2})
     server = ServerModel(run)
     server.round = ROUND - 1
-    strategy = FedMUD(run, server, Ledger(), tmp_path)
+    strategy = FedMUD(run, server, Ledger(), tmp_path, test_data=[])
     digest = server.digest
     _, metrics = strategy.aggregate_train(ROUND, [_reply(1, upload_record(good, 40, 0.2, ROUND)), _reply(2, _nan(server, good))])
     assert metrics["accepted"] == 0 and metrics["rejected"] == 1

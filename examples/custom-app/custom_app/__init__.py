@@ -1,0 +1,1 @@
+"""custom-app: FedMUD with your own model and data."""

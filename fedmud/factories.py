@@ -1,0 +1,103 @@
+"""User factories named by an import string, ``package.module:factory``.
+
+``model`` and ``dataset`` take a built-in name or such a string. :func:`load_factory`
+imports the factory, :func:`call_factory` calls it with the keyword arguments it
+declares among those on offer (all of them when it takes ``**kwargs``). Anything that
+goes wrong stops with one :class:`~fedmud.config.ConfigError` naming the key, the
+value and what is expected, like every other bad configuration value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from .config import DATASETS, MODELS, ConfigError, is_import_string
+
+BUILTINS = {"model": MODELS, "dataset": DATASETS}
+
+
+def expected(key: str) -> str:
+    """What ``key`` takes, for error messages."""
+    names = BUILTINS.get(key)
+    builtin = f"a built-in name ({', '.join(names)}) or " if names else ""
+    return f"{builtin}'package.module:factory'"
+
+
+def refusal(key: str, value: str, reason: str, wanted: str | None = None) -> ConfigError:
+    """The error for a factory that cannot be used: key, value, why, and what is expected."""
+    return ConfigError(f"{key}={value!r} is not allowed: {reason}; expected {wanted or expected(key)}")
+
+
+def load_factory(key: str, value: str) -> Callable[..., Any]:
+    """Import the callable that ``value`` (``package.module:factory``) names."""
+    if not is_import_string(value):
+        raise refusal(key, value, "it is not of the form 'package.module:factory'")
+    module_name, _, attribute = value.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or whatever the module's own code raised
+        raise refusal(key, value, f"cannot import module {module_name!r} ({_describe(err)})") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise refusal(key, value, f"module {module_name!r} has no attribute {attribute!r}") from None
+        target = getattr(target, part)
+    if not callable(target):
+        raise refusal(key, value, f"{value} is {type_phrase(target)}, not callable")
+    return target
+
+
+def accepted_kwargs(factory: Callable[..., Any], available: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``available`` that ``factory``'s signature declares (all of it for ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: call them bare
+        return {}
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return dict(available)
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in available.items() if k in named}
+
+
+def _missing_arguments(factory: Callable[..., Any], available: dict[str, Any]) -> list[str]:
+    """Required parameters of ``factory`` that are not on offer (the call would fail)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    required = [p for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return [p.name for p in required if p.kind is p.POSITIONAL_ONLY or p.name not in available]
+
+
+def call_factory(key: str, value: str, factory: Callable[..., Any], **available_kwargs: Any) -> Any:
+    """Call ``factory`` with the arguments it declares among ``available_kwargs``.
+
+    A factory needing an argument not on offer, or raising, becomes a ConfigError
+    naming key and value (a ConfigError it raises itself passes through unchanged).
+    """
+    missing = _missing_arguments(factory, available_kwargs)
+    if missing:
+        offered = ", ".join(available_kwargs) or "none"
+        needs = ", ".join(map(repr, missing))
+        reason = f"the factory requires argument(s) {needs}, which are not passed (on offer: {offered})"
+        raise refusal(key, value, reason)
+    try:
+        return factory(**accepted_kwargs(factory, available_kwargs))
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise refusal(key, value, f"the factory raised {_describe(err)}") from err
+
+
+def type_phrase(value: object) -> str:
+    """``a dict``, ``an int``, ``a tuple of 3``: what a value is, for messages."""
+    name = type(value).__name__
+    size = f" of {len(value)}" if isinstance(value, (tuple, list)) else ""
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}{size}"
+
+
+def _describe(err: BaseException) -> str:
+    """``Type: message`` on one line, short enough for a log line."""
+    return " ".join(f"{type(err).__name__}: {err}".split())[:300]
