@@ -45,12 +45,25 @@ def write_run(run: dict, out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(run["rows"])
-    (runs / f"{run['method']}.json").write_text(_json(run))
+    (runs / f"{run['method']}.json").write_text(_json(_portable(run)))
 
 
 def _json(value) -> str:
     """Strict JSON: NaN/Inf (e.g. round 0's train loss) become null."""
     return json.dumps(_finite(value), indent=1, allow_nan=False)
+
+
+def _portable(value, root: str | None = None):
+    """``value`` with paths under the current directory made relative to it: results get committed,
+    and a path of the machine that made them means nothing elsewhere."""
+    root = root or str(Path.cwd()) + "/"
+    if isinstance(value, str):
+        return value.replace(root, "")
+    if isinstance(value, dict):
+        return {k: _portable(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable(v, root) for v in value]
+    return value
 
 
 def _finite(value):
@@ -141,6 +154,7 @@ def summarise(suite: Suite, runs: dict[str, dict], outcomes: list[Outcome], comm
             o.method: {"status": o.status, "error": o.error, "command": o.command} for o in outcomes if o.status != "ok"
         },
     }
+    summary = _portable(summary)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(_json(summary))
     (out / "summary.md").write_text(markdown(summary))

@@ -63,8 +63,12 @@ class CodecStats:
 
 
 def topk_count(numel: int, dense_numel: int, ratio: float) -> int:
-    """Values ``topk`` keeps so that it sends ``ratio`` of dense float32 bytes (8 bytes per value)."""
-    return max(1, min(numel, math.floor(ratio * dense_numel * 4 / 8)))
+    """Values ``topk`` keeps so that it sends ``ratio`` of dense float32 bytes (8 bytes per value).
+
+    Never more than ``numel // 2``: beyond that, values and indices (8 bytes each) would cost
+    more than sending all ``numel`` values as float32 (4 bytes each).
+    """
+    return max(1, min(numel // 2, math.floor(ratio * dense_numel * 4 / 8)))
 
 
 @dataclass
@@ -177,8 +181,16 @@ class Codec:
                 raise PayloadError(f"indices must lie in [0, {self.layout.numel - 1}]")
             if np.unique(idx).size != idx.size:
                 raise PayloadError("indices repeat")
-        if self.scheme == "int8" and (parts["scales"] < 0).any():
-            raise PayloadError("scales must be non-negative")
+        if self.scheme == "int8":
+            scales = parts["scales"]
+            if (scales < 0).any():
+                raise PayloadError("scales must be non-negative")
+            with np.errstate(over="ignore"):
+                overflow = ~np.isfinite(scales * np.float32(127))
+            if overflow.any():  # the decoded values would be infinite
+                raise PayloadError(
+                    f"{int(overflow.sum())} scales overflow float32 when multiplied by 127 (largest {scales.max():.3g})"
+                )
         return dict(parts)
 
     def decode_vector(self, parts: Mapping[str, np.ndarray]) -> np.ndarray:

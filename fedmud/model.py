@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 from .codec import UploadLayout
 from .config import DecompositionConfig
 from .decomposition import UpdateParameterisation, build_update, matrix_shape
-from .plan import DecompositionPlan, plan_decomposition
+from .plan import DecompositionPlan, aliases, plan_decomposition, unique_state
 from .seeds import derive_seed, draw_normal
 
 HRP_PREFIX = "hrp_"
@@ -194,20 +194,22 @@ class DecomposedModel(nn.Module):
         self.plan: DecompositionPlan = plan_decomposition(model, config)
         self.dense_reference_numel = self.plan.dense_reference
         # the undecomposed model's state (names, shapes, dtypes): what dense FedAvg sends down
-        self.reference_state = {n: torch.empty_like(t, device="meta") for n, t in model.state_dict().items()}
+        self.reference_state = {n: torch.empty_like(t, device="meta") for n, t in unique_state(model).items()}
         self.decomposed_names: tuple[str, ...] = ()
         self.factorized_names: tuple[str, ...] = ()
         planned = self.plan.decomposed()
+        tied = aliases(model)
         for name, tensor_plan in planned.items():
-            owner, attr = _owner(model, name)
-            device = getattr(owner, attr).device
+            device = model.get_parameter(name).device
             if config.method == "fedlmt":
                 parametrisation = FactorizedWeight(tensor_plan.shape, *tensor_plan.sizes, device)
             else:
                 update = build_update(config.kind, config.pattern, tensor_plan.shape, tensor_plan.sizes)
                 parametrisation = DecomposedUpdate(update, config, device)
-            parametrize.register_parametrization(owner, attr, parametrisation)
-            owner.parametrizations[attr].original.requires_grad_(False)
+            for alias in tied.get(name, [name]):  # a tied weight: every module reads W + ΔW of one update
+                owner, attr = _owner(model, alias)
+                parametrize.register_parametrization(owner, attr, parametrisation)
+                owner.parametrizations[attr].original.requires_grad_(False)
         if config.method == "fedlmt":
             self.factorized_names = tuple(planned)
         else:
@@ -240,7 +242,8 @@ class DecomposedModel(nn.Module):
         return getattr(owner, attr)
 
     def _public_state(self) -> dict[str, torch.Tensor]:
-        return {_public_name(n): t for n, t in self.model.state_dict(keep_vars=True).items()}
+        """Every state tensor once (tied weights and their factors under the first name), publicly named."""
+        return {_public_name(n): t for n, t in unique_state(self.model, keep_vars=True).items()}
 
     def _global_items(self) -> dict[str, torch.Tensor]:
         """Base weights, HRP directions and everything dense, named as in the undecomposed model.

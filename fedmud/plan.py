@@ -4,12 +4,16 @@ The planner sees only names and shapes (it works on any ``nn.Module``), and deci
 for every floating tensor of the model's ``state_dict``:
 
 - **dense** — it uploads its values each round — when it is
-  1-D or a buffer (biases, norms, BatchNorm running statistics), shared by several
-  modules (tied weights), named in ``dense-layers``, or too small for any decomposed
-  update to be smaller than the tensor itself;
+  1-D or a buffer (biases, norms, BatchNorm running statistics), named in
+  ``dense-layers``, or too small for any decomposed update to be smaller than the
+  tensor itself;
 - **decomposed** otherwise: any floating parameter of two or more dimensions
   (Linear, Conv1d/2d/3d, grouped and transposed convolutions, Embedding, attention
   ``in_proj_weight``, RNN ``weight_ih``/``weight_hh``, a bare ``nn.Parameter``).
+
+A tensor registered under several names (tied weights, ``out.weight = embed.weight``)
+is one tensor: planned, trained, uploaded and counted once, under its first name
+(:func:`unique_state`); the others are its aliases.
 
 ``dense-layers = "auto"`` (the default) is the paper's choice, the first and last
 layers dense, *when they fit*: each is kept dense only if the smallest updates of
@@ -98,17 +102,24 @@ def weight_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _shared_parameters(model: nn.Module) -> dict[str, str]:
-    """name -> the other name of a parameter registered under several names (tied weights)."""
-    first_name: dict[int, str] = {}
-    shared = {}
+def unique_state(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each tensor once, under its first name: tied weights are one tensor."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        out[name] = tensor if keep_vars else tensor.detach()
+    return out
+
+
+def aliases(model: nn.Module) -> dict[str, list[str]]:
+    """First name -> every name of a parameter registered under several (tied weights)."""
+    names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first_name:
-            shared[name] = first_name[id(p)]
-            shared.setdefault(first_name[id(p)], name)
-        else:
-            first_name[id(p)] = name
-    return shared
+        names.setdefault(id(p), []).append(name)
+    return {group[0]: group for group in names.values() if len(group) > 1}
 
 
 def _first_and_last(candidates: list[str]) -> tuple[str, str]:
@@ -150,7 +161,7 @@ def plan_decomposition(model: nn.Module, config: DecompositionConfig) -> Decompo
     the weights themselves (``mat``/``ab`` sizes). Raises :class:`ConfigError` when the
     ratio cannot be reached.
     """
-    floating = {n: tuple(t.shape) for n, t in model.state_dict().items() if torch.is_floating_point(t)}
+    floating = {n: tuple(t.shape) for n, t in unique_state(model).items() if torch.is_floating_point(t)}
     if config.method == "fedavg":
         tensors = tuple(TensorPlan(n, s, math.prod(s), reason="method=fedavg") for n, s in floating.items())
         return DecompositionPlan(tensors, config.kind, config.pattern, None)
@@ -158,17 +169,14 @@ def plan_decomposition(model: nn.Module, config: DecompositionConfig) -> Decompo
     weights = weight_tensors(model)
     candidates = [n for n in floating if n in weights]
     dense, preferred = _resolve_dense(config.dense_layers, candidates)
-    shared = _shared_parameters(model)
     for name in candidates:
         if name in dense:
             continue
-        if name in shared:
-            dense[name] = f"shared with {shared[name]}"
-        elif smallest_cost(kind, pattern, weights[name]) >= math.prod(weights[name]):
+        if smallest_cost(kind, pattern, weights[name]) >= math.prod(weights[name]):
             dense[name] = f"too small: the smallest update uploads {smallest_cost(kind, pattern, weights[name])}"
     for name, shape in floating.items():
         if name not in weights:
-            dense[name] = f"shared with {shared[name]}" if name in shared else "1-D" if len(shape) < 2 else "buffer"
+            dense[name] = "1-D" if len(shape) < 2 else "buffer"
     target = math.floor(config.ratio * sum(math.prod(s) for s in floating.values()))
 
     def need(dense_names) -> int:

@@ -211,19 +211,37 @@ def test_too_small_tensors_stay_dense_and_say_why():
     assert "1.weight" in model.decomposed_names
 
 
-def test_tied_weights_stay_dense():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(100, 64)
-            self.body = nn.Linear(64, 4096)
-            self.out = nn.Linear(64, 100, bias=False)
-            self.out.weight = self.embed.weight
+class TiedLanguageModel(nn.Module):
+    """A decoder tied to the embedding (``out.weight = embed.weight``), as language models do."""
 
-    model = decompose(Tied(), DecompositionConfig(ratio=0.25))
-    reasons = {t.name: t.reason for t in model.plan.tensors}
-    assert reasons["embed.weight"] == "shared with out.weight"
-    assert "body.weight" in model.decomposed_names
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(400, 64)
+        self.body = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 400, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.out(torch.relu(self.body(self.embed(tokens))))
+
+
+def test_a_tied_weight_is_one_update_trained_uploaded_and_counted_once_and_stays_tied():
+    plain = TiedLanguageModel()
+    model = decompose(plain, DecompositionConfig(ratio=1 / 4, dense_layers=("body",)))
+    assert model.decomposed_names == ("embed.weight",)
+    assert model.dense_reference_numel == 400 * 64 + 64 * 64 + 64  # the shared tensor once
+    assert [n for n, _ in model.upload_layout().entries if n.startswith("out.")] == []
+    model.reset(3)
+    tokens = torch.randint(0, 400, (8, 5))
+    optimiser = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    before = model.effective_weight("embed.weight").detach().clone()
+    nn.functional.cross_entropy(model(tokens).reshape(-1, 400), tokens.reshape(-1)).backward()
+    optimiser.step()
+    assert not torch.equal(model.effective_weight("embed.weight"), before)  # the embedding trains
+    assert torch.equal(plain.out.weight, plain.embed.weight)  # both modules read W + ΔW of one update
+    model.merge()
+    assert torch.equal(plain.out.weight, plain.embed.weight)  # and the tie holds after the merge
+    assert set(model.global_state()) == {"embed.weight", "body.weight", "body.bias"}
 
 
 def test_every_dense_tensor_has_a_reason_and_the_upload_is_the_plans():
@@ -276,3 +294,33 @@ def test_rounds_on_a_model_of_every_tensor_kind_reach_a_new_client_bitwise_throu
     assert all(torch.equal(state[n], expected[n]) for n in expected)
     if run.decomposition.init == "hrp":
         assert fresh.global_model.hrp_ready
+
+
+def test_a_regression_task_trains_through_the_round_api():
+    """Another loss and metric: MSE on scikit-learn's diabetes data, a decomposed MLP, two rounds."""
+    from sklearn.datasets import load_diabetes
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fedmud.config import parse_run_config
+    from fedmud.rounds import ClientModel, ServerModel
+    from fedmud.task import REGRESSION
+
+    x, y = load_diabetes(return_X_y=True)
+    data = TensorDataset(torch.tensor(x * 10, dtype=torch.float32), torch.tensor(y / 100, dtype=torch.float32)[:, None])
+
+    def mlp():
+        return nn.Sequential(nn.Linear(10, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+
+    run = parse_run_config({"ratio": "1/8", "lr": 0.01, "local-epochs": 2, "task": "regression"})
+    server = ServerModel(run, model_fn=mlp, task=REGRESSION)
+    client = ClientModel(run, torch.device("cpu"), model_fn=mlp, task=REGRESSION)
+    assert server.model.decomposed_names == ("2.weight",)  # the hidden layer; first and last fit dense
+    test = DataLoader(data, batch_size=256)
+    start_loss, start_metric = server.evaluate(test)
+    for round_ in (1, 2):
+        client.sync(None, "full", server.digest, full_state=server.global_state())
+        parts, _, _ = client.train_round(round_, DataLoader(data, batch_size=32, shuffle=True))
+        server.apply_round(round_, round_, [(parts, float(len(data)))])
+    loss, metric = server.evaluate(test)
+    assert loss < 0.5 * start_loss and metric == pytest.approx(-loss, rel=1e-5)  # the metric is -MSE
+    assert REGRESSION.metric_name == "neg_mse"

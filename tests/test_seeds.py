@@ -1,8 +1,10 @@
 """Frozen factors depend only on (round seed, layer): identical in separate processes."""
 
 import hashlib
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -10,6 +12,7 @@ from fedmud.config import DecompositionConfig
 from fedmud.model import decompose
 from fedmud.models import build_model
 
+ROOT = Path(__file__).resolve().parents[1]
 DRAW = """
 import hashlib, torch
 from fedmud.config import DecompositionConfig
@@ -28,7 +31,10 @@ print(h.hexdigest())
 
 def _digest_in_subprocess(kind: str, torch_seed: int) -> str:
     code = DRAW.format(kind=kind, torch_seed=torch_seed)
-    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+    # the project on the child's path explicitly: the test must not depend on how it was installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env, cwd="/")
+    return result.stdout.strip()
 
 
 def test_two_processes_draw_identical_factors():

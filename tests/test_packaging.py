@@ -1,0 +1,39 @@
+"""What the installed code imports is declared in pyproject.toml, not present by luck."""
+
+import ast
+import re
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ("fedmud", "server", "client", "bench")  # the packages pyproject installs
+
+
+def _imported_top_level_modules() -> set[str]:
+    names = set()
+    for package in SHIPPED:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - set(SHIPPED)
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_third_party_import_of_the_shipped_packages_is_a_declared_dependency():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_normalise(re.split(r"[\[<>=!~; ]", dep, maxsplit=1)[0]) for dep in project["dependencies"]}
+    distributions = packages_distributions()
+    undeclared = {}
+    for module in sorted(_imported_top_level_modules()):
+        providers = {_normalise(d) for d in distributions.get(module, [module])}
+        if not providers & declared:
+            undeclared[module] = sorted(providers)
+    assert not undeclared, f"imported but not declared in [project].dependencies: {undeclared}"
