@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
-from logging import WARNING
+from logging import INFO, WARNING
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,7 +22,7 @@ from fedmud.config import RunConfig, parse_run_config
 from fedmud.data import client_loader
 from fedmud.rounds import ClientModel, ModelFactory, SyncError
 from fedmud.task import Task
-from fedmud.training import pick_device
+from fedmud.training import describe_device
 from server.wire import read_downlink, sync_error_record, upload_record
 
 app = ClientApp()
@@ -32,7 +32,15 @@ HELD_MODEL, HELD_SYNC, HELD_FEEDBACK = "global-model", "global-sync", "error-fee
 @lru_cache(maxsize=2)
 def _client_model(run: RunConfig, model_fn: ModelFactory | None, task: Task | None) -> ClientModel:
     """One ClientModel per (config, factory, task) in this process: built once, reused every round."""
-    return ClientModel(run, pick_device(), model_fn, task)
+    return ClientModel(run, _training_device(), model_fn, task)
+
+
+@lru_cache(maxsize=1)
+def _training_device() -> torch.device:
+    """The device this process trains on, logged once: a node that fell back to the CPU must show it."""
+    device, description = describe_device()
+    log(INFO, "training device: %s", description)
+    return device
 
 
 def _run_config(context: Context) -> RunConfig:

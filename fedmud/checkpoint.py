@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, run_config_key
 from .ledger import Ledger
 from .rounds import ServerModel
 from .sync import ChainStore, Link
@@ -25,6 +25,7 @@ from .sync import ChainStore, Link
 CHECKPOINT = "checkpoint.pt"
 # Keys that must match for a resumed run to be the same run.
 _FIXED = ("decomposition", "uplink", "model", "task", "seed", "data", "train", "downlink")
+_MISSING = "<not recorded>"
 
 
 def save_checkpoint(run_dir: Path, server: ServerModel, ledger: Ledger, history: list[dict]) -> Path:
@@ -49,19 +50,36 @@ def save_checkpoint(run_dir: Path, server: ServerModel, ledger: Ledger, history:
 
 
 def load_checkpoint(run_dir: Path, run: RunConfig) -> dict[str, Any]:
-    """The checkpoint in ``run_dir``, after checking it was made by the same run configuration."""
+    """The checkpoint in ``run_dir``, after checking it was made by the same run configuration.
+
+    A checkpoint made under another configuration is refused with every key that
+    differs, named as in the run config, so one attempt shows all there is to fix.
+    """
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise ConfigError(f"resume={str(run_dir)!r} is not allowed; it has no {CHECKPOINT}")
     state = torch.load(path, weights_only=False)
-    saved, now = state["run"], asdict(run)
-    for key in _FIXED:
-        if saved[key] != now[key]:
-            raise ConfigError(
-                f"resume={str(run_dir)!r} is not allowed; its checkpoint was made with {key}={saved[key]!r}, "
-                f"this run has {now[key]!r}"
-            )
+    differences = config_differences(state["run"], asdict(run))
+    if differences:
+        raise ConfigError(
+            f"resume={str(run_dir)!r} is not allowed; its checkpoint was made with another configuration: "
+            f"{'; '.join(differences)}. Resume with the checkpoint's values or start a new run"
+        )
     return state
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key=saved (this run: now)`` for every fixed setting that differs, named as in the run config."""
+    out = []
+    for section in _FIXED:
+        new = now[section]
+        if isinstance(new, dict):  # a nested config: compare field by field
+            old = saved.get(section) or {}
+            pairs = [((section, name), old.get(name, _MISSING), value) for name, value in new.items()]
+        else:
+            pairs = [((section,), saved.get(section, _MISSING), new)]
+        out += [f"{run_config_key(path)}={a!r} (this run: {b!r})" for path, a, b in pairs if a != b]
+    return out
 
 
 def restore(state: dict[str, Any], server: ServerModel) -> tuple[Ledger, list[dict]]:

@@ -182,6 +182,8 @@ class Codec:
             if np.unique(idx).size != idx.size:
                 raise PayloadError("indices repeat")
         if self.scheme == "int8":
+            if (parts["payload"] == -128).any():  # the encoder never sends it; with a large scale it overflows
+                raise PayloadError("payload holds -128; int8 values must lie in [-127, 127]")
             scales = parts["scales"]
             if (scales < 0).any():
                 raise PayloadError("scales must be non-negative")
@@ -211,4 +213,9 @@ class Codec:
             return vector
         if reference is None:
             raise PayloadError(f"codec {self.scheme} decodes a residual and needs the round-start reference")
-        return (reference.astype(np.float32) + vector).astype(np.float32)
+        with np.errstate(over="ignore"):
+            values = (reference.astype(np.float32) + vector).astype(np.float32)
+        overflow = int((~np.isfinite(values)).sum())  # finite residuals near float32's limit plus the reference
+        if overflow:
+            raise PayloadError(f"{overflow} values overflow float32 when added to the reference")
+        return values

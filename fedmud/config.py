@@ -8,6 +8,7 @@ the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ PARTITIONS = ("iid", "dirichlet", "label-count")
 MODELS = ("auto", "cnn-mnist", "cnn-cifar", "resnet18", "mobilenet-v3-small", "vit", "text-transformer", "lstm")
 DOWNLINKS = ("chain", "full")
 TASKS = ("classification", "regression")
+NORM_ACTIONS = ("reject", "clip")
 IMPORT_STRING = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
@@ -134,6 +136,26 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class BoundsConfig:
+    """What one valid reply may do to the global model (see :mod:`fedmud.bounds`).
+
+    max_examples: a reply's ``num-examples`` above this counts as this. The server
+        cannot check the claim, and it is the reply's weight in the mean. The default,
+        100,000, is above every built-in training set (SVHN's 73,257 is the largest),
+        so no honest client of a built-in dataset is ever capped, and a claim of 10^15
+        weighs 100,000 instead; set it to your largest partition for a tighter bound.
+    update_norm_bound: largest L2 norm of a reply's update (decoded upload minus the
+        round-start values), over the whole upload vector; 0 turns the bound off.
+    update_norm_action: ``clip`` scales a larger update down to the bound; ``reject``
+        drops the reply (the node still holds the round's model).
+    """
+
+    max_examples: int = 100_000
+    update_norm_bound: float = 0.0
+    update_norm_action: str = "clip"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs.
 
@@ -145,6 +167,7 @@ class RunConfig:
     resume: a run directory whose checkpoint the run continues from ("" = new run).
     fault_corrupt_state_round: fault injection for tests; in that round every client
         perturbs the model it holds before applying the downlink (0 = off).
+    bounds: what one reply may do to the model (weight cap, update norm bound).
     task: ``classification`` (cross-entropy, accuracy), ``regression`` (MSE) or
         ``package.module:factory`` returning a :class:`fedmud.task.Task`.
     """
@@ -161,10 +184,25 @@ class RunConfig:
     resume: str = ""
     fault_corrupt_state_round: int = 0
     task: str = "classification"
+    bounds: BoundsConfig = field(default_factory=BoundsConfig)
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+
+# Where a run-config key's name is not its field's name with '_' -> '-'.
+_KEY_NAMES = {
+    ("rounds",): "num-server-rounds",
+    ("uplink", "codec"): "uplink",
+    ("data", "seed"): "data-seed",
+    ("data", "root"): "data-root",
+}
+
+
+def run_config_key(path: tuple[str, ...]) -> str:
+    """The run-config key of a :class:`RunConfig` field, e.g. ('train', 'local_epochs') -> 'local-epochs'."""
+    return _KEY_NAMES.get(tuple(path), path[-1].replace("_", "-"))
 
 
 def _choice(cfg: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -205,6 +243,8 @@ def _number(
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         raise ConfigError(f"{key}={value!r} is not allowed; it must be {kind}")
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be a finite number")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and value > high
     if too_low or too_high:
@@ -257,6 +297,14 @@ def _task(cfg: Mapping[str, Any]) -> str:
             f"task={value!r} is not allowed; choose one of {', '.join(TASKS)} or give 'package.module:factory'"
         )
     return value
+
+
+def _bounds(cfg: Mapping[str, Any]) -> BoundsConfig:
+    return BoundsConfig(
+        max_examples=_number(cfg, "max-examples", BoundsConfig.max_examples, integer=True, low=1),
+        update_norm_bound=_number(cfg, "update-norm-bound", BoundsConfig.update_norm_bound, low=0.0),
+        update_norm_action=_choice(cfg, "update-norm-action", BoundsConfig.update_norm_action, NORM_ACTIONS),
+    )
 
 
 def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
@@ -321,6 +369,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
             cfg, "fault-corrupt-state-round", RunConfig.fault_corrupt_state_round, integer=True, low=0
         ),
         task=_task(cfg),
+        bounds=_bounds(cfg),
         decomposition=decomposition,
         uplink=uplink,
         train=train,

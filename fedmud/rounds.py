@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .aggregate import WeightedMean
+from .bounds import CAPPED, Screened, bound_update, cap_examples
 from .codec import Codec, Parts, UploadLayout, topk_count
 from .feedback import ErrorFeedback
 from .config import ConfigError, RunConfig
@@ -97,6 +98,7 @@ class ServerModel:
         self.digest = state_digest(self.global_state())
         self.link_bytes = 0  # downlink bytes per link and of the full model, measured by the app
         self.full_bytes = 0
+        self._reference: tuple[tuple[int, str], np.ndarray] | None = None
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return self.model.global_state()
@@ -113,23 +115,55 @@ class ServerModel:
         held = self.records.get(client, new_client_round=0)
         return plan_downlink(held, self.round, self.chain, self.link_bytes, self.full_bytes)
 
-    def apply_round(self, server_round: int, round_seed: int, uploads: Iterable[tuple[Parts, float]]) -> int:
-        """Aggregate validated uploads (parts, weight), merge ΔW into W; returns how many merged.
+    def reference(self, round_seed: int) -> np.ndarray:
+        """The round-start values of the upload (global model, factors drawn from ``round_seed``).
 
-        Lossy codecs carry residuals against the round-start values, which the server
-        rebuilds from its model and the round seed. With no upload the round is
-        skipped: the model stays, and no link is recorded. With ``init=hrp`` the
-        first merge from round ``hrp_rounds`` on fixes the HRP directions; they ride
-        on that round's link.
+        Both sides know them: lossy codecs encode residuals against them, and the norm
+        bound measures every update from them. Kept for the model state it was drawn in.
         """
-        reference = None
-        if self.codec.residual:
+        key = (round_seed, self.digest)
+        if self._reference is None or self._reference[0] != key:
             self.model.reset(round_seed)
-            reference = self.codec.flatten(self.model.uploaded_state())
+            values = self.codec.flatten(self.model.uploaded_state())
             self.model.clear()
+            self._reference = (key, values)
+        return self._reference[1]
+
+    def screen(self, round_seed: int, parts: Parts, examples: int) -> Screened:
+        """Decode one validated upload and apply the bounds (``max-examples``, ``update-norm-bound``).
+
+        The update is the decoded upload minus :meth:`reference`: for lossy codecs that is
+        the residual as sent; for float32 the reference is rebuilt only when a bound is on.
+        """
+        bounds = self.run.bounds
+        weight, capped = cap_examples(examples, bounds.max_examples)
+        events, reasons = ((CAPPED,), (capped,)) if capped else ((), ())
+        needs_reference = self.codec.residual or bounds.update_norm_bound > 0
+        reference = self.reference(round_seed) if needs_reference else None
+        values = self.codec.decode(parts, reference)
+        if bounds.update_norm_bound > 0:
+            update = self.codec.decode_vector(parts) if self.codec.residual else values.astype(np.float64) - reference
+            bounded, event, reason = bound_update(update, bounds.update_norm_bound, bounds.update_norm_action)
+            if event:
+                events, reasons = events + (event,), reasons + (reason,)
+                values = None if bounded is None else (reference + bounded).astype(np.float32)
+        return Screened(values, weight, events, reasons)
+
+    def apply_round(self, server_round: int, round_seed: int, uploads: Iterable[tuple[Parts, int | float]]) -> int:
+        """Screen validated uploads (parts, num-examples) with :meth:`screen`, then :meth:`merge_round`."""
+        screened = (self.screen(round_seed, parts, examples) for parts, examples in uploads)
+        return self.merge_round(server_round, round_seed, ((s.values, s.weight) for s in screened if not s.dropped))
+
+    def merge_round(self, server_round: int, round_seed: int, uploads: Iterable[tuple[np.ndarray, float]]) -> int:
+        """Merge the weighted mean of decoded uploads (values, weight) into W; returns how many merged.
+
+        With no upload the round is skipped: the model stays, and no link is recorded.
+        With ``init=hrp`` the first merge from round ``hrp_rounds`` on fixes the HRP
+        directions; they ride on that round's link.
+        """
         mean = WeightedMean()
-        for parts, weight in uploads:
-            mean.add(self.codec.decode(parts, reference), weight)
+        for values, weight in uploads:
+            mean.add(values, weight)
         if mean.count:
             link = Link(server_round, round_seed, mean.result())
             apply_link(self.model, self.link_codec, link)

@@ -8,6 +8,7 @@ device, so a CUDA client and a CPU server hold bit-identical factors.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -34,3 +35,16 @@ def draw_normal(shape: tuple[int, ...], seed: int, std: float, device: torch.dev
 def numpy_rng(seed: int, *names: str) -> np.random.Generator:
     """A numpy generator for server-side choices (client sampling), derived like the factors."""
     return np.random.default_rng(derive_seed(seed, *names))
+
+
+def sample_clients(seed: int, server_round: int, node_ids: Sequence[int], fraction: float, minimum: int) -> list[int]:
+    """The clients of ``server_round``: a function of (run seed, round, the nodes available), so a
+    resumed run picks those the uninterrupted run would.
+
+    ``max(int(n * fraction), minimum)`` of the ``n`` nodes (all when fewer), drawn without
+    replacement from the sorted ids; returned sorted.
+    """
+    ids = sorted(node_ids)
+    size = min(len(ids), max(int(len(ids) * fraction), minimum))
+    picked = numpy_rng(seed, "sample", str(server_round)).choice(len(ids), size, replace=False)
+    return [ids[i] for i in sorted(picked)]

@@ -6,11 +6,15 @@ Differences from FedAvg:
   model (see :mod:`fedmud.sync`), with the round seed and the digest of the model
   it must end up with; every message's bytes go to the ledger;
 - ``aggregate_train`` validates each reply (keys, round, size, dtype, finiteness),
-  counts rejected, failed and out-of-sync replies, and merges the exact weighted
+  caps its weight (``max-examples``) and bounds its update (``update-norm-bound``),
+  counts rejected, failed, out-of-sync, capped, clipped and norm-rejected replies, and merges the exact weighted
   mean if at least ``min_replies`` are valid, else skips the round with a reason;
 - ``run`` drives the rounds itself so that a run can resume after a checkpoint,
   and after every round evaluates centrally, logs (console, TensorBoard, JSON) and
-  writes the checkpoint.
+  writes the checkpoint;
+- each round pushes and pulls its messages itself: every reply is put down to the
+  node its message went to (Flower's own error replies name the SuperLink), and a
+  node that could not sync is sent the full model and trains within the same round.
 """
 
 from __future__ import annotations
@@ -27,15 +31,18 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedmud.bounds import EVENTS
 from fedmud.checkpoint import save_checkpoint
 from fedmud.codec import PayloadError
 from fedmud.config import RunConfig
 from fedmud.ledger import DOWN, UP, Ledger
 from fedmud.rounds import ServerModel
-from fedmud.seeds import numpy_rng, round_seed
-from fedmud.sync import FULL
+from fedmud.seeds import round_seed, sample_clients
+from fedmud.sync import FULL, Downlink
 
 from .wire import content_bytes, downlink_record, is_sync_error, read_upload
+
+POLL_S = 1.0  # how often a round asks the SuperLink for replies
 
 
 class FedMUD(FedAvg):
@@ -80,6 +87,8 @@ class FedMUD(FedAvg):
         self.max_upload_bytes = int(max_upload_factor * server_model.codec.payload_nbytes) + 1024
         self.history: list[dict] = history or []
         self._round_stats: dict[int, dict] = {}
+        self._sent: dict[str, int] = {}  # this round: message id -> the node it was sent to
+        self._resent: set[int] = set()  # this round: nodes sent the full model again after a sync error
         self._test_loader = test_data
         self._started = time.monotonic() - (self.history[-1]["wall_s"] if self.history else 0.0)
         from torch.utils.tensorboard import SummaryWriter
@@ -93,20 +102,25 @@ class FedMUD(FedAvg):
         while len(node_ids) < self.min_available_nodes and time.monotonic() < deadline:
             time.sleep(1.0)
             node_ids = sorted(grid.get_node_ids())
-        size = min(len(node_ids), max(int(len(node_ids) * self.fraction_train), self.min_train_nodes))
-        picked = numpy_rng(self.run.seed, "sample", str(server_round)).choice(len(node_ids), size, replace=False)
-        return [node_ids[i] for i in sorted(picked)]
+        return sample_clients(self.run.seed, server_round, node_ids, self.fraction_train, self.min_train_nodes)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        plans = [(node_id, self.server_model.plan(str(node_id))) for node_id in self._sample(server_round, grid)]
+        messages = self._downlinks(server_round, plans)
+        kinds = [kind for kind, _ in {(plan.kind, plan.base_round) for _, plan in plans}]
+        log(INFO, "configure_train: %d clients (%d chain, %d full plans)", len(messages), kinds.count("chain"), kinds.count(FULL))
+        return messages
+
+    def _downlinks(self, server_round: int, plans: list[tuple[int, Downlink]]) -> list[Message]:
+        """One TRAIN message per (node, plan), each recorded in the ledger as sent."""
         server = self.server_model
         seed = round_seed(self.run.seed, server_round)
         full_state = server.global_state()
         contents: dict = {}  # one content per distinct plan: clients with the same plan share it
         messages = []
-        for node_id in self._sample(server_round, grid):
-            plan = server.plan(str(node_id))
+        for node_id, plan in plans:
             key = (plan.kind, plan.base_round)
             if key not in contents:
                 content = downlink_record(plan, server_round, seed, server.digest, full_state)
@@ -114,18 +128,77 @@ class FedMUD(FedAvg):
             content, nbytes = contents[key]
             self.ledger.record(server_round, str(node_id), DOWN, nbytes)
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
-        kinds = [k[0] for k in contents]
-        log(INFO, "configure_train: %d clients (%d chain, %d full plans)", len(messages), kinds.count("chain"), kinds.count(FULL))
         return messages
+
+    # ------------------------------------------------------------------ the exchange
+    def _exchange(self, grid: Grid, server_round: int, messages: list[Message]) -> list[Message]:
+        """Send the round's downlinks; collect replies until all are in or ``round-timeout`` has passed.
+
+        A node that answers that it could not sync (it restarted and lost the model it held,
+        or its copy is corrupt) is sent the full model at once and answers again within the
+        round, so it trains in the round it was picked for instead of sitting it out. Once
+        per node and round: a node that cannot apply the full model is not asked again.
+        """
+        deadline = time.monotonic() + self.run.round_timeout
+        self._sent, self._resent = {}, set()
+        pending = self._push(grid, server_round, messages)
+        replies: list[Message] = []
+        while pending:
+            pulled = list(grid.pull_messages(sorted(pending)))
+            pending.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
+            replies += pulled
+            pending |= self._push(grid, server_round, self._resync(server_round, pulled))
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_S)
+        if pending:
+            silent = sorted(self._sent[i] for i in pending)
+            log(WARNING, "round %d: no reply within %gs from node(s) %s", server_round, self.run.round_timeout, _ids(silent))
+        return replies
+
+    def _push(self, grid: Grid, server_round: int, messages: list[Message]) -> set[str]:
+        """Push ``messages``; returns their ids, and keeps which node each went to (see :meth:`_node_of`)."""
+        if not messages:
+            return set()
+        returned = list(grid.push_messages(messages))
+        pushed = {i for i in returned if i}
+        in_order = returned if len(returned) == len(messages) else [None] * len(messages)
+        for message, by_position in zip(messages, in_order):
+            message_id = _pushed_id(message, pushed, by_position)
+            if message_id:
+                self._sent[message_id] = message.metadata.dst_node_id
+            else:
+                log(WARNING, "round %d: the message to node %s could not be sent", server_round, message.metadata.dst_node_id)
+        return pushed
+
+    def _resync(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Full-model downlinks for the nodes in ``replies`` that could not sync, unless resent already."""
+        lost = {self._node_of(r) for r in replies if not r.has_error() and is_sync_error(r.content)}
+        nodes = sorted(lost - self._resent)
+        if not nodes:
+            return []
+        self._resent.update(nodes)
+        log(INFO, "round %d: node(s) %s could not sync; resending the full model", server_round, _ids(nodes))
+        return self._downlinks(server_round, [(node, Downlink(FULL, self.server_model.round)) for node in nodes])
+
+    def _node_of(self, reply: Message) -> int:
+        """The node ``reply`` answers for: the one its message was sent to.
+
+        Not ``reply.metadata.src_node_id``: a reply Flower makes itself (node unavailable,
+        reply expired) comes from the SuperLink, so it would name the SuperLink's id (1).
+        """
+        return self._sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server, codec = self.server_model, self.server_model.codec
-        accepted, counts = [], {"rejected": 0, "failed": 0, "resync": 0}
+        accepted, counts = [], {"rejected": 0, "failed": 0, "resync": 0, **dict.fromkeys(EVENTS, 0)}
+        seed, dropped = round_seed(self.run.seed, server_round), []  # dropped: by the update-norm bound
+        uploaded: set[str] = set()  # a node's first upload is the one that counts, once a round
         for reply in replies:
-            node = str(reply.metadata.src_node_id)
+            node = str(self._node_of(reply))
             if reply.has_error():
                 counts["failed"] += 1
                 server.records.unknown(node)
@@ -135,17 +208,30 @@ class FedMUD(FedAvg):
             if is_sync_error(reply.content):
                 counts["resync"] += 1
                 server.records.unknown(node)
-                log(WARNING, "round %d: node %s could not sync; it gets the full model next", server_round, node)
+                what = "resent the full model this round" if int(node) in self._resent else "it gets the full model next"
+                log(WARNING, "round %d: node %s could not sync; %s", server_round, node, what)
                 continue
+            if node in uploaded:
+                counts["rejected"] += 1
+                log(WARNING, "round %d: rejected a second upload from node %s: a node counts once a round", server_round, node)
+                continue
+            uploaded.add(node)
             try:
-                payload, weight = read_upload(reply.content, codec, server_round, self.max_upload_bytes)
+                payload, examples = read_upload(reply.content, codec, server_round, self.max_upload_bytes)
+                screened = server.screen(seed, payload, examples)  # max-examples, update-norm-bound
             except PayloadError as err:
                 counts["rejected"] += 1
                 server.records.unknown(node)
                 log(WARNING, "round %d: rejected reply from node %s: %s", server_round, node, err)
                 continue
+            for event, reason in zip(screened.events, screened.reasons):
+                counts[event] += 1
+                log(WARNING, "round %d: node %s: %s", server_round, node, reason)
+            if screened.dropped:  # it did receive this round's model; only its update is left out
+                dropped.append(node)
+                continue
             metrics = reply.content.metric_records["metrics"]
-            accepted.append((int(metrics.get("partition-id", 0)), node, payload, weight, float(metrics["train-loss"])))
+            accepted.append((int(metrics.get("partition-id", 0)), node, screened.values, screened.weight, float(metrics["train-loss"])))
         accepted.sort(key=lambda a: (a[0], a[1]))  # a fixed summation order: resumed runs match bitwise
 
         target = server.round  # what every replying client now holds
@@ -158,8 +244,8 @@ class FedMUD(FedAvg):
             accepted_uploads = []
         else:
             accepted_uploads = accepted
-        merged = server.apply_round(server_round, round_seed(self.run.seed, server_round), ((p, w) for _, _, p, w, _ in accepted_uploads))
-        for _, node, _, _, _ in accepted:
+        merged = server.merge_round(server_round, seed, ((v, w) for _, _, v, w, _ in accepted_uploads))
+        for node in [a[1] for a in accepted] + dropped:
             server.records.synced(node, target)
         total = sum(w for *_, w, _ in accepted)
         metrics = MetricRecord(
@@ -181,7 +267,7 @@ class FedMUD(FedAvg):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", server_round, self.run.rounds)
             messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
-            replies = grid.send_and_receive(messages, timeout=self.run.round_timeout)
+            replies = self._exchange(grid, server_round, list(messages))
             _, metrics = self.aggregate_train(server_round, replies)
             log(INFO, "\t└──> %s", dict(metrics))
             self.evaluate(server_round)
@@ -229,3 +315,17 @@ class FedMUD(FedAvg):
 
 def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.3f} MB"
+
+
+def _ids(nodes: Iterable[int]) -> str:
+    return ", ".join(map(str, nodes))
+
+
+def _pushed_id(message: Message, pushed: set[str], by_position: str | None) -> str | None:
+    """The id ``Grid.push_messages`` gave ``message``.
+
+    Flower 1.39's grids write it into the message's metadata; failing that, the list
+    they return keeps the order of the messages (``None`` for one not pushed).
+    """
+    own = message.metadata.message_id
+    return own if own in pushed else by_position

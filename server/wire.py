@@ -17,6 +17,8 @@ and pulled over gRPC; we sum the serialised size of each distinct object.
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -144,8 +146,13 @@ def is_sync_error(content: RecordDict) -> bool:
     return metrics is not None and metrics.get("sync-error") == 1
 
 
-def read_upload(content: RecordDict, codec: Codec, server_round: int, max_bytes: int) -> tuple[Parts, float]:
-    """(parts, weight) of a reply that is safe to aggregate, else :class:`PayloadError` saying why."""
+def read_upload(content: RecordDict, codec: Codec, server_round: int, max_bytes: int) -> tuple[Parts, int]:
+    """(parts, num-examples claimed) of a reply safe to aggregate, else :class:`PayloadError` saying why.
+
+    The metrics the server reads (train-loss, partition-id) are checked too, so that no
+    reply can stop the round. The claimed count is returned as sent, an exact integer of
+    any size: the server caps it (``max-examples``, :func:`fedmud.bounds.cap_examples`).
+    """
     if UPDATE_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
         raise PayloadError(f"reply lacks {UPDATE_KEY!r} arrays or {METRICS_KEY!r} metrics; has {sorted(content.keys())}")
     arrays, metrics = content.array_records[UPDATE_KEY], content.metric_records[METRICS_KEY]
@@ -155,14 +162,46 @@ def read_upload(content: RecordDict, codec: Codec, server_round: int, max_bytes:
     answered = metrics.get("server-round")
     if answered != server_round:
         raise PayloadError(f"reply answers round {answered}, this is round {server_round}")
-    weight = metrics.get("num-examples")
-    if not isinstance(weight, int) or weight <= 0:
-        raise PayloadError(f"num-examples is {weight!r}, expected a positive integer")
+    examples = metrics.get("num-examples")
+    if not isinstance(examples, int) or examples <= 0:
+        raise PayloadError(f"num-examples is {examples!r}, expected a positive integer")
+    _check_reply_metrics(metrics)
     size = sum(len(array.data) for array in arrays.values())
     if size > max_bytes:
         raise PayloadError(f"payload has {size} bytes, the limit is {max_bytes}")
     try:
-        parts = {name: array.numpy() for name, array in arrays.items()}
+        parts = {name: _numpy(array) for name, array in arrays.items()}
+    except PayloadError:
+        raise
     except Exception as err:  # a corrupt buffer must not stop the round
         raise PayloadError(f"payload does not decode: {err}") from None
-    return codec.validate(parts), float(weight)
+    return codec.validate(parts), examples
+
+
+def _numpy(array: Array) -> np.ndarray:
+    """``array.numpy()``, once its header declares no more bytes than it carries: numpy allocates
+    the declared size before reading, so a 100-byte reply could otherwise ask for terabytes."""
+    buffer = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(buffer)
+    if version not in ((1, 0), (2, 0)):
+        raise PayloadError(f"payload is .npy format {version[0]}.{version[1]}, expected 1.0 or 2.0")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(buffer)
+    declared, carried = math.prod(shape) * dtype.itemsize, len(array.data) - buffer.tell()
+    if declared > carried:
+        raise PayloadError(f"payload header declares {declared} bytes of data, it carries {carried}")
+    return array.numpy()
+
+
+def _check_reply_metrics(metrics: MetricRecord) -> None:
+    """train-loss a finite number, partition-id (optional) a non-negative integer: the server reads both."""
+    loss = metrics.get("train-loss")
+    try:
+        finite = isinstance(loss, (int, float)) and math.isfinite(loss)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise PayloadError(f"train-loss is {loss!r}, expected a finite number")
+    partition = metrics.get("partition-id", 0)
+    if not isinstance(partition, int) or partition < 0:
+        raise PayloadError(f"partition-id is {partition!r}, expected a non-negative integer")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import subprocess
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from bench.superlink import free_port, superlink_command, wait_for_port
 from bench.superlink import stop_group as stop_process_group
@@ -16,20 +25,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class SuperLink:
-    """A real SuperLink process on loopback with a private FLWR_HOME whose connection "test" points at it."""
+    """A real SuperLink process on loopback with a private FLWR_HOME whose connection "test" points at it.
 
-    def __init__(self, workdir: Path, simulation: bool) -> None:
+    ``authenticated``: TLS and SuperNode authentication, as in a production deployment;
+    each partition's SuperNode has its own registered key, so it keeps its node id when
+    it restarts (without, a restarted SuperNode registers afresh under a new id).
+    """
+
+    def __init__(self, workdir: Path, simulation: bool, authenticated: bool = False) -> None:
         self.workdir = workdir
         self.home = workdir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         args, http_port, self.fleet_port = superlink_command(self.home, workdir / "state.db", "test", simulation)
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
         self.processes: list[subprocess.Popen] = []
+        self.ca: Path | None = None
+        if authenticated:
+            self.ca, cert, key = write_tls_files(workdir / "tls")
+            args = [a for a in args if a != "--insecure"]
+            args += ["--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+            args += ["--enable-supernode-auth"]
+            config = self.home / "config.toml"
+            config.write_text(config.read_text().replace("insecure = true", f'root-certificates = "{self.ca}"'))
         self.start("superlink", args, http_port)
 
     def start(self, name: str, args: list[str], port: int) -> subprocess.Popen:
-        """Start a Flower process in its own process group and wait until it listens on ``port``."""
-        with open(self.workdir / f"{name}.log", "w") as log:
+        """Start a Flower process in its own process group and wait until it listens on ``port``.
+
+        Its output is appended to ``WORKDIR/NAME.log`` (a restarted SuperNode adds to its log)."""
+        with open(self.workdir / f"{name}.log", "a") as log:
             process = subprocess.Popen(
                 args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
@@ -41,7 +65,7 @@ class SuperLink:
         port = free_port()
         args = [
             "flower-supernode",
-            "--insecure",
+            *self._supernode_security(partition_id),
             "--grpc-rere",
             "--superlink",
             f"127.0.0.1:{self.fleet_port}",
@@ -56,9 +80,94 @@ class SuperLink:
         ]
         return self.start(f"supernode-{partition_id}", args, port)
 
+    def _supernode_security(self, partition_id: int) -> list[str]:
+        if self.ca is None:
+            return ["--insecure"]
+        return ["--root-certificates", str(self.ca), "--auth-supernode-private-key", str(self._supernode_key(partition_id))]
+
+    def _supernode_key(self, partition_id: int) -> Path:
+        """The partition's SuperNode key, registered with the SuperLink (`flwr supernode register`) once."""
+        key = self.workdir / "tls" / f"supernode-{partition_id}.key"
+        if not key.exists():
+            write_supernode_key(key)
+            register = ["flwr", "supernode", "register", str(key.with_suffix(".pub")), "test"]
+            result = subprocess.run(register, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stdout + result.stderr
+        return key
+
+    def node_id(self, partition_id: int, timeout: float = 60) -> int:
+        """The node id the SuperLink gave the partition's SuperNode when it (last) connected, from its log."""
+        log = self.workdir / f"supernode-{partition_id}.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ids = re.findall(r"SuperNode ID: (\d+)", log.read_text())
+            if ids:
+                return int(ids[-1])
+            time.sleep(0.5)
+        raise TimeoutError(f"supernode {partition_id} logged no node id within {timeout:.0f}s")
+
+    def connections(self, partition_id: int) -> int:
+        """How many times the partition's SuperNode has connected (once per start)."""
+        return len(re.findall(r"SuperNode ID: \d+", (self.workdir / f"supernode-{partition_id}.log").read_text()))
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             stop_process_group(process)
+
+
+def write_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA, and a certificate for 127.0.0.1 it signed with its key: (CA, certificate, key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmud test CA")])
+    ca = _certificate(ca_name, ca_name, ca_key.public_key(), ca_key, is_ca=True)
+    host = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    cert = _certificate(host, ca_name, key.public_key(), ca_key, is_ca=False)
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+def _certificate(subject: x509.Name, issuer: x509.Name, public_key, signing_key, is_ca: bool) -> x509.Certificate:
+    now = datetime.now(timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()), critical=False)
+    )
+    if is_ca:
+        usage = dict(digital_signature=False, key_cert_sign=True, crl_sign=True)
+    else:
+        usage = dict(digital_signature=True, key_cert_sign=False, crl_sign=False)
+        names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    flags = dict(content_commitment=False, key_encipherment=False, data_encipherment=False, key_agreement=False)
+    builder = builder.add_extension(
+        x509.KeyUsage(**usage, **flags, encipher_only=False, decipher_only=False), critical=True
+    )
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def write_supernode_key(path: Path) -> None:
+    """A SuperNode's EC key pair in OpenSSH format, as `flower-supernode` and `flwr supernode register` read it."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    path.with_suffix(".pub").write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +214,12 @@ def finished_run(env: dict, run_dir: Path, run_config: str, supernodes: int = 3,
         "ledger": json.loads((run / "ledger.json").read_text()),
         "dir": run,
     }
+
+
+@pytest.fixture
+def task_identity():
+    """Messages are made inside a run; give this process the identity a ServerApp would have."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -25,6 +25,12 @@ from fedmud.models import CNN
         ("lr", 0.0, "> 0.0"),
         ("local-epochs", 1.5, "an integer"),
         ("partition", "pathological", "iid, dirichlet"),
+        ("max-examples", 0, "an integer >= 1"),
+        ("max-examples", 1e6, "an integer"),
+        ("update-norm-bound", -1.0, "a number >= 0.0"),
+        ("update-norm-bound", "10", "a number"),
+        ("update-norm-bound", float("nan"), "a finite number"),
+        ("update-norm-action", "drop", "choose one of reject, clip"),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(key, value, allowed):
@@ -73,3 +79,19 @@ def test_defaults_parse():
 def test_combinations_that_cannot_work_are_refused(cfg, message):
     with pytest.raises(ConfigError, match=message):
         parse_run_config(cfg)
+
+
+def test_reply_bounds_default_to_a_finite_examples_cap_and_no_norm_bound():
+    bounds = parse_run_config({}).bounds
+    assert (bounds.max_examples, bounds.update_norm_bound, bounds.update_norm_action) == (100_000, 0.0, "clip")
+    bounds = parse_run_config({"max-examples": 500, "update-norm-bound": 3, "update-norm-action": "reject"}).bounds
+    assert (bounds.max_examples, bounds.update_norm_bound, bounds.update_norm_action) == (500, 3.0, "reject")
+
+
+def test_the_pyproject_defaults_are_the_parsers_defaults_for_the_reply_bounds():
+    import tomllib
+    from pathlib import Path
+
+    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert parse_run_config(config).bounds == parse_run_config({}).bounds
+    assert {"max-examples", "update-norm-bound", "update-norm-action"} <= set(config)

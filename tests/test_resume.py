@@ -1,13 +1,20 @@
-"""Checkpoint/resume and digest resync, on Flower's real simulation runtime."""
+"""Checkpoint/resume and digest resync: in the library (a server restarted from its checkpoint) and
+on Flower's real simulation runtime."""
 
 import json
 
 import pytest
 import torch
 
-from .conftest import flwr_run
+from fedmud.checkpoint import load_checkpoint, restore, save_checkpoint
+from fedmud.config import ConfigError, parse_run_config
+from fedmud.ledger import Ledger
+from fedmud.rounds import ClientModel, ServerModel
+from fedmud.sync import CHAIN
 
-pytestmark = pytest.mark.integration
+from .conftest import flwr_run
+from .federation import Node, nodes_for, run_rounds, server_for
+
 FEDERATION = ("--federation-config", "num-supernodes=3 client-resources-num-cpus=1")
 
 
@@ -23,6 +30,7 @@ def _only_run(run_dir):
     return path
 
 
+@pytest.mark.integration
 def test_a_resumed_run_ends_with_exactly_the_weights_of_the_uninterrupted_run(simulation_superlink, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     _run(simulation_superlink, whole, "num-server-rounds=4")
@@ -40,14 +48,78 @@ def test_a_resumed_run_ends_with_exactly_the_weights_of_the_uninterrupted_run(si
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # nothing merged twice, nothing lost
 
 
-def test_a_digest_mismatch_is_reported_and_fixed_by_a_full_resync(simulation_superlink, tmp_path):
+@pytest.mark.integration
+def test_a_digest_mismatch_is_reported_and_fixed_by_a_full_resync_within_the_round(simulation_superlink, tmp_path):
     _run(simulation_superlink, tmp_path, "num-server-rounds=3 fault-corrupt-state-round=2")
     run = _only_run(tmp_path)
     rows = {r["round"]: r for r in json.loads((run / "results.json").read_text())}
-    assert rows[2]["resync"] == 3 and rows[2]["accepted"] == 0  # every client's copy was corrupted
+    assert rows[2]["resync"] == 3  # every client's copy was corrupted ...
+    assert rows[2]["accepted"] == 3  # ... and each trained on the full model, sent again in the same round
     assert rows[3]["accepted"] == 3 and rows[3]["resync"] == 0
     ledger = json.loads((run / "ledger.json").read_text())
-    down = {r["round"]: r["bytes"] for r in ledger["records"] if r["direction"] == "down"}
-    assert down[3] == pytest.approx(ledger["dense_down_bytes"], rel=0.01)  # the full model
-    assert down[2] < ledger["dense_down_bytes"] / 10  # a chain
+    dense, down = ledger["dense_down_bytes"], {}
+    for r in ledger["records"]:
+        if r["direction"] == "down":
+            down.setdefault(r["round"], []).append(r["bytes"])
+    chains, full = [b for b in down[2] if b < dense / 10], [b for b in down[2] if b >= dense / 10]
+    assert len(chains) == len(full) == 3 and all(b == pytest.approx(dense, rel=0.01) for b in full)
+    assert all(b < dense / 10 for b in down[3])  # back on chains
     assert rows[3]["accuracy"] > 0.5
+
+
+# ------------------------------------------------------------------------- in the library
+def test_a_checkpoint_made_with_another_config_is_refused_naming_every_differing_key(tmp_path):
+    save_checkpoint(tmp_path, ServerModel(parse_run_config({})), Ledger(), [])
+    other = {"pattern": "fab", "lr": 0.1, "data-seed": 7, "uplink": "int8", "downlink": "full"}
+    with pytest.raises(ConfigError) as err:
+        load_checkpoint(tmp_path, parse_run_config({**other, "num-server-rounds": 30, "max-examples": 10}))
+    message = str(err.value)
+    assert message.startswith(f"resume={str(tmp_path)!r} is not allowed; its checkpoint was made with another configuration")
+    for difference in (
+        "pattern='aad' (this run: 'fab')",
+        "lr=0.05 (this run: 0.1)",
+        "data-seed=42 (this run: 7)",
+        "uplink='float32' (this run: 'int8')",
+        "downlink='chain' (this run: 'full')",
+    ):
+        assert difference in message
+    assert message.count("(this run:") == len(other)  # rounds and reply bounds may change on resume
+    load_checkpoint(tmp_path, parse_run_config({"num-server-rounds": 30, "max-examples": 10}))
+
+
+@pytest.mark.parametrize(
+    ("config", "stop_after", "fresh_nodes"),
+    [
+        ({"init": "hrp", "hrp-rounds": 2}, 1, True),  # stopped before the HRP directions are fixed
+        ({"init": "hrp", "hrp-rounds": 2}, 2, True),  # ... and after: they come back with the weights
+        ({"uplink": "int8", "error-feedback": True}, 2, False),
+    ],
+    ids=["hrp-before-directions", "hrp-after-directions", "int8-error-feedback"],
+)
+def test_a_server_restarted_from_its_checkpoint_ends_bitwise_as_the_uninterrupted_run(
+    tmp_path, config, stop_after, fresh_nodes
+):
+    """Nodes that restart too (as in a new Flower run) rebuild the model by the chain from round 0;
+    error feedback lives on the nodes, so with it they keep running across the server's restart."""
+    run = parse_run_config({"local-epochs": 1, **config})
+    whole = server_for(run)
+    run_rounds(whole, nodes_for(run), range(1, 5))
+
+    first = server_for(run)
+    nodes = nodes_for(run)
+    run_rounds(first, nodes, range(1, stop_after + 1))
+    save_checkpoint(tmp_path, first, Ledger(), [])
+    resumed = server_for(run)
+    restore(load_checkpoint(tmp_path, run), resumed)
+    if fresh_nodes:
+        nodes = {f"new-{name}": Node(n.partition, ClientModel(run, torch.device("cpu"))) for name, n in nodes.items()}
+    sent = run_rounds(resumed, nodes, range(stop_after + 1, 5))
+    assert {kind for _, _, kind in sent} == {CHAIN}  # fresh nodes too: the chain from round 0
+
+    assert resumed.round == whole.round == 4
+    expected = whole.global_state()
+    for name, tensor in resumed.global_state().items():
+        assert torch.equal(tensor, expected[name]), name
+    assert resumed.digest == whole.digest
+    if run.decomposition.init == "hrp":
+        assert resumed.model.hrp_ready and whole.model.hrp_ready

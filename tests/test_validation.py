@@ -1,16 +1,18 @@
 """Every reply is validated before it can reach the model; bad ones are rejected and counted."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedmud.codec import PayloadError
 from fedmud.config import parse_run_config
 from fedmud.ledger import Ledger
 from fedmud.rounds import ServerModel
 from server.strategy import FedMUD
+from .federation import reply_from
 from server.wire import read_upload, sync_error_record, upload_record
 
 ROUND = 3
@@ -77,6 +79,34 @@ def _no_examples(server, good):
     return upload_record(good, 0, 0.1, ROUND)
 
 
+def _lying_header(server, good):
+    """A 200-byte array whose .npy header declares 10^12 values (numpy would allocate them first)."""
+    content = upload_record(good, 40, 0.1, ROUND)
+    header = np.lib.format.header_data_from_array_1_0(good)
+    header["shape"] = (10**12,)
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    data = buffer.getvalue() + good[:32].tobytes()
+    content.array_records["update"]["payload"] = Array(dtype="float32", shape=(10**12,), stype="numpy.ndarray", data=data)
+    return content
+
+
+def _nan_train_loss(server, good):
+    return upload_record(good, 40, float("nan"), ROUND)
+
+
+def _fractional_partition(server, good):
+    content = upload_record(good, 40, 0.1, ROUND)
+    content.metric_records["metrics"]["partition-id"] = 2.5
+    return content
+
+
+def _examples_as_a_list(server, good):
+    content = upload_record(good, 40, 0.1, ROUND)
+    content.metric_records["metrics"]["num-examples"] = [40, 40]
+    return content
+
+
 BAD = {
     "missing key": (_without_update, "lacks 'update'"),
     "wrong shape": (_wrong_shape, "shape"),
@@ -87,6 +117,10 @@ BAD = {
     "stale round": (_stale, f"answers round {ROUND - 1}, this is round {ROUND}"),
     "extra array": (_extra_array, "expected only 'payload'"),
     "no examples": (_no_examples, "num-examples is 0"),
+    "examples as a list": (_examples_as_a_list, r"num-examples is \[40, 40\]"),
+    "lying header": (_lying_header, "header declares 4000000000000 bytes of data, it carries 128"),
+    "NaN train-loss": (_nan_train_loss, "train-loss is nan, expected a finite number"),
+    "fractional partition-id": (_fractional_partition, "partition-id is 2.5, expected a non-negative integer"),
 }
 
 
@@ -98,29 +132,15 @@ def test_bad_reply_is_rejected_with_its_reason(kind, server, good):
 
 
 # ------------------------------------------------------------------------- in the strategy
-@pytest.fixture
-def task_identity():
-    """Messages are made inside a run; give this process the identity a ServerApp would have."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-def _reply(node_id: int, content: RecordDict) -> Message:
-    request = Message(content=RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
-    return Message(content=content, reply_to=request)
-
-
 def test_strategy_merges_only_valid_replies_and_counts_the_rest(task_identity, tmp_path, good):
     run = parse_run_config({"min-replies": 1})
     server = ServerModel(run)
     server.round = ROUND - 1
     strategy = FedMUD(run, server, Ledger(), tmp_path, test_data=[])
     before = {n: t.clone() for n, t in server.global_state().items()}
-    replies = [_reply(1, upload_record(good, 40, 0.2, ROUND, partition_id=0))]
-    replies += [_reply(10 + i, make(server, good)) for i, (make, _) in enumerate(BAD.values())]
-    replies.append(_reply(99, sync_error_record(ROUND, 5)))
+    replies = [reply_from(1, upload_record(good, 40, 0.2, ROUND, partition_id=0))]
+    replies += [reply_from(10 + i, make(server, good)) for i, (make, _) in enumerate(BAD.values())]
+    replies.append(reply_from(99, sync_error_record(ROUND, 5)))
     _, metrics = strategy.aggregate_train(ROUND, replies)
     assert (metrics["accepted"], metrics["rejected"], metrics["resync"]) == (1, len(BAD), 1)
     after = server.global_state()
@@ -136,7 +156,7 @@ def test_strategy_skips_a_round_below_min_replies(task_identity, tmp_path, good)
     server.round = ROUND - 1
     strategy = FedMUD(run, server, Ledger(), tmp_path, test_data=[])
     digest = server.digest
-    _, metrics = strategy.aggregate_train(ROUND, [_reply(1, upload_record(good, 40, 0.2, ROUND)), _reply(2, _nan(server, good))])
+    _, metrics = strategy.aggregate_train(ROUND, [reply_from(1, upload_record(good, 40, 0.2, ROUND)), reply_from(2, _nan(server, good))])
     assert metrics["accepted"] == 0 and metrics["rejected"] == 1
     assert server.digest == digest and not server.chain.links
     strategy.writer.close()
@@ -170,3 +190,21 @@ def test_the_hrp_basis_rides_on_its_chain_link_through_the_wire():
     assert [link.round for link in got.links] == [1, 2]
     assert np.array_equal(got.links[0].basis, basis) and got.links[1].basis is None
     assert np.array_equal(got.links[1].payload, payload + 1)
+
+
+def test_an_int8_code_of_minus_128_is_rejected_before_it_decodes_to_inf():
+    """The encoder sends codes in [-127, 127]; -128 times the largest scale that passes the 127 check is -inf."""
+    server = ServerModel(parse_run_config({"uplink": "int8"}))
+    parts = server.codec.encode(np.ones(server.codec.layout.numel, np.float32))
+    largest = np.nextafter(np.float32(np.finfo(np.float32).max / 127), np.float32(0))
+    parts["scales"][0], parts["payload"][0] = largest, -128
+    with pytest.raises(PayloadError, match="payload holds -128; int8 values must lie in"):
+        read_upload(upload_record(parts, 40, 0.1, ROUND), server.codec, ROUND, _limit(server))
+
+
+def test_a_residual_that_overflows_when_added_to_the_reference_is_rejected():
+    server = ServerModel(parse_run_config({"uplink": "int8"}))
+    parts = server.codec.encode(np.full(server.codec.layout.numel, 1e38, np.float32))  # a valid residual
+    reference = np.full(server.codec.layout.numel, 3e38, np.float32)
+    with pytest.raises(PayloadError, match="values overflow float32 when added to the reference"):
+        server.codec.decode(parts, reference)

@@ -1,0 +1,67 @@
+"""Bounds on what one reply can do to the global model: its weight and the size of its update.
+
+A reply passes :func:`fedmud.codec.Codec.validate` when it is well formed, but two of
+its numbers are still the sender's word. ``num-examples`` weighs it in the mean, and
+the server cannot count a client's data: one node claiming 10^15 examples would
+outweigh every other node. :func:`cap_examples` counts such a claim as
+``max-examples``. Its update (the decoded upload minus the round-start values both
+sides know) can be as large as float32 allows; :func:`bound_update` keeps its L2 norm
+within ``update-norm-bound`` by scaling it down (``clip``) or dropping the reply
+(``reject``). Both are logged and counted by the server, so an operator sees them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CAPPED, CLIPPED, NORM_REJECTED = "capped", "clipped", "norm-rejected"
+EVENTS = (CAPPED, CLIPPED, NORM_REJECTED)
+
+
+@dataclass(frozen=True)
+class Screened:
+    """One valid reply after the bounds: what merges, with what weight, and what was changed."""
+
+    values: np.ndarray | None  # the decoded upload to merge; None when the norm bound dropped it
+    weight: float
+    events: tuple[str, ...] = ()  # among EVENTS
+    reasons: tuple[str, ...] = ()  # one line per event, for the log
+
+    @property
+    def dropped(self) -> bool:
+        return self.values is None
+
+
+def cap_examples(claimed: int, cap: int) -> tuple[float, str]:
+    """(weight, reason): ``claimed`` counted as at most ``cap``; reason is empty when not capped.
+
+    Works on Python ints, so a claim too large for a float (10^400) is capped, not an error.
+    """
+    if claimed <= cap:
+        return float(claimed), ""
+    shown = f"{claimed:.3g}" if claimed < 10**300 else f"~10^{len(str(claimed)) - 1}"
+    return float(cap), f"num-examples {shown} is above max-examples, counted as {cap}"
+
+
+def update_norm(update: np.ndarray) -> float:
+    """L2 norm in float64: a float32 sum of squares of large finite values would overflow."""
+    return float(np.linalg.norm(update.astype(np.float64, copy=False)))
+
+
+def bound_update(update: np.ndarray, bound: float, action: str) -> tuple[np.ndarray | None, str, str]:
+    """(update, event, reason) with the update's norm kept within ``bound`` (0: no bound).
+
+    ``clip`` scales an update above the bound down to it (its direction is kept);
+    ``reject`` returns None for it. Event and reason are empty when nothing changed.
+    """
+    if bound <= 0:
+        return update, "", ""
+    norm = update_norm(update)
+    if norm <= bound:
+        return update, "", ""
+    if action == "reject":
+        return None, NORM_REJECTED, f"update norm {norm:.4g} is above update-norm-bound {bound:g}; dropped"
+    scaled = update.astype(np.float64) * (bound / norm)
+    return scaled, CLIPPED, f"update norm {norm:.4g} is above update-norm-bound {bound:g}; scaled to it"

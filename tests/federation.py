@@ -1,0 +1,70 @@
+"""A federation without the transport: a ServerModel and ClientModels doing what the strategy and
+the ClientApps do each round, for tests that need several rounds in seconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedmud.rounds import ClientModel, ServerModel
+from fedmud.seeds import round_seed
+from fedmud.sync import FULL
+
+
+@dataclass
+class Node:
+    """A client as a SuperNode keeps it between rounds: its model, the global round it holds, its error feedback."""
+
+    partition: int
+    model: ClientModel
+    held: tuple | None = None
+    feedback: dict | None = None
+
+
+def loader(partition: int, server_round: int) -> DataLoader:
+    """48 random 1x28x28 images of this partition and round (the CNN's input), in a fixed order."""
+    g = torch.Generator().manual_seed(1000 * partition + server_round)
+    data = TensorDataset(torch.randn(48, 1, 28, 28, generator=g), torch.randint(0, 10, (48,), generator=g))
+    return DataLoader(data, batch_size=16)
+
+
+def server_for(run) -> ServerModel:
+    """A ServerModel with the downlink sizes the ServerApp measures for the default CNN (a link is
+    ~1/32 of the model), so chains are planned as in a real run."""
+    server = ServerModel(run)
+    server.link_bytes, server.full_bytes = 49_190, 1_571_559
+    return server
+
+
+def nodes_for(run) -> dict[str, Node]:
+    return {f"node-{p}": Node(p, ClientModel(run, torch.device("cpu"))) for p in range(2)}
+
+
+def run_rounds(server: ServerModel, nodes: dict[str, Node], rounds: range) -> list[tuple[int, str, str]]:
+    """What the strategy and the ClientApps do each round, without the transport; returns the
+    downlinks sent as (round, node, kind). A node that cannot reach the digest raises SyncError."""
+    sent = []
+    for r in rounds:
+        seed, target, uploads = round_seed(server.run.seed, r), server.round, []
+        for name, node in nodes.items():
+            plan = server.plan(name)
+            sent.append((r, name, plan.kind))
+            full = server.global_state() if plan.kind == FULL else None
+            state = node.model.sync(node.held, plan.kind, server.digest, full, plan.base_round, plan.links)
+            node.held = (target, state)
+            parts, _, node.feedback = node.model.train_round(seed, loader(node.partition, r), node.feedback)
+            uploads.append((parts, 48))
+        server.apply_round(r, seed, uploads)
+        for name in nodes:
+            server.records.synced(name, target)
+    return sent
+
+
+def reply_from(node_id: int, content) -> "Message":
+    """A reply from ``node_id`` to a train message sent to it (real Flower messages, no network)."""
+    from flwr.app import Message, MessageType, RecordDict
+
+    request = Message(content=RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    return Message(content=content, reply_to=request)
