@@ -3,9 +3,13 @@
 #
 #   docker build -t fedmud .                                        # base: python:3.11-slim
 #   docker build --build-arg BASE_IMAGE=python:3.11-slim -t fedmud .
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t fedmud:cpu .
 #
-# torch comes from the default PyPI index, which is a CUDA build (about 6 GB of wheels): the same
+# torch comes from the default PyPI index, which is a CUDA build (about 6 GB of wheels; torch 2.14's
+# is CUDA 13.0, which needs NVIDIA driver >= 580 on a GPU host, see docs/deployment.md): the same
 # image trains on CPU and, when the container is given an NVIDIA GPU (docker-compose.gpu.yml), on CUDA.
+# TORCH_INDEX_URL installs torch and torchvision from another index first, e.g. PyTorch's CPU-only
+# wheels (a much smaller image, no GPU support); the rest still comes from PyPI.
 ARG BASE_IMAGE=python:3.11-slim
 
 # The dependency list alone, so that the large layer below is rebuilt only when it changes, not
@@ -27,7 +31,14 @@ ENV PYTHONUNBUFFERED=1 \
 
 RUN python -m venv "$VIRTUAL_ENV"
 COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt
-RUN pip install -r /tmp/requirements.txt
+# Empty (the default): torch from PyPI (CUDA build). Else torch/torchvision, with the project's
+# version bounds, from that index (https://download.pytorch.org/whl/cpu: CPU-only).
+ARG TORCH_INDEX_URL=
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+        grep -E '^(torch|torchvision)[<>=!~ ]' /tmp/requirements.txt > /tmp/torch.txt && \
+        pip install --index-url "$TORCH_INDEX_URL" -r /tmp/torch.txt; \
+    fi && \
+    pip install -r /tmp/requirements.txt
 
 # The project. Its sources also stay in /app: `flwr run .` builds the Flower app bundle from here.
 WORKDIR /app
@@ -36,7 +47,7 @@ COPY fedmud ./fedmud
 COPY server ./server
 COPY client ./client
 COPY configs ./configs
-COPY deploy/entrypoint.sh deploy/fedmud_deploy.py ./deploy/
+COPY deploy/entrypoint.sh deploy/fedmud_deploy.py deploy/preflight.py ./deploy/
 RUN pip install --no-deps . && rm -rf build *.egg-info
 
 ENTRYPOINT ["/app/deploy/entrypoint.sh"]

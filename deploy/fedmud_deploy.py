@@ -14,6 +14,15 @@
         the SuperLink's own Fleet traffic counters (`flwr ls --run-id ID --format json`);
         print the comparison and write it to RUN_DIR/traffic.json. Exit status 1 when a
         direction differs by more than --tolerance (default 0.10).
+    python deploy/fedmud_deploy.py connection NAME ADDRESS (--root-certificates CA | --insecure)
+        Add (or replace) the flwr CLI connection NAME in $FLWR_HOME/config.toml (default
+        ~/.flwr/config.toml), keeping every other connection; NAME becomes the default
+        connection only where none is set.
+    python deploy/fedmud_deploy.py rejoined RUN_DIR NODE_ID AFTER_ROUND
+        For a SuperNode that was restarted after round AFTER_ROUND: the first later round in which
+        the ServerApp sent NODE_ID a model (ledger.json), and whether its upload was merged in
+        that round (results.json: "accepted" equals the number of nodes sent a model that round).
+        Exit status 1 with the reason otherwise.
     python deploy/fedmud_deploy.py check RUN_DIR ROUNDS
         What the smoke scripts require of a finished run: rounds 1..ROUNDS in results.json,
         TensorBoard logs, and traffic.json within its tolerance. Prints the final accuracy and
@@ -82,6 +91,27 @@ def run_config(out: Path, preset: str, overrides: list[str]) -> dict:
     return config
 
 
+def connection(name: str, address: str, root_certificates: str | None) -> Path:
+    import tomllib
+
+    import tomli_w
+
+    home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    path = home / "config.toml"
+    config = tomllib.loads(path.read_text()) if path.is_file() else {}
+    superlink = config.setdefault("superlink", {})
+    entry: dict = {"address": address}
+    if root_certificates:
+        entry["root-certificates"] = str(Path(root_certificates).resolve())
+    else:
+        entry["insecure"] = True
+    superlink[name] = entry
+    superlink.setdefault("default", name)
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
 def traffic(ls_json: Path, run_dir: Path, tolerance: float) -> bool:
     runs = json.loads(ls_json.read_text())["runs"]
     flower = runs[0]["network-traffic"]
@@ -137,6 +167,24 @@ def check(run_dir: Path, rounds: int) -> str | None:
     return None
 
 
+def rejoined(run_dir: Path, node: str, after_round: int) -> str | None:
+    """None when ``node``'s upload was merged in the first round after ``after_round`` it was sent a model."""
+    records = json.loads((run_dir / "ledger.json").read_text())["records"]
+    rows = {row["round"]: row for row in json.loads((run_dir / "results.json").read_text())}
+    rounds = sorted({r["round"] for r in records if r["client"] == node and r["direction"] == "down" and r["round"] > after_round})
+    if not rounds:
+        return f"node {node} was not sent a model after round {after_round}"
+    first = rounds[0]
+    sent = {r["client"] for r in records if r["round"] == first and r["direction"] == "down"}
+    row = rows.get(first, {})
+    accepted = row.get("accepted")
+    counts = ", ".join(f"{k} {row[k]}" for k in ("failed", "resync", "rejected") if k in row)
+    print(f"node {node} back in round {first}: {len(sent)} nodes sent a model, {accepted} uploads merged ({counts})")
+    if accepted != len(sent):
+        return f"round {first}: {accepted} of {len(sent)} uploads merged, so node {node} did not contribute in its first round back"
+    return None
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +197,16 @@ def main(argv: list[str]) -> int:
     compare.add_argument("ls_json", type=Path)
     compare.add_argument("run_dir", type=Path)
     compare.add_argument("--tolerance", type=float, default=0.10)
+    conn = commands.add_parser("connection")
+    conn.add_argument("name")
+    conn.add_argument("address")
+    security = conn.add_mutually_exclusive_group(required=True)
+    security.add_argument("--root-certificates")
+    security.add_argument("--insecure", action="store_true")
+    back = commands.add_parser("rejoined")
+    back.add_argument("run_dir", type=Path)
+    back.add_argument("node")
+    back.add_argument("after_round", type=int)
     finished = commands.add_parser("check")
     finished.add_argument("run_dir", type=Path)
     finished.add_argument("rounds", type=int)
@@ -158,8 +216,14 @@ def main(argv: list[str]) -> int:
         print(partition_id(args.num_partitions))
     elif args.command == "run-config":
         print(json.dumps(run_config(args.out, args.preset, args.overrides)))
+    elif args.command == "connection":
+        connection(args.name, args.address, args.root_certificates)
     elif args.command == "traffic":
         return 0 if traffic(args.ls_json, args.run_dir, args.tolerance) else 1
+    elif args.command == "rejoined":
+        if (failure := rejoined(args.run_dir, args.node, args.after_round)) is not None:
+            print(f"FAIL: {failure}", file=sys.stderr)
+            return 1
     elif (failure := check(args.run_dir, args.rounds)) is not None:
         print(f"FAIL: {failure}", file=sys.stderr)
         return 1
