@@ -176,10 +176,7 @@ run_dir=$(first "$LOGS/run.log" "FINAL results in" | sed 's/.*FINAL results in \
 host_dir=results/$tag-server/${run_dir#/results/}
 [[ -n $run_dir && -f $host_dir/summary.json ]] ||
   { say "FAIL: no results in $host_dir (the default FEDMUD_RESULTS_DIR, results/<project>)"; exit 1; }
-status=0
-python3 deploy/fedmud_deploy.py check "$host_dir" 2 >"$LOGS/check.log" 2>&1 || status=$?
-sed 's/^/[multihost-smoke] /' "$LOGS/check.log"
-[[ $status == 0 ]] || exit 1
+check_run "$host_dir" 2 "$LOGS/check.log" multihost-smoke
 
 # --- the Control API from "another machine" (here the host, through the published loopback port) --
 FLWR=${SMOKE_ROOT}/.venv/bin/flwr

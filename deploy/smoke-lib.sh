@@ -14,6 +14,24 @@ count() { if [[ -f $1 ]]; then grep -Ec -- "$2" "$1" || true; else echo 0; fi; }
 # first FILE ERE: the first matching line, colour codes removed ("" when none).
 first() { [[ -f $1 ]] || return 0; sed 's/\x1b\[[0-9;]*m//g' "$1" >"$1.plain"; grep -E -m1 -- "$2" "$1.plain" || true; }
 
+# newest_run DIR: the directory of the newest DIR/*/summary.json, "" when there is none.
+newest_run() {
+  local summary newest=""
+  for summary in "$1"/*/summary.json; do
+    [[ -e $summary && ( -z $newest || $summary -nt $newest ) ]] && newest=$summary
+  done
+  [[ -z $newest ]] || dirname "$newest"
+}
+
+# check_run RUN_DIR ROUNDS LOG TAG: `deploy/fedmud_deploy.py check` on a finished run, its output
+# shown with a [TAG] prefix (and kept in LOG); exits the script when the check fails.
+check_run() {
+  local status=0
+  python3 deploy/fedmud_deploy.py check "$1" "$2" >"$3" 2>&1 || status=$?
+  sed "s/^/[$4] /" "$3"
+  [[ $status == 0 ]] || exit 1
+}
+
 # wait_for SECONDS DESCRIPTION COMMAND...: run COMMAND every second until it succeeds.
 wait_for() {
   local limit=$1 what=$2 start=$SECONDS

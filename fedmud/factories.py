@@ -49,11 +49,18 @@ def load_factory(key: str, value: str) -> Callable[..., Any]:
     return target
 
 
+def _parameters(factory: Callable[..., Any]) -> list[inspect.Parameter] | None:
+    """``factory``'s parameters, or None when it has no signature (some builtins): call it bare."""
+    try:
+        return list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
 def accepted_kwargs(factory: Callable[..., Any], available: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``available`` that ``factory``'s signature declares (all of it for ``**kwargs``)."""
-    try:
-        parameters = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):  # some builtins have no signature: call them bare
+    parameters = _parameters(factory)
+    if parameters is None:
         return {}
     if any(p.kind is p.VAR_KEYWORD for p in parameters):
         return dict(available)
@@ -63,9 +70,8 @@ def accepted_kwargs(factory: Callable[..., Any], available: dict[str, Any]) -> d
 
 def _missing_arguments(factory: Callable[..., Any], available: dict[str, Any]) -> list[str]:
     """Required parameters of ``factory`` that are not on offer (the call would fail)."""
-    try:
-        parameters = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
+    parameters = _parameters(factory)
+    if parameters is None:
         return []
     required = [p for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     return [p.name for p in required if p.kind is p.POSITIONAL_ONLY or p.name not in available]

@@ -106,16 +106,9 @@ if grep -E "Pulling|pull access denied|repository does not exist" "$LOGS/up.log"
 fi
 say "no pull attempted for the locally built image"
 
-newest=""
-for summary in "results/$COMPOSE_PROJECT_NAME"/*/summary.json; do
-  [[ -e $summary && ( -z $newest || $summary -nt $newest ) ]] && newest=$summary
-done
-[[ -n $newest ]] || { say "FAIL: no summary.json under results/$COMPOSE_PROJECT_NAME (the default FEDMUD_RESULTS_DIR)"; exit 1; }
-run_dir=$(dirname "$newest")
-status=0
-python3 deploy/fedmud_deploy.py check "$run_dir" "$FEDMUD_ROUNDS" >"$LOGS/check.log" 2>&1 || status=$?
-sed 's/^/[compose-smoke] /' "$LOGS/check.log"
-[[ $status == 0 ]] || exit 1
+run_dir=$(newest_run "results/$COMPOSE_PROJECT_NAME")
+[[ -n $run_dir ]] || { say "FAIL: no summary.json under results/$COMPOSE_PROJECT_NAME (the default FEDMUD_RESULTS_DIR)"; exit 1; }
+check_run "$run_dir" "$FEDMUD_ROUNDS" "$LOGS/check.log" compose-smoke
 
 # --- down -v as written: nothing of the project is left --------------------------------------
 doc one-host-down >"$LOGS/down.log" 2>&1 || { cat "$LOGS/down.log"; exit 1; }

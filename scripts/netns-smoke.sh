@@ -255,16 +255,9 @@ activated=$(count "$WORK/superlink.log" "Fleet.ActivateNode\] Activated")
 expected=$([[ $RESTART == 1 ]] && echo 4 || echo 2)
 [[ $activated == "$expected" ]] || { say "FAIL: $activated SuperNode activations, expected $expected"; exit 1; }
 has "$WORK/rogue.log" "SuperNode ID" && { say "FAIL: the rogue SuperNode got a node id"; exit 1; }
-newest=""
-for summary in results/server/*/summary.json; do
-  [[ -e $summary && ( -z $newest || $summary -nt $newest ) ]] && newest=$summary
-done
-[[ -n $newest ]] || { say "FAIL: no summary.json under results/server"; exit 1; }
-run_dir=$(dirname "$newest")
-status=0
-python deploy/fedmud_deploy.py check "$run_dir" "$ROUNDS" >"$WORK/check.log" 2>&1 || status=$?
-sed 's/^/[netns-smoke] /' "$WORK/check.log"
-[[ $status == 0 ]] || exit 1
+run_dir=$(newest_run results/server)
+[[ -n $run_dir ]] || { say "FAIL: no summary.json under results/server"; exit 1; }
+check_run "$run_dir" "$ROUNDS" "$WORK/check.log" netns-smoke
 
 if [[ $RESTART == 1 ]]; then
   # A: merged in the first round node-1 was sent a model after the crash (round 2)?

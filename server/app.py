@@ -96,11 +96,10 @@ def run_server(
     configuration error, the user's factories' included, stops the run here, before
     any round, with one message naming the key, the value and what is allowed.
     """
-    test_data_given = test_data
     try:
         run = parse_run_config(run_config)
         server = ServerModel(run, model_fn=model_fn, task=task)
-        test_data = test_data if test_data is not None else test_loader(run.data)
+        held_out = test_data if test_data is not None else test_loader(run.data)
         run_dir, ledger, history, first_round = _start(run, server)
     except ConfigError as err:
         log(ERROR, "configuration error: %s", err)
@@ -114,7 +113,7 @@ def run_server(
         server,
         ledger,
         run_dir,
-        test_data,
+        held_out,
         history=history,
         fraction_train=run.fraction_train,
         min_train_nodes=run.min_train_nodes,
@@ -124,7 +123,7 @@ def run_server(
     strategy.writer.close()
     names = {
         "model": run.model if model_fn is None else _qualified(model_fn),
-        "dataset": run.data.dataset if test_data_given is None else _qualified(test_data_given),
+        "dataset": run.data.dataset if test_data is None else _qualified(test_data),
     }
     return report(run, ledger, strategy.history, run_dir, server.task.metric_name, names)
 
