@@ -18,7 +18,9 @@ METHODS = ("fedmud", "fedavg", "fedlmt")
 KINDS = ("kron", "mat")
 PATTERNS = ("ab", "fab", "aad")
 INITS = ("zero", "nonzero", "nonzero-compensated", "hrp")
-UPLINKS = ("float32", "float16", "int8", "topk")
+UPLINKS = ("float32", "float16", "int8", "int4", "int2", "sign", "topk")
+LINK_CODECS = ("float32", "float16", "int8", "int4", "int2", "sign")  # downlink-codec: no topk
+CLIENT_STATES = ("keep", "none")
 DATASETS = ("mnist5k", "digits", "mnist", "fashionmnist", "svhn", "cifar10", "cifar100")
 PARTITIONS = ("iid", "dirichlet", "label-count")
 # Built-in names; `model` and `dataset` also take a user factory as 'package.module:factory'.
@@ -89,11 +91,14 @@ class UplinkConfig:
         next round's trainable factors (``aad``/``fab``).
     topk_ratio: ``topk`` sends this fraction of the dense float32 bytes (8 bytes per
         kept value: float32 value + int32 index).
+    stochastic_rounding: the ``int*`` and ``sign`` codes round up or down at random
+        (unbiased) instead of to the nearest level.
     """
 
     codec: str = "float32"
     error_feedback: bool = False
     topk_ratio: float = 1 / 32
+    stochastic_rounding: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,12 @@ class RunConfig:
     downlink: ``chain`` sends each client the aggregated updates it missed (or the
         full model when that is cheaper or its state is unknown); ``full`` always
         sends the full model.
+    downlink_codec: how each chain link is coded (see :mod:`fedmud.codec`); a lossy
+        code is merged as decoded on every side, so clients stay bitwise in sync, and
+        the server keeps what it lost (error feedback) for the next link.
+    client_state: ``keep`` clients hold the global model between rounds (chains from
+        the round they hold); ``none`` clients keep nothing (cross-device), so each
+        download brings round 0, which every party builds from the seed, to the current round.
     round_timeout: seconds a round waits for replies.
     min_replies: valid replies a round needs to be merged; fewer and it is skipped.
     resume: a run directory whose checkpoint the run continues from ("" = new run).
@@ -179,6 +190,8 @@ class RunConfig:
     model: str = "auto"
     run_dir: str = "runs"
     downlink: str = "chain"
+    downlink_codec: str = "float32"
+    client_state: str = "keep"
     round_timeout: float = 600.0
     min_replies: int = 1
     resume: str = ""
@@ -290,6 +303,16 @@ def _check_combinations(d: DecompositionConfig, u: UplinkConfig) -> None:
         )
 
 
+def _check_downlink(run: RunConfig) -> None:
+    d = run.decomposition
+    if run.downlink_codec != "float32" and d.method == "fedmud" and d.pattern == "ab":
+        raise ConfigError(
+            f"downlink-codec={run.downlink_codec!r} is not allowed with pattern='ab': the server keeps what "
+            "the code lost as a weight update and projects it onto the next round's factors, which needs an "
+            "update linear in them; choose pattern aad or fab, or downlink-codec float32"
+        )
+
+
 def _task(cfg: Mapping[str, Any]) -> str:
     value = cfg.get("task", RunConfig.task)
     if not isinstance(value, str) or not (value in TASKS or is_import_string(value)):
@@ -330,6 +353,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         codec=_choice(cfg, "uplink", UplinkConfig.codec, UPLINKS),
         error_feedback=_flag(cfg, "error-feedback", UplinkConfig.error_feedback),
         topk_ratio=_parse_ratio(cfg, "topk-ratio", UplinkConfig.topk_ratio),
+        stochastic_rounding=_flag(cfg, "stochastic-rounding", UplinkConfig.stochastic_rounding),
     )
     _check_combinations(decomposition, uplink)
     train = TrainConfig(
@@ -354,7 +378,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
             cfg, "label-fraction", DataConfig.label_fraction, low=0.0, high=1.0, low_open=True
         ),
     )
-    return RunConfig(
+    run = RunConfig(
         rounds=_number(cfg, "num-server-rounds", RunConfig.rounds, integer=True, low=1),
         fraction_train=_number(cfg, "fraction-train", RunConfig.fraction_train, low=0.0, high=1.0, low_open=True),
         min_train_nodes=_number(cfg, "min-train-nodes", RunConfig.min_train_nodes, integer=True, low=1),
@@ -362,6 +386,8 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         model=_builtin_or_factory(cfg, "model", RunConfig.model, MODELS),
         run_dir=str(cfg.get("run-dir", RunConfig.run_dir)),
         downlink=_choice(cfg, "downlink", RunConfig.downlink, DOWNLINKS),
+        downlink_codec=_choice(cfg, "downlink-codec", RunConfig.downlink_codec, LINK_CODECS),
+        client_state=_choice(cfg, "client-state", RunConfig.client_state, CLIENT_STATES),
         round_timeout=_number(cfg, "round-timeout", RunConfig.round_timeout, low=0.0, low_open=True),
         min_replies=_number(cfg, "min-replies", RunConfig.min_replies, integer=True, low=1),
         resume=str(cfg.get("resume", RunConfig.resume)),
@@ -375,3 +401,5 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         train=train,
         data=data,
     )
+    _check_downlink(run)
+    return run
