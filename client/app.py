@@ -87,7 +87,8 @@ def run_client_round(
     partition_id = int(context.node_config.get("partition-id", 0))
     client = _client_model(run, model_fn, task)
 
-    held = _held(context)
+    keeps_state = run.client_state == "keep"
+    held = _held(context) if keeps_state else None  # client-state=none: every download starts at round 0
     if held is not None and run.fault_corrupt_state_round == downlink.server_round:
         for tensor in held[1].values():  # fault injection: a corrupted local copy
             if tensor.is_floating_point():
@@ -98,8 +99,9 @@ def run_client_round(
         log(WARNING, "partition %d: cannot sync (%s); asking for the full model", partition_id, err)
         context.state.array_records.pop(HELD_MODEL, None)
         return Message(content=sync_error_record(downlink.server_round, partition_id), reply_to=msg)
-    context.state.array_records[HELD_MODEL] = ArrayRecord(state)
-    context.state.config_records[HELD_SYNC] = ConfigRecord({"round": downlink.target_round})
+    if keeps_state:
+        context.state.array_records[HELD_MODEL] = ArrayRecord(state)
+        context.state.config_records[HELD_SYNC] = ConfigRecord({"round": downlink.target_round})
 
     seed = downlink.round_seed + partition_id
     if loader_fn is None:
@@ -108,7 +110,7 @@ def run_client_round(
         loader = loader_fn(partition_id, seed, run)
     kept = context.state.array_records.get(HELD_FEEDBACK)
     payload, loss, feedback = client.train_round(
-        downlink.round_seed, loader, None if kept is None else kept.to_torch_state_dict()
+        downlink.round_seed, loader, None if kept is None else kept.to_torch_state_dict(), client_id=partition_id
     )
     if feedback is not None:  # error feedback: what the lossy codec has not sent yet
         context.state.array_records[HELD_FEEDBACK] = ArrayRecord(feedback)

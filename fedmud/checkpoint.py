@@ -1,7 +1,8 @@
 """Server checkpoints: written atomically every round, enough to resume bitwise.
 
-A checkpoint holds the global weights and round, the chain store, every client's
-sync record, the ledger, the metric history, the RNG states and the run config it
+A checkpoint holds the server model's own state (:meth:`ServerModel.state_dict`:
+global weights and round, the chain store, every client's sync record, the link
+code's carried error), the ledger, the metric history, the RNG states and the run config it
 was made under. It is written to a temporary file and renamed over the old one,
 so a crash leaves either the previous checkpoint or the new one, never half.
 """
@@ -20,21 +21,16 @@ import torch
 from .config import ConfigError, RunConfig, run_config_key
 from .ledger import Ledger
 from .rounds import ServerModel
-from .sync import ChainStore, Link
 
 CHECKPOINT = "checkpoint.pt"
 # Keys that must match for a resumed run to be the same run.
-_FIXED = ("decomposition", "uplink", "model", "task", "seed", "data", "train", "downlink")
+_FIXED = ("decomposition", "uplink", "model", "task", "seed", "data", "train", "downlink", "downlink_codec", "client_state")
 _MISSING = "<not recorded>"
 
 
 def save_checkpoint(run_dir: Path, server: ServerModel, ledger: Ledger, history: list[dict]) -> Path:
     state = {
-        "round": server.round,
-        "global_state": server.global_state(),
-        "chain": [(link.round, link.seed, link.payload, link.basis) for link in server.chain.links],
-        "chain_oldest_kept": server.chain.oldest_kept,
-        "records": dict(server.records.held),
+        "server": server.state_dict(),
         "ledger": ledger.to_dict(),
         "history": history,
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
@@ -84,9 +80,7 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def restore(state: dict[str, Any], server: ServerModel) -> tuple[Ledger, list[dict]]:
     """Put a loaded checkpoint back into ``server``; returns (ledger, history)."""
-    server.load(state["round"], state["global_state"])
-    server.chain = ChainStore([Link(*link) for link in state["chain"]], state["chain_oldest_kept"])
-    server.records.held = dict(state["records"])
+    server.load_state_dict(state["server"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -14,12 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("fedmud", "fedavg", "fedlmt")
+from .codec import SCHEMES
+
+METHODS = ("fedmud", "fedavg", "fedlmt", "fedpara")
 KINDS = ("kron", "mat")
 PATTERNS = ("ab", "fab", "aad")
 INITS = ("zero", "nonzero", "nonzero-compensated", "hrp")
-UPLINKS = ("float32", "float16", "int8", "int4", "int2", "sign", "topk")
-LINK_CODECS = ("float32", "float16", "int8", "int4", "int2", "sign")  # downlink-codec: no topk
+UPLINKS = tuple(SCHEMES)  # the codec's table of schemes
+LINK_CODECS = tuple(name for name, scheme in SCHEMES.items() if not scheme.sparse)  # a chain link codes every value
+LOSSY_UPLINKS = tuple(name for name, scheme in SCHEMES.items() if scheme.residual)
 CLIENT_STATES = ("keep", "none")
 DATASETS = ("mnist5k", "digits", "mnist", "fashionmnist", "svhn", "cifar10", "cifar100")
 PARTITIONS = ("iid", "dirichlet", "label-count")
@@ -42,7 +45,11 @@ class DecompositionConfig:
     method: ``fedmud`` trains a decomposed update of every layer not kept dense;
         ``fedavg`` keeps every layer dense (the baseline, same code path);
         ``fedlmt`` factorises the model itself (W = U·V, both trained and averaged,
-        no MUD), the FedLMT-style baseline, sized by ``ratio``.
+        no MUD), the FedLMT-style baseline, sized by ``ratio``;
+        ``fedpara`` parameterises the model itself as FedPara's low-rank Hadamard
+        product W = (X1·Y1ᵀ) ⊙ (X2·Y2ᵀ) (all four trained and averaged, no MUD;
+        rank up to r² from 2r(m+n) values), sized by ``ratio``.
+        ``kind`` and ``pattern`` apply to ``fedmud`` only.
     kind: ``kron`` block-wise Kronecker factors (BKD) or ``mat`` low-rank matrix.
     pattern: ``ab`` both factors trained; ``fab`` one frozen seed-drawn factor and
         one trained; ``aad`` aggregation-aware, two branches each linear in its
@@ -82,17 +89,20 @@ class DecompositionConfig:
 class UplinkConfig:
     """How a client's upload is encoded (see :mod:`fedmud.codec`).
 
-    codec: ``float32`` (lossless), ``float16``, ``int8`` (a float32 scale per chunk
-        of at most 1024 values of one tensor) or
-        ``topk`` (the largest-magnitude values with their indices); the lossy codecs
-        encode the residual against the round-start values both parties know.
+    codec: a scheme of :data:`fedmud.codec.SCHEMES`: ``float32`` (lossless), ``float16``,
+        ``int8``, ``int4``, ``int2`` (a float32 scale per chunk of one tensor), ``sign`` (one
+        bit a value and a scale a chunk) or ``topk`` (the largest-magnitude values with their
+        indices); the lossy codecs encode the residual against the round-start values both
+        parties know.
     error_feedback: keep what the codec lost and add it to the next upload; for
         decomposed layers the error is kept as a weight update and projected onto the
         next round's trainable factors (``aad``/``fab``).
     topk_ratio: ``topk`` sends this fraction of the dense float32 bytes (8 bytes per
         kept value: float32 value + int32 index).
     stochastic_rounding: the ``int*`` and ``sign`` codes round up or down at random
-        (unbiased) instead of to the nearest level.
+        (unbiased: their levels then span each chunk's largest magnitude) instead of to
+        the nearest level; each client draws from its own generator, seeded by the round
+        seed and its partition id.
     """
 
     codec: str = "float32"
@@ -291,10 +301,10 @@ def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
 def _check_combinations(d: DecompositionConfig, u: UplinkConfig) -> None:
     if d.init == "hrp" and d.method != "fedmud":
         raise ConfigError(f"init='hrp' is not allowed with method={d.method!r}; it needs method='fedmud'")
-    if u.error_feedback and u.codec == "float32":
+    if u.error_feedback and not SCHEMES[u.codec].residual:
         raise ConfigError(
-            "error-feedback=true is not allowed with uplink='float32' (lossless, nothing to feed back); "
-            "choose uplink float16, int8 or topk"
+            f"error-feedback=true is not allowed with uplink={u.codec!r} (lossless, nothing to feed back); "
+            f"choose a lossy uplink: {', '.join(LOSSY_UPLINKS)}"
         )
     if u.error_feedback and d.method == "fedmud" and d.pattern == "ab":
         raise ConfigError(
@@ -305,7 +315,13 @@ def _check_combinations(d: DecompositionConfig, u: UplinkConfig) -> None:
 
 def _check_downlink(run: RunConfig) -> None:
     d = run.decomposition
-    if run.downlink_codec != "float32" and d.method == "fedmud" and d.pattern == "ab":
+    if run.client_state == "none" and run.uplink.error_feedback:
+        raise ConfigError(
+            "error-feedback=true is not allowed with client-state='none': a client keeps what its code lost "
+            "until its next upload, and a client that keeps no state has nowhere to keep it; set "
+            "error-feedback=false or client-state='keep'"
+        )
+    if SCHEMES[run.downlink_codec].residual and d.method == "fedmud" and d.pattern == "ab":
         raise ConfigError(
             f"downlink-codec={run.downlink_codec!r} is not allowed with pattern='ab': the server keeps what "
             "the code lost as a weight update and projects it onto the next round's factors, which needs an "

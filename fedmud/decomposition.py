@@ -16,6 +16,9 @@ pattern  ΔW                             trained                         aggrega
 product for :class:`BlockKroneckerUpdate`. With ``fab`` and ``aad`` ΔW is linear in
 what is trained, so the weighted mean of the clients' ΔW equals ΔW of the weighted
 mean of their factors: the server aggregates factors and loses nothing.
+
+:class:`LowRankHadamardProduct` (FedPara, ``method=fedpara``) parameterises the
+weight itself rather than an update; it is sized by the same allocator.
 """
 
 from __future__ import annotations
@@ -195,6 +198,43 @@ class BlockKroneckerUpdate(UpdateParameterisation):
         return f"kron {self.blocks}x[{self.a}x{self.a} (x) {self.b}x{self.b}]"
 
 
+class LowRankHadamardProduct(UpdateParameterisation):
+    """FedPara's low-rank Hadamard product: an (m×n) matrix ``(X1·Y1ᵀ) ⊙ (X2·Y2ᵀ)``, inner rank ``r``.
+
+    X1, X2 are (m×r), Y1, Y2 (n×r) in the view of :func:`matrix_shape`; all four are trained.
+    Parameters uploaded: ``2r(m+n)``, twice a rank-``r`` factorisation's. Rank bound:
+    ``min(r², m, n)`` (the rank of a Hadamard product is at most the product of the ranks).
+    It parameterises the weight itself (``method=fedpara``), not a round's update; the
+    planner sizes it like the other parameterisations.
+    """
+
+    kind = "hadamard"
+
+    def __init__(self, weight_shape: tuple[int, ...], pattern: str, rank: int) -> None:
+        super().__init__(weight_shape, pattern)
+        self.m, self.n = matrix_shape(self.weight_shape)
+        self.rank = rank
+        left, right = (self.m, rank), (self.n, rank)
+        self.factors = tuple(
+            FactorSpec(name, shape, True, 1.0)  # iso_std unused: no factor is drawn from the round seed
+            for name, shape in (("X1", left), ("Y1", right), ("X2", left), ("Y2", right))
+        )
+        self.terms = ()
+
+    @staticmethod
+    def cost(weight_shape: tuple[int, ...], pattern: str, rank: int) -> int:
+        m, n = matrix_shape(weight_shape)
+        return 2 * rank * (m + n)
+
+    def delta_weight(self, factors: Mapping[str, torch.Tensor], exact: bool = False) -> torch.Tensor:
+        """The weight ``(X1·Y1ᵀ) ⊙ (X2·Y2ᵀ)`` in the layer's shape."""
+        product = (factors["X1"] @ factors["Y1"].T) * (factors["X2"] @ factors["Y2"].T)
+        return product.reshape(self.weight_shape)
+
+    def describe(self) -> str:
+        return f"hadamard r={self.rank} ({self.m}x{self.n}, rank <= {min(self.rank ** 2, self.m, self.n)})"
+
+
 # --------------------------------------------------------------------------- allocation
 
 _KRON_SIZES = range(2, 33)
@@ -204,9 +244,10 @@ _KRON_SIZES = range(2, 33)
 def _candidates(kind: str, pattern: str, weight_shape: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...]], ...]:
     """(uploaded values, size parameters) for every admissible size of one tensor, cheapest first
     (among equal costs the most balanced Kronecker sizes first)."""
-    if kind == "mat":
+    if kind in ("mat", "hadamard"):
         m, n = matrix_shape(weight_shape)
-        out = [(LowRankUpdate.cost(weight_shape, pattern, r), (r,)) for r in range(1, min(m, n) + 1)]
+        cost = LowRankUpdate.cost if kind == "mat" else LowRankHadamardProduct.cost
+        out = [(cost(weight_shape, pattern, r), (r,)) for r in range(1, min(m, n) + 1)]
     else:
         numel = math.prod(weight_shape)
         out = []
@@ -230,6 +271,8 @@ def build_update(kind: str, pattern: str, weight_shape: tuple[int, ...], sizes: 
         return LowRankUpdate(weight_shape, pattern, *sizes)
     if kind == "kron":
         return BlockKroneckerUpdate(weight_shape, pattern, *sizes)
+    if kind == "hadamard":
+        return LowRankHadamardProduct(weight_shape, pattern, *sizes)
     raise ConfigError(f"kind={kind!r} is not allowed; choose one of kron, mat")
 
 

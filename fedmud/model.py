@@ -156,6 +156,42 @@ class FactorizedWeight(nn.Module):
         return (self.U @ self.V).reshape(self.shape)
 
 
+class HadamardLowRankWeight(nn.Module):
+    """FedPara's parametrisation: the weight itself is the low-rank Hadamard product
+    ``(X1·Y1ᵀ) ⊙ (X2·Y2ᵀ)``, ``W`` unused.
+
+    X1, X2 are (m, r) and Y1, Y2 (n, r) in the (m, n) view of :func:`~.decomposition.matrix_shape`
+    (a convolution as the repository views it, like FedLMT). Parameters: ``2r(m+n)`` against
+    ``m·n``; rank up to ``min(r², m, n)``.
+
+    Init: every factor i.i.d. N(0, s²) with ``s = (t/r)^(1/4)``. Each inner product is a sum of
+    ``r`` products of two factors (variance ``r·s⁴``), and the two are independent with mean 0,
+    so every entry of the weight has variance ``(r·s⁴)² = t²``. ``t² = 1/(3·fan_in)`` is the
+    variance of PyTorch's default init of Linear and convolution weights (kaiming-uniform with
+    ``a=√5``: U(±1/√fan_in)). Flower's FedPara baseline (after the authors' code) draws each
+    factor with He init instead, which leaves the product's scale to ``r`` and the shapes.
+    """
+
+    def __init__(self, shape: tuple[int, ...], rank: int, device: torch.device) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        m, n = matrix_shape(self.shape)
+        target_std = 1 / math.sqrt(3 * math.prod(self.shape[1:]))
+        std = (target_std / rank) ** 0.25
+        self.X1 = nn.Parameter(torch.randn(m, rank, device=device) * std)
+        self.Y1 = nn.Parameter(torch.randn(n, rank, device=device) * std)
+        self.X2 = nn.Parameter(torch.randn(m, rank, device=device) * std)
+        self.Y2 = nn.Parameter(torch.randn(n, rank, device=device) * std)
+        self.rank = rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return ((self.X1 @ self.Y1.T) * (self.X2 @ self.Y2.T)).reshape(self.shape)
+
+
+# the methods whose parametrisation is the weight itself (its factors trained and averaged, no MUD)
+FACTORISED_WEIGHTS = {"fedlmt": FactorizedWeight, "fedpara": HadamardLowRankWeight}
+
+
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """(module holding the tensor, its attribute name) for a state_dict name."""
     module_name, _, attr = name.rpartition(".")
@@ -185,7 +221,8 @@ class DecomposedModel(nn.Module):
     """A model whose planned tensors train a decomposed update (see the module docstring).
 
     ``plan`` is the :class:`~fedmud.plan.DecompositionPlan` it follows; ``method=fedlmt``
-    registers :class:`FactorizedWeight` instead, and ``fedavg`` registers nothing.
+    registers :class:`FactorizedWeight` instead, ``method=fedpara``
+    :class:`HadamardLowRankWeight`, and ``fedavg`` registers nothing.
     """
 
     def __init__(self, model: nn.Module, config: DecompositionConfig) -> None:
@@ -201,8 +238,8 @@ class DecomposedModel(nn.Module):
         tied = aliases(model)
         for name, tensor_plan in planned.items():
             device = model.get_parameter(name).device
-            if config.method == "fedlmt":
-                parametrisation = FactorizedWeight(tensor_plan.shape, *tensor_plan.sizes, device)
+            if config.method in FACTORISED_WEIGHTS:
+                parametrisation = FACTORISED_WEIGHTS[config.method](tensor_plan.shape, *tensor_plan.sizes, device)
             else:
                 update = build_update(config.kind, config.pattern, tensor_plan.shape, tensor_plan.sizes)
                 parametrisation = DecomposedUpdate(update, config, device)
@@ -210,7 +247,7 @@ class DecomposedModel(nn.Module):
                 owner, attr = _owner(model, alias)
                 parametrize.register_parametrization(owner, attr, parametrisation)
                 owner.parametrizations[attr].original.requires_grad_(False)
-        if config.method == "fedlmt":
+        if config.method in FACTORISED_WEIGHTS:
             self.factorized_names = tuple(planned)
         else:
             self.decomposed_names = tuple(planned)
@@ -248,7 +285,8 @@ class DecomposedModel(nn.Module):
     def _global_items(self) -> dict[str, torch.Tensor]:
         """Base weights, HRP directions and everything dense, named as in the undecomposed model.
 
-        FedLMT's factorised tensors are their factors ``U``, ``V`` (the unused ``W`` is left out).
+        FedLMT's and FedPara's factorised tensors are their factors (``U``, ``V``; ``X1``, ``Y1``,
+        ``X2``, ``Y2``); the unused ``W`` is left out.
         """
         return {
             n: t

@@ -37,6 +37,8 @@ from .config import ConfigError, DecompositionConfig
 from .decomposition import allocate_sizes, build_update, smallest_cost
 
 AUTO, FIRST, LAST = "auto", "first", "last"
+# methods that parameterise the weights themselves: the (kind, pattern) each is sized as
+FACTORISED = {"fedlmt": ("mat", "ab"), "fedpara": ("hadamard", "ab")}
 
 
 @dataclass(frozen=True)
@@ -158,14 +160,17 @@ def plan_decomposition(model: nn.Module, config: DecompositionConfig) -> Decompo
 
     ``config.method``: ``fedavg`` keeps everything dense; ``fedmud`` plans updates of
     ``config.kind``/``config.pattern``; ``fedlmt`` plans rank-``r`` factorisations of
-    the weights themselves (``mat``/``ab`` sizes). Raises :class:`ConfigError` when the
-    ratio cannot be reached.
+    the weights themselves (``mat``/``ab`` sizes: ``r(m+n)`` values, rank ``r``);
+    ``fedpara`` plans FedPara's low-rank Hadamard products of the weights themselves
+    (:class:`~fedmud.decomposition.LowRankHadamardProduct`: ``2r(m+n)`` values, rank up
+    to ``min(r², m, n)``), ``r`` per tensor chosen so that everything uploaded meets
+    ``config.ratio``. Raises :class:`ConfigError` when the ratio cannot be reached.
     """
     floating = {n: tuple(t.shape) for n, t in unique_state(model).items() if torch.is_floating_point(t)}
     if config.method == "fedavg":
         tensors = tuple(TensorPlan(n, s, math.prod(s), reason="method=fedavg") for n, s in floating.items())
         return DecompositionPlan(tensors, config.kind, config.pattern, None)
-    kind, pattern = ("mat", "ab") if config.method == "fedlmt" else (config.kind, config.pattern)
+    kind, pattern = FACTORISED.get(config.method, (config.kind, config.pattern))
     weights = weight_tensors(model)
     candidates = [n for n in floating if n in weights]
     dense, preferred = _resolve_dense(config.dense_layers, candidates)

@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader
 
 from .aggregate import WeightedMean
 from .bounds import CAPPED, Screened, bound_update, cap_examples
-from .codec import Codec, Parts, UploadLayout, topk_count
+from .codec import SCHEMES, Codec, Parts, PayloadError, UploadLayout, topk_count
 from .feedback import ErrorFeedback
 from .config import ConfigError, RunConfig
 from .model import DecomposedModel, decompose
+from .seeds import numpy_rng
 from .sync import FULL, ChainStore, Downlink, Link, SyncRecords, plan_downlink, state_digest
 from .task import Task, resolve_task
 from .training import evaluate, train_local
@@ -63,8 +64,17 @@ def build_decomposed(
 def build_codec(run: RunConfig, model: DecomposedModel) -> Codec:
     """The uplink codec the run config names (``topk``'s k from the dense bytes it may use)."""
     layout = model.upload_layout()
-    k = topk_count(layout.numel, model.dense_reference_numel, run.uplink.topk_ratio) if run.uplink.codec == "topk" else 0
+    sparse = SCHEMES[run.uplink.codec].sparse
+    k = topk_count(layout.numel, model.dense_reference_numel, run.uplink.topk_ratio) if sparse else 0
     return Codec(layout, run.uplink.codec, k)
+
+
+def build_link_codec(run: RunConfig, model: DecomposedModel) -> Codec:
+    """How each downlink chain link is coded (``downlink-codec``); the same layout as an upload.
+
+    With ``downlink=full`` no link is ever sent, so merges stay exact (float32).
+    """
+    return Codec(model.upload_layout(), "float32" if run.downlink == "full" else run.downlink_codec)
 
 
 def basis_codec(model: DecomposedModel) -> Codec:
@@ -72,10 +82,19 @@ def basis_codec(model: DecomposedModel) -> Codec:
     return Codec(UploadLayout(tuple((n, tuple(t.shape)) for n, t in model.hrp_state().items())))
 
 
+def link_reference(model: DecomposedModel, codec: Codec, seed: int) -> np.ndarray | None:
+    """The round-start values a lossy link is the residual against (None for float32); resets ``model``."""
+    model.reset(seed)
+    return codec.flatten(model.uploaded_state()) if codec.residual else None
+
+
 def apply_link(model: DecomposedModel, codec: Codec, link: Link) -> None:
-    """Merge one round's aggregated upload: the same bitwise on server and clients (CPU)."""
-    model.reset(link.seed)
-    model.load_uploaded_state(codec.unflatten(codec.validate({"payload": link.payload})["payload"]))
+    """Merge one round's aggregated upload as decoded: the same bitwise on server and clients (CPU).
+
+    Raises :class:`~fedmud.codec.PayloadError` if the link's parts are not the codec's.
+    """
+    values = codec.decode(link.parts, link_reference(model, codec, link.seed))
+    model.load_uploaded_state(codec.unflatten(values))
     model.merge()
     if link.basis is not None:
         model.load_hrp_state(basis_codec(model).unflatten(link.basis))
@@ -91,7 +110,9 @@ class ServerModel:
         self.model = build_decomposed(run, model_fn=model_fn)
         self.initial_state = {n: t.clone() for n, t in self.model.global_state().items()}
         self.codec = build_codec(run, self.model)
-        self.link_codec = Codec(self.model.upload_layout(), "float32")
+        self.link_codec = build_link_codec(run, self.model)
+        # what the link code lost, added to the next link (lossy downlink-codec only)
+        self.link_feedback = ErrorFeedback(self.model, self.link_codec) if self.link_codec.residual else None
         self.round = 0  # the global round the model is at
         self.chain = ChainStore()
         self.records = SyncRecords()
@@ -109,11 +130,32 @@ class ServerModel:
         self.digest = state_digest(self.global_state())
 
     def plan(self, client: str) -> Downlink:
-        """What ``client`` needs to hold the current global model."""
+        """What ``client`` needs to hold the current global model.
+
+        A client that keeps no state (``client-state=none``) holds round 0 each time:
+        every party builds it from the seed.
+        """
         if self.run.downlink == "full":
             return Downlink(FULL, self.round)
-        held = self.records.get(client, new_client_round=0)
+        held = 0 if self.run.client_state == "none" else self.records.get(client, new_client_round=0)
         return plan_downlink(held, self.round, self.chain, self.link_bytes, self.full_bytes)
+
+    def code_link(self, server_round: int, round_seed: int, mean: np.ndarray) -> Link:
+        """The round's link: the aggregated upload ``mean`` in the link code.
+
+        A lossy code sends the residual against the round-start values plus what
+        earlier links lost (kept as a weight update for decomposed layers and
+        projected onto this round's factors, see :mod:`fedmud.feedback`); what this
+        link loses is kept for the next.
+        """
+        if self.link_feedback is None:
+            return Link(server_round, round_seed, {"payload": mean})
+        reference = link_reference(self.model, self.link_codec, round_seed)
+        target = self.link_feedback.compensate(mean - reference)
+        parts = self.link_codec.encode(target)
+        self.link_feedback.update(target, self.link_codec.decode_vector(parts))
+        self.model.clear()
+        return Link(server_round, round_seed, parts)
 
     def reference(self, round_seed: int) -> np.ndarray:
         """The round-start values of the upload (global model, factors drawn from ``round_seed``).
@@ -165,19 +207,37 @@ class ServerModel:
         for values, weight in uploads:
             mean.add(values, weight)
         if mean.count:
-            link = Link(server_round, round_seed, mean.result())
+            link = self.code_link(server_round, round_seed, mean.result())
             apply_link(self.model, self.link_codec, link)
             d = self.run.decomposition
             if d.init == "hrp" and server_round >= d.hrp_rounds and not self.model.hrp_ready:
                 self.model.set_hrp_directions(self.initial_state)
                 basis = basis_codec(self.model).flatten(self.model.hrp_state())
-                link = Link(link.round, link.seed, link.payload, basis)
+                link = Link(link.round, link.seed, link.parts, basis)
             self.chain.add(link)
             if self.link_bytes:  # a chain longer than this costs more than the full model
                 self.chain.prune(keep=max(1, self.full_bytes // self.link_bytes))
         self.round = server_round
         self.digest = state_digest(self.global_state())
         return mean.count
+
+    def state_dict(self) -> dict:
+        """Everything a resumed server needs to continue bitwise (see :mod:`fedmud.checkpoint`)."""
+        return {
+            "round": self.round,
+            "global_state": self.global_state(),
+            "chain": [(link.round, link.seed, dict(link.parts), link.basis) for link in self.chain.links],
+            "chain_oldest_kept": self.chain.oldest_kept,
+            "records": dict(self.records.held),
+            "link_feedback": None if self.link_feedback is None else self.link_feedback.state(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.load(state["round"], state["global_state"])
+        self.chain = ChainStore([Link(*link) for link in state["chain"]], state["chain_oldest_kept"])
+        self.records.held = dict(state["records"])
+        if self.link_feedback is not None:
+            self.link_feedback.load_state(state.get("link_feedback"))
 
     def evaluate(self, loader: DataLoader) -> tuple[float, float]:
         """(mean loss, mean metric) of the global model on ``loader`` (CPU)."""
@@ -202,7 +262,7 @@ class ClientModel:
         self.initial_state = {n: t.clone() for n, t in self.global_model.global_state().items()}
         self.model = build_decomposed(run, device, model_fn)
         self.codec = build_codec(run, self.model)
-        self.link_codec = Codec(self.model.upload_layout(), "float32")
+        self.link_codec = build_link_codec(run, self.global_model)
         self.feedback = ErrorFeedback(self.model, self.codec) if run.uplink.error_feedback else None
 
     def sync(
@@ -229,7 +289,10 @@ class ClientModel:
                 raise SyncError(f"the chain starts at round {base_round}, this client holds round {held_round}")
             self.global_model.load_global_state(held_state)
             for link in links:
-                apply_link(self.global_model, self.link_codec, link)
+                try:
+                    apply_link(self.global_model, self.link_codec, link)
+                except PayloadError as err:
+                    raise SyncError(f"link of round {link.round} does not decode: {err}") from None
         state = self.global_model.global_state()
         digest = state_digest(state)
         if digest != expected_digest:
@@ -237,25 +300,32 @@ class ClientModel:
         return {n: t.clone() for n, t in state.items()}
 
     def train_round(
-        self, round_seed: int, loader: DataLoader, feedback: Mapping[str, torch.Tensor] | None = None
+        self,
+        round_seed: int,
+        loader: DataLoader,
+        feedback: Mapping[str, torch.Tensor] | None = None,
+        client_id: int = 0,
     ) -> tuple[Parts, float, dict[str, torch.Tensor] | None]:
         """Train from the synced global model with factors drawn from ``round_seed``.
 
         Returns (encoded upload, mean loss, error-feedback state to keep); ``feedback``
         is the state kept from this client's previous upload (None: start at zero).
+        ``client_id`` (the partition id) seeds this client's stochastic rounding with
+        ``round_seed``, so clients' rounding errors are independent and a rerun repeats them.
         """
         self.model.load_global_state(self.global_model.global_state())
         self.model.reset(round_seed)
         reference = self.codec.flatten(self.model.uploaded_state()) if self.codec.residual else None
         loss = train_local(self.model, loader, self.run.train, self.device, self.task)
         values = self.codec.flatten(self.model.uploaded_state())
+        rng = numpy_rng(round_seed, "rounding", str(client_id)) if self.run.uplink.stochastic_rounding else None
         if reference is None:
             return self.codec.encode(values), loss, None
         target = values - reference
         if self.feedback is None:
-            return self.codec.encode(target), loss, None
+            return self.codec.encode(target, rng), loss, None
         self.feedback.load_state(feedback)
         target = self.feedback.compensate(target)
-        parts = self.codec.encode(target)
+        parts = self.codec.encode(target, rng)
         self.feedback.update(target, self.codec.decode_vector(parts))
         return parts, loss, self.feedback.state()

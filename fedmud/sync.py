@@ -2,10 +2,17 @@
 
 Every party can rebuild the global model of round 0 from the run seed, and the
 global model of round r is round r-1's plus the merge of round r's aggregated
-upload (a *link*: round, seed, payload). A client that holds round b therefore
-needs only the links after b. The server keeps the recent links
+upload (a *link*: round, seed, the coded upload). A client that holds round b
+therefore needs only the links after b. The server keeps the recent links
 (:class:`ChainStore`) and, per client, the round it holds (:class:`SyncRecords`),
 and sends the chain when it is cheaper than the full model.
+
+A link is coded with the run's ``downlink-codec``. A lossy code (int8, int4, ...)
+carries the residual against the round-start values every party can compute, and
+the server merges the link *as decoded*, exactly as the clients will: the global
+model is the chain of decoded links, so clients that keep state stay bitwise equal
+to the server. What the code lost is not dropped: the server keeps it (error
+feedback) and adds it to the next link.
 
 With every downlink goes :func:`state_digest` of the global model the client must
 end up with. Links are applied on the CPU with elementwise operations only (see
@@ -16,7 +23,7 @@ server's; a client whose digest differs reports it and gets the full model next.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,12 +44,26 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 @dataclass(frozen=True)
 class Link:
-    """The aggregated upload merged in ``round`` (drawn from ``seed``), as float32 values."""
+    """The aggregated upload merged in ``round`` (drawn from ``seed``), as the link codec's parts.
+
+    ``parts`` is ``{"payload": float32 values}`` for ``downlink-codec=float32``, else the
+    lossy code's arrays (residual against the round-start values).
+    """
 
     round: int
     seed: int
-    payload: np.ndarray
+    parts: Mapping[str, np.ndarray]
     basis: np.ndarray | None = None  # HRP directions fixed by this round's merge (init=hrp), else None
+
+    @property
+    def payload(self) -> np.ndarray:
+        """The float32 values of a ``float32`` link."""
+        return self.parts["payload"]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the coded arrays (the message adds its framing)."""
+        return sum(a.nbytes for a in self.parts.values()) + (0 if self.basis is None else self.basis.nbytes)
 
 
 @dataclass
@@ -98,6 +119,12 @@ class Downlink:
     links: tuple[Link, ...] = ()
 
 
+def chain_bytes(links: Sequence[Link], link_bytes: int) -> int:
+    """What a chain costs on the wire: ``link_bytes`` per link (a coded link and its framing),
+    plus the HRP directions a link may carry."""
+    return sum(link_bytes + (0 if link.basis is None else link.basis.nbytes) for link in links)
+
+
 def plan_downlink(
     held_round: int | None, target_round: int, chain: ChainStore, link_bytes: int, full_bytes: int
 ) -> Downlink:
@@ -105,6 +132,6 @@ def plan_downlink(
     if held_round is None:
         return Downlink(FULL, target_round)
     links = chain.since(held_round)
-    if held_round > target_round or links is None or len(links) * link_bytes >= full_bytes:
+    if held_round > target_round or links is None or chain_bytes(links, link_bytes) >= full_bytes:
         return Downlink(FULL, target_round)
     return Downlink(CHAIN, target_round, held_round, tuple(links))

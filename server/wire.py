@@ -3,10 +3,12 @@
 Downlink (server -> client), a RecordDict with
 - ``config``: server-round, round-seed, sync (``full`` | ``chain``), target-round,
   base-round, link-rounds, link-seeds, digest;
-- ``arrays``: the full global model (``full``) or ``chain``: one flat payload per link.
+- ``arrays``: the full global model (``full``) or ``chain``: each link's coded arrays
+  (``link-<round>-<part>``: ``payload``, and ``scales`` for the lossy link codes) and, in
+  the round that fixed them, the HRP directions (``basis-<round>``).
 
 Uplink (client -> server): ``update`` (the codec's flat arrays: ``payload``, or
-``payload`` + ``scales`` for int8, ``values`` + ``indices`` for top-k) and ``metrics``
+``payload`` + ``scales`` for int8/int4/int2/sign, ``values`` + ``indices`` for top-k) and ``metrics``
 (num-examples, train-loss, server-round, partition-id), or, when the client
 could not sync, only ``metrics`` with ``sync-error`` set.
 
@@ -61,7 +63,8 @@ def downlink_record(
         return RecordDict({CONFIG_KEY: config, ARRAYS_KEY: ArrayRecord(dict(full_state))})
     arrays = {}
     for link in downlink.links:
-        arrays[f"link-{link.round}"] = Array(link.payload)
+        for part, array in link.parts.items():
+            arrays[f"link-{link.round}-{part}"] = Array(array)
         if link.basis is not None:  # HRP directions fixed in this round
             arrays[f"basis-{link.round}"] = Array(link.basis)
     chain = ArrayRecord(arrays)
@@ -92,7 +95,7 @@ def read_downlink(content: RecordDict) -> ReceivedDownlink:
     else:
         chain = content.array_records[CHAIN_KEY]
         links = tuple(
-            Link(int(r), int(s), chain[f"link-{r}"].numpy(), chain[f"basis-{r}"].numpy() if f"basis-{r}" in chain else None)
+            Link(int(r), int(s), _link_parts(chain, int(r)), chain[f"basis-{r}"].numpy() if f"basis-{r}" in chain else None)
             for r, s in zip(config["link-rounds"], config["link-seeds"])
         )
     base = int(config["base-round"])
@@ -106,6 +109,12 @@ def read_downlink(content: RecordDict) -> ReceivedDownlink:
         full_state=full_state,
         digest=str(config["digest"]),
     )
+
+
+def _link_parts(chain: ArrayRecord, round_: int) -> dict[str, np.ndarray]:
+    """The coded arrays of round ``round_``'s link (the client's link codec validates them)."""
+    prefix = f"link-{round_}-"
+    return {key[len(prefix) :]: chain[key].numpy() for key in chain.keys() if key.startswith(prefix)}
 
 
 # ---------------------------------------------------------------------------- uplink

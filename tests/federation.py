@@ -54,7 +54,7 @@ def run_rounds(server: ServerModel, nodes: dict[str, Node], rounds: range) -> li
             full = server.global_state() if plan.kind == FULL else None
             state = node.model.sync(node.held, plan.kind, server.digest, full, plan.base_round, plan.links)
             node.held = (target, state)
-            parts, _, node.feedback = node.model.train_round(seed, loader(node.partition, r), node.feedback)
+            parts, _, node.feedback = node.model.train_round(seed, loader(node.partition, r), node.feedback, node.partition)
             uploads.append((parts, 48))
         server.apply_round(r, seed, uploads)
         for name in nodes:

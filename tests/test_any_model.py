@@ -271,6 +271,7 @@ def _token_loader():
         {"kind": "kron", "init": "hrp", "hrp-rounds": 1},
         {"kind": "mat", "uplink": "int8", "error-feedback": True},
         {"method": "fedlmt", "kind": "mat"},
+        {"method": "fedpara"},
     ],
 )
 def test_rounds_on_a_model_of_every_tensor_kind_reach_a_new_client_bitwise_through_the_chain(overrides):

@@ -12,9 +12,10 @@ from fedmud.models import CNN
     [
         ("pattern", "abc", "ab, fab, aad"),
         ("kind", "tucker", "kron, mat"),
-        ("method", "fedprox", "fedmud, fedavg, fedlmt"),
+        ("method", "fedprox", "fedmud, fedavg, fedlmt, fedpara"),
         ("init", "random", "zero, nonzero, nonzero-compensated, hrp"),
-        ("uplink", "int4", "float32, float16, int8, topk"),
+        ("uplink", "int3", "float32, float16, int8, int4, int2, sign, topk"),
+        ("downlink-codec", "topk", "float32, float16, int8, int4, int2, sign"),
         ("error-feedback", "yes", "true or false"),
         ("topk-ratio", 2, "<= 1.0"),
         ("hrp-rounds", 0, ">= 1"),

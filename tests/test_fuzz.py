@@ -3,10 +3,10 @@ to finite values; nothing else escapes, and a round fed all of it completes with
 
 Replies are built from a well-formed upload of each codec by a seeded numpy generator applying
 zero to three mutations: random bits, extreme values (float32's limits, subnormals, NaN/Inf, int8
--128 under the largest scale, indices out of range), wrong dtypes, sizes and ranks, missing and
-extra arrays, corrupt serialised bytes, and bad metrics (num-examples 0, negative, 2^63 - 1, a
-list; the wrong round; a non-finite train-loss; a fractional partition-id), each as it could
-arrive over the wire. Run with ``-s`` to see how many were rejected and accepted per codec.
+-128 or packed bytes of all ones or zeros under the largest scale, indices out of range), wrong
+dtypes, sizes and ranks, missing and extra arrays, corrupt serialised bytes, and bad metrics
+(num-examples 0, negative, 2^63 - 1, a list; the wrong round; a non-finite train-loss; a
+fractional partition-id), each as it could arrive over the wire. Run with ``-s`` to see how many were rejected and accepted per codec.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedmud.codec import INT8_CHUNK, Codec, PayloadError
+from fedmud.config import UPLINKS as SCHEMES  # every scheme of the codec's table
 from fedmud.config import parse_run_config
 from fedmud.ledger import Ledger
 from fedmud.rounds import ServerModel
@@ -26,7 +27,6 @@ from fedmud.seeds import round_seed
 from server.strategy import FedMUD
 from server.wire import read_upload
 
-SCHEMES = ("float32", "float16", "int8", "topk")
 PAYLOADS_PER_CODEC = 400
 ROUND = 3
 SEED = round_seed(0, ROUND)
@@ -91,16 +91,22 @@ def _extreme_values(rng, parts, metrics, numel):
 LARGEST_SCALE = np.nextafter(np.float32(np.finfo(np.float32).max / 127), np.float32(0))
 
 
-def _int8_limits(rng, parts, metrics, numel):
-    """int8 codes at their limits under the largest scale that does not overflow at 127."""
+def _code_limits(rng, parts, metrics, numel):
+    """Codes at their limits (int8 -128/127, packed bytes all ones or zeros) under the largest
+    scale that does not overflow at 127."""
     payload, scales = parts.get("payload"), parts.get("scales")
-    if payload is None or scales is None or payload.dtype != np.int8 or scales.dtype != np.float32 or not scales.size:
+    if payload is None or scales is None or payload.dtype not in (np.int8, np.uint8) or scales.dtype != np.float32 or not scales.size:
         return
     scales, payload = scales.reshape(-1).copy(), payload.reshape(-1).copy()
     chunk = int(rng.integers(0, scales.size))
     scales[chunk] = LARGEST_SCALE
     if payload.size:
-        payload[min(chunk * INT8_CHUNK + int(rng.integers(0, INT8_CHUNK)), payload.size - 1)] = rng.choice([-128, 127])
+        if payload.dtype == np.int8:  # one value a byte, in the chunk where earlier tensors fill whole chunks
+            payload[min(chunk * INT8_CHUNK + int(rng.integers(0, INT8_CHUNK)), payload.size - 1)] = rng.choice([-128, 127])
+        else:  # a packed byte near the chunk (chunks of the mean length, values a byte from the sizes)
+            length, per = numel / scales.size, max(1, min(8, -(-numel // payload.size)))
+            value = int(chunk * length + rng.integers(0, max(1, int(length))))
+            payload[min(value // per, payload.size - 1)] = rng.choice([0, 255])
     parts["scales"], parts["payload"] = scales.reshape(parts["scales"].shape), payload.reshape(parts["payload"].shape)
 
 
@@ -161,7 +167,7 @@ def _bad_metrics(rng, parts, metrics, numel):
 MUTATIONS = (
     _random_bits,
     _extreme_values,
-    _int8_limits,
+    _code_limits,
     _wrong_dtype,
     _wrong_size,
     _wrong_rank,

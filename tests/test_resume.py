@@ -36,11 +36,11 @@ def test_a_resumed_run_ends_with_exactly_the_weights_of_the_uninterrupted_run(si
     _run(simulation_superlink, whole, "num-server-rounds=4")
     _run(simulation_superlink, parts, "num-server-rounds=2")  # stops after round 2
     stopped = _only_run(parts)
-    assert torch.load(stopped / "checkpoint.pt", weights_only=False)["round"] == 2
+    assert torch.load(stopped / "checkpoint.pt", weights_only=False)["server"]["round"] == 2
     _run(simulation_superlink, parts, f'num-server-rounds=4 resume="{stopped}"')
 
-    expected = torch.load(_only_run(whole) / "checkpoint.pt", weights_only=False)
-    resumed = torch.load(stopped / "checkpoint.pt", weights_only=False)
+    expected = torch.load(_only_run(whole) / "checkpoint.pt", weights_only=False)["server"]
+    resumed = torch.load(stopped / "checkpoint.pt", weights_only=False)["server"]
     assert resumed["round"] == expected["round"] == 4
     for name, tensor in expected["global_state"].items():
         assert torch.equal(resumed["global_state"][name], tensor), name

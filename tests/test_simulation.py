@@ -77,3 +77,46 @@ def test_a_vision_transformer_trains_through_the_simulation_within_the_ratio(sim
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2  # it learns (chance is 0.1)
     uploads = [r["bytes"] for r in run["ledger"]["records"] if r["direction"] == "up"]
     assert max(uploads) <= 1.05 * run["ledger"]["dense_up_bytes"] / 32
+
+
+def _downlinks_by_gap(run: dict, stateless: bool) -> list[tuple[int, int]]:
+    """(bytes, links the client lacked) of every downlink: the rounds since the one it held
+    (since round 0 for a client that keeps nothing), read from who uploaded when."""
+    records = run["ledger"]["records"]
+    last: dict[str, int] = {}
+    out = []
+    for r in sorted({rec["round"] for rec in records}):
+        for rec in records:
+            if rec["round"] == r and rec["direction"] == "down":
+                held = 0 if stateless else last.get(rec["client"], 0)
+                out.append((rec["bytes"], r - 1 - held))
+        for rec in records:
+            if rec["round"] == r and rec["direction"] == "up":
+                last[rec["client"]] = r - 1  # it synced to round r - 1, then trained
+    return out
+
+
+@pytest.mark.parametrize("client_state", ["keep", "none"])
+def test_returning_clients_download_the_int4_links_they_lack_at_partial_participation(
+    simulation_superlink, tmp_path, client_state
+):
+    run = finished_run(
+        simulation_superlink,
+        tmp_path,
+        f'num-server-rounds=4 local-epochs=1 fraction-train=0.5 min-train-nodes=3 num-partitions=6 '
+        f'downlink-codec="int4" client-state="{client_state}"',
+        supernodes=6,
+    )
+    rows = run["results"]
+    assert all(r["accepted"] == 3 and r["resync"] == 0 for r in rows[1:])  # every client reached the digest
+    sent = _downlinks_by_gap(run, stateless=client_state == "none")
+    no_link = min(b for b, gap in sent if gap == 0)
+    link = max(b for b, gap in sent if gap == 1) - no_link
+    assert link < ledger_link_bound(run) and any(gap >= 2 for _, gap in sent)
+    for nbytes, gap in sent:  # the planner's price: framing plus one coded link per missed round
+        assert abs(nbytes - (no_link + gap * link)) <= 64 * gap, (nbytes, gap)
+
+
+def ledger_link_bound(run: dict) -> float:
+    """An int4 link: an eighth of the float32 upload (1/32 of dense), plus scales and framing."""
+    return 1.2 * run["ledger"]["dense_up_bytes"] / 32 / 8

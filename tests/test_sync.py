@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedmud.config import parse_run_config
+from fedmud.config import LINK_CODECS, parse_run_config
 from fedmud.rounds import ClientModel, ServerModel, SyncError
 from fedmud.seeds import round_seed
-from fedmud.sync import CHAIN, FULL, ChainStore, Link, SyncRecords, plan_downlink, state_digest
+from fedmud.sync import CHAIN, FULL, ChainStore, Downlink, Link, SyncRecords, chain_bytes, plan_downlink, state_digest
 
 
 def _upload(server: ServerModel, seed: int) -> dict[str, np.ndarray]:
@@ -27,7 +27,7 @@ def test_a_new_client_reaches_the_server_model_bitwise_from_the_chain(kind, init
     run = parse_run_config({"kind": kind, "init": init, "hrp-rounds": 2})
     server = ServerModel(run)
     _run_rounds(server, range(1, 4))
-    plan = plan_downlink(0, server.round, server.chain, link_bytes=1, full_bytes=100)
+    plan = plan_downlink(0, server.round, server.chain, link_bytes=1, full_bytes=10**9)
     assert plan.kind == CHAIN and [link.round for link in plan.links] == [1, 2, 3]
     client = ClientModel(run, torch.device("cpu"))
     state = client.sync(None, plan.kind, server.digest, base_round=plan.base_round, links=plan.links)
@@ -83,7 +83,7 @@ def test_the_full_model_is_applied_and_checked():
 def test_unknown_state_or_a_costly_chain_gets_the_full_model():
     store = ChainStore()
     for r in range(1, 6):
-        store.add(Link(r, r, np.zeros(1, np.float32)))
+        store.add(Link(r, r, {"payload": np.zeros(1, np.float32)}))
     assert plan_downlink(None, 5, store, link_bytes=10, full_bytes=100).kind == FULL
     assert plan_downlink(4, 5, store, link_bytes=10, full_bytes=100).kind == CHAIN
     assert plan_downlink(0, 5, store, link_bytes=30, full_bytes=100).kind == FULL  # 5 links cost 150
@@ -113,7 +113,102 @@ def test_partial_participation_downlink_costs_less_than_dense():
             plan = plan_downlink(records.get(str(client), 0), r - 1, store, link_bytes, full_bytes)
             sent += full_bytes if plan.kind == FULL else len(plan.links) * link_bytes
             records.synced(str(client), r - 1)
-        store.add(Link(r, r, np.zeros(1, np.float32)))
+        store.add(Link(r, r, {"payload": np.zeros(1, np.float32)}))
         store.prune(keep=full_bytes // link_bytes)
     dense = 20 * 10 * full_bytes
     assert sent < dense / 2
+
+
+LOSSY_LINKS = [c for c in LINK_CODECS if c != "float32"]
+
+
+def _delta_uploads(server: ServerModel, r: int, clients: int = 3) -> list[tuple[dict[str, np.ndarray], float]]:
+    """Uploads that move the round-start values by the same deltas on any server (float32 uploads)."""
+    rng = np.random.default_rng(r)
+    reference = server.reference(round_seed(server.run.seed, r))
+    return [
+        ({"payload": (reference + 0.01 * rng.standard_normal(reference.size)).astype(np.float32)}, 10.0 + c)
+        for c in range(clients)
+    ]
+
+
+@pytest.mark.parametrize("codec", LOSSY_LINKS)
+@pytest.mark.parametrize("method", ["fedmud", "fedavg"])
+def test_a_lossy_link_code_keeps_a_stateful_client_bitwise_equal_to_the_server(codec, method):
+    run = parse_run_config({"downlink-codec": codec, "method": method})
+    server = ServerModel(run)
+    client = ClientModel(run, torch.device("cpu"))
+    held = None
+    for r in range(1, 5):
+        server.apply_round(r, round_seed(run.seed, r), _delta_uploads(server, r))
+        base = 0 if held is None else held[0]
+        state = client.sync(held, CHAIN, server.digest, base_round=base, links=server.chain.since(base))
+        held = (r, state)
+        assert state_digest(state) == server.digest
+    assert server.chain.links[-1].parts.keys() == server.link_codec.parts.keys()
+
+
+@pytest.mark.parametrize("codec", LOSSY_LINKS)
+@pytest.mark.parametrize("method", ["fedmud", "fedavg"])
+def test_server_error_feedback_loses_nothing_of_the_aggregated_updates(codec, method):
+    """Σ merged + E = Σ aggregated: the lossy-link model plus the carried error is the float32-link model."""
+    exact = ServerModel(parse_run_config({"method": method}))
+    lossy = ServerModel(parse_run_config({"method": method, "downlink-codec": codec}))
+    for r in range(1, 5):
+        for server in (exact, lossy):
+            server.apply_round(r, round_seed(0, r), _delta_uploads(server, r))
+    carried = lossy.link_feedback.state()
+    dense_error = lossy.link_codec.unflatten(carried["dense"].numpy())
+    got, want = lossy.global_state(), exact.global_state()
+    updates = lossy.model.updates()
+    assert updates or method == "fedavg"
+    gap = rest = 0.0  # largest |lossy - exact| and |lossy + E - exact| over every uploaded tensor
+    for name, tensor in want.items():
+        error = carried[f"weight/{name}"] if name in updates else dense_error.get(name)
+        if error is None:  # a buffer: never uploaded, equal on both
+            assert torch.equal(got[name], tensor), name
+            continue
+        gap = max(gap, float((got[name] - tensor).abs().max()))
+        rest = max(rest, float((got[name] + error.reshape(tensor.shape) - tensor).abs().max()))
+    # float32 rounding of a sum over 4 rounds on values up to ~1 (BatchNorm weights): a few ulp
+    assert gap > 0 and rest < max(gap / 20, 5e-7), (gap, rest)
+
+
+def test_a_returning_client_gets_the_cheapest_path_and_is_sent_what_the_planner_priced():
+    """At int8 links, a client 3 rounds behind gets the chain; one too far behind (or unknown) the full model."""
+    from server.app import measure_message_sizes
+    from server.wire import content_bytes, downlink_record
+
+    run = parse_run_config({"downlink-codec": "int8"})
+    server = ServerModel(run)
+    _, _, server.full_bytes, server.link_bytes = measure_message_sizes(server)
+    for r in range(1, 8):
+        server.apply_round(r, round_seed(run.seed, r), _delta_uploads(server, r))
+    full_record = downlink_record(Downlink(FULL, server.round), 8, 1, server.digest, server.global_state())
+    full_sent = content_bytes(full_record)
+    assert abs(full_sent - server.full_bytes) < 0.01 * server.full_bytes  # measured on random weights
+    for held in (None, 0, 4, 6):
+        server.records.held = {} if held is None else {"c": held}
+        plan = server.plan("c") if held is not None else plan_downlink(None, server.round, server.chain, 1, 1)
+        sent = content_bytes(downlink_record(plan, 8, 1, server.digest, server.global_state() if plan.kind == FULL else None))
+        if held is None:
+            assert plan.kind == FULL
+            continue
+        chain_sent = content_bytes(downlink_record(Downlink(CHAIN, server.round, held, tuple(server.chain.since(held))), 8, 1, server.digest, None))
+        assert plan.kind == CHAIN and sent == chain_sent
+        assert sent < full_sent
+        # priced as the planner does: links at the measured size, plus the message's framing
+        assert abs(sent - chain_bytes(plan.links, server.link_bytes)) < 2_000
+
+
+def test_stateless_clients_are_planned_from_round_0():
+    run = parse_run_config({"downlink-codec": "int8", "client-state": "none"})
+    server = ServerModel(run)
+    server.link_bytes, server.full_bytes = 12_000, 1_571_559
+    for r in range(1, 4):
+        server.apply_round(r, round_seed(run.seed, r), _delta_uploads(server, r))
+    server.records.synced("c", 3)  # ignored: the client keeps nothing
+    plan = server.plan("c")
+    assert plan.kind == CHAIN and plan.base_round == 0 and [link.round for link in plan.links] == [1, 2, 3]
+    state = ClientModel(run, torch.device("cpu")).sync(None, CHAIN, server.digest, base_round=0, links=plan.links)
+    assert state_digest(state) == server.digest

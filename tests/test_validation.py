@@ -180,16 +180,18 @@ def test_compressed_replies_cross_the_wire_and_a_tampered_one_is_rejected(scheme
         read_upload(upload_record(good, 40, 0.1, ROUND), server.codec, ROUND, _limit(server))
 
 
-def test_the_hrp_basis_rides_on_its_chain_link_through_the_wire():
+def test_links_keep_their_coded_parts_and_hrp_basis_through_the_wire():
     from fedmud.sync import CHAIN, Downlink, Link
     from server.wire import downlink_record, read_downlink
 
     payload, basis = np.arange(6, dtype=np.float32), np.full(4, 0.5, dtype=np.float32)
-    links = (Link(1, 11, payload, basis), Link(2, 22, payload + 1))
+    scales = np.ones(2, dtype=np.float32)
+    links = (Link(1, 11, {"payload": payload}, basis), Link(2, 22, {"payload": payload.astype(np.int8), "scales": scales}))
     got = read_downlink(downlink_record(Downlink(CHAIN, 2, 0, links), 3, 33, "d", None))
     assert [link.round for link in got.links] == [1, 2]
     assert np.array_equal(got.links[0].basis, basis) and got.links[1].basis is None
-    assert np.array_equal(got.links[1].payload, payload + 1)
+    assert np.array_equal(got.links[0].payload, payload)
+    assert set(got.links[1].parts) == {"payload", "scales"} and np.array_equal(got.links[1].parts["scales"], scales)
 
 
 def test_an_int8_code_of_minus_128_is_rejected_before_it_decodes_to_inf():
