@@ -1,16 +1,20 @@
 """``fedmud-bench``: run a suite of methods through Flower's simulation and compare what they cost.
 
-    fedmud-bench --suite default                      # 9 methods, ~15 min on 2 cores
+    fedmud-bench --suite default                      # 9 methods, ~11 min on 2 cores
     fedmud-bench --suite smoke --out /tmp/bench       # 2 methods, 2 clients, 2 rounds
+    fedmud-bench --suite p10                          # 100 clients, 10 a round, 3 seeds
+    fedmud-bench --suite full-iid --seeds 0,1,2,3,4   # the rivals, 5 seeds
     fedmud-bench --suite default --methods fedavg,fedmud --rounds 3
     fedmud-bench --suite smoke --model vit            # every method on your choice of model
     fedmud-bench --model mypackage.models:build --dataset mypackage.data:load
     fedmud-bench --list                               # suites and methods
 
-Writes OUT (default results/bench/<suite>/): runs/<method>.csv|json, summary.md|json,
-accuracy_vs_mb_up.png, accuracy_vs_round.png, label_distribution.png,
-tensorboard/<method>/, logs/<method>.log, raw/<method>/<timestamp>/.
-Exit status: 0 if every method finished, 1 if any failed, 130 if interrupted.
+Every method runs once per seed. Writes OUT (default results/bench/<suite>/):
+summary.md|json (mean ± std over seeds), runs/<method>/seed-<s>.csv|json,
+accuracy_vs_mb_up.png, accuracy_vs_round.png, pareto_accuracy_vs_total_bytes.png,
+label_distribution.png, tensorboard/<method>/seed-<s>/, logs/<method>/seed-<s>.log,
+raw/<method>/seed-<s>/<timestamp>/.
+Exit status: 0 if every run finished, 1 if any failed, 130 if interrupted.
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runner import Outcome, Runner, duration, flwr_command, shell_command
+from .runner import Outcome, Runner, duration, flwr_command, run_dir, shell_command
 from .suites import METHODS, SUITES, Suite, resolve
 from .superlink import TOKEN_VAR, PrivateSuperLink
 
 # what a bench run owns in its output directory (cleared at the start of a run)
-OWNED = ("runs", "raw", "logs", "tensorboard", "summary.md", "summary.json",
-         "accuracy_vs_mb_up.png", "accuracy_vs_round.png", "label_distribution.png")
+OWNED = ("runs", "raw", "logs", "tensorboard", "summary.md", "summary.json", "accuracy_vs_mb_up.png",
+         "accuracy_vs_round.png", "pareto_accuracy_vs_total_bytes.png", "label_distribution.png")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -44,7 +48,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     group = parser.add_argument_group("suite fields (override the suite's value)")
     group.add_argument("--methods", help=f"comma-separated, from: {', '.join(METHODS)}")
     group.add_argument("--rounds", type=int)
-    group.add_argument("--supernodes", type=int, help="simulated clients (= partitions); all train every round")
+    group.add_argument("--supernodes", type=int, help="simulated clients (= partitions)")
+    group.add_argument(
+        "--fraction-train", type=float, help="fraction of the clients drawn each round (run-config fraction-train)"
+    )
+    group.add_argument(
+        "--min-train-nodes", type=int, help="at least this many clients a round (run-config min-train-nodes)"
+    )
     group.add_argument("--partition", help="iid, dirichlet, ... (as the run config allows)")
     group.add_argument("--alpha", type=float, help="Dirichlet concentration")
     group.add_argument("--dataset", help="a built-in dataset (mnist5k, cifar10, ...) or 'package.module:factory'")
@@ -55,14 +65,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     group.add_argument("--target", type=float, help="target accuracy for bytes/time to target")
     group.add_argument("--local-epochs", type=int)
-    group.add_argument("--seed", type=int)
-    group.add_argument("--data-seed", type=int)
+    group.add_argument("--lr", type=float)
+    group.add_argument("--batch-size", type=int)
+    group.add_argument(
+        "--seeds", type=seed_list, help="comma-separated run seeds, e.g. 0,1,2: each method runs once per seed"
+    )
+    group.add_argument("--seed", type=int, help="one run seed (the same as --seeds SEED)")
+    group.add_argument("--data-seed", type=int, help="the split and partition, the same for every seed (default 42)")
     group.add_argument("--up-mbps", type=float, help="uplink per client, Mbit/s (default 5)")
     group.add_argument("--down-mbps", type=float, help="downlink per client, Mbit/s (default 20)")
     parser.add_argument("--out", type=Path, help="results directory (default results/bench/<suite>)")
     parser.add_argument("--app", type=Path, help="the Flower app (repository root); default: this checkout")
     parser.add_argument("--run-timeout", type=float, default=1800.0, help="seconds one run may take (default 1800)")
     return parser.parse_args(argv)
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """``0,1,2`` -> (0, 1, 2)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 0,1,2") from None
 
 
 def app_root(given: Path | None) -> Path:
@@ -131,7 +154,7 @@ class Results:
     """What a bench invocation produced, method by method."""
 
     outcomes: list[Outcome] = field(default_factory=list)
-    runs: dict[str, dict] = field(default_factory=dict)  # finished methods' rows and summaries
+    runs: dict[str, dict[int, dict]] = field(default_factory=dict)  # method -> seed -> finished run's rows, summary
     interrupted: bool = False
     reason: str = ""  # why the methods not run did not run (when not interrupted)
 
@@ -150,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     app_dir = app_root(args.app)
     out = prepare_out(args.out, suite)
     command = invocation(argv)
-    print(f"{command}: {len(suite.methods)} runs ({', '.join(suite.methods)}) -> {out}", flush=True)
+    print(f"{command}: {len(suite.runs)} runs ({', '.join(suite.methods)} x seeds "
+          f"{', '.join(map(str, suite.seeds))}) -> {out}", flush=True)
     print(f"suite: {suite.to_dict()}", flush=True)
     started = time.monotonic()
     results = run_suite(suite, app_dir, out, args.run_timeout)
@@ -168,18 +192,24 @@ def list_suites() -> int:
 
 def suite_from_args(args: argparse.Namespace) -> Suite:
     """The suite named by ``--suite`` with the flags given; ValueError for a value the bench cannot run."""
+    if args.seeds is not None and args.seed is not None:
+        raise ValueError("give --seeds or --seed, not both")
     suite = resolve(
         args.suite,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None,
         rounds=args.rounds,
         supernodes=args.supernodes,
+        fraction_train=args.fraction_train,
+        min_train_nodes=args.min_train_nodes,
         partition=args.partition,
         alpha=args.alpha,
         dataset=args.dataset,
         model=args.model,
         target=args.target,
         local_epochs=args.local_epochs,
-        seed=args.seed,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seeds=(args.seed,) if args.seed is not None else args.seeds,
         data_seed=args.data_seed,
         up_mbps=args.up_mbps,
         down_mbps=args.down_mbps,
@@ -200,17 +230,20 @@ def prepare_out(given: Path | None, suite: Suite) -> Path:
 
 
 def run_suite(suite: Suite, app_dir: Path, out: Path, run_timeout: float) -> Results:
-    """Start the private SuperLink, run every method on it, stop it (also on Ctrl-C, SIGTERM, SIGHUP)."""
+    """Start the private SuperLink, run every (method, seed) on it, stop it (also on Ctrl-C, SIGTERM, SIGHUP)."""
     results = Results()
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     superlink = PrivateSuperLink(app_dir, out / "logs" / "superlink.log")
     runner = Runner(suite, superlink, app_dir, out, run_timeout)
+    problems: dict[str, str] = {}  # method -> why its config is refused, checked once for all seeds
     try:
         superlink.start()
         print(f"SuperLink pid {superlink.pid} (logs/superlink.log); every process the bench starts carries "
               f"{TOKEN_VAR}={superlink.token} and is stopped at the end", flush=True)
-        for index, method in enumerate(suite.methods):
-            run_method(runner, index, method, results)
+        for index, (method, seed) in enumerate(suite.runs):
+            if method not in problems:
+                problems[method] = config_problem(suite, method, app_dir)
+            run_method(runner, index, method, seed, problems[method], results)
     except KeyboardInterrupt:
         results.interrupted = True
         runner.stop_current()
@@ -225,45 +258,47 @@ def run_suite(suite: Suite, app_dir: Path, out: Path, run_timeout: float) -> Res
     return results
 
 
-def run_method(runner: Runner, index: int, method: str, results: Results) -> None:
-    """Check one method's config, run it, read its results; the outcome is added to ``results``."""
+def run_method(runner: Runner, index: int, method: str, seed: int, problem: str, results: Results) -> None:
+    """Run one method with one seed unless its config has a ``problem``, read its results; the
+    outcome is added to ``results``."""
     from .report import load_run, write_run  # imports torch
 
     suite, out = runner.suite, runner.out
-    problem = config_problem(suite, method, runner.app_dir)
     if problem:
-        run_command = shell_command(flwr_command(suite, method, out / "raw" / method))
-        results.outcomes.append(Outcome(method, run_command, "failed", error=f"not run: {problem}"))
-        runner.status(index, method, f"FAILED before starting: {problem}", 0.0)
+        run_command = shell_command(flwr_command(suite, method, seed, run_dir(out, method, seed)))
+        results.outcomes.append(Outcome(method, seed, run_command, "failed", error=f"not run: {problem}"))
+        runner.status(index, method, seed, f"FAILED before starting: {problem}", 0.0)
         return
-    outcome = runner.run(index, method)
+    outcome = runner.run(index, method, seed)
     results.outcomes.append(outcome)
     if outcome.status == "ok":
         try:
-            results.runs[method] = load_run(outcome, suite)
-            write_run(results.runs[method], out)
+            run = load_run(outcome, suite)
+            write_run(run, out)
+            results.runs.setdefault(method, {})[seed] = run
         except (OSError, KeyError, ValueError) as err:
             outcome.status, outcome.error = "failed", f"unreadable results in {outcome.run_dir}: {err!r}"
 
 
 def account_for_unrun(results: Results, suite: Suite, out: Path) -> None:
-    """An outcome for every method that did not get to run (interrupted, or the SuperLink failed)."""
-    done = {o.method for o in results.outcomes}
-    for method in suite.methods:
-        if method not in done:
+    """An outcome for every run that did not get to run (interrupted, or the SuperLink failed)."""
+    done = {(o.method, o.seed) for o in results.outcomes}
+    for method, seed in suite.runs:
+        if (method, seed) not in done:
             status = "interrupted" if results.interrupted else "failed"
             error = "interrupted" if results.interrupted else f"not run: {results.reason}"
-            command = shell_command(flwr_command(suite, method, out / "raw" / method))
-            results.outcomes.append(Outcome(method, command, status, error=error))
+            command = shell_command(flwr_command(suite, method, seed, run_dir(out, method, seed)))
+            results.outcomes.append(Outcome(method, seed, command, status, error=error))
 
 
 def report(results: Results, suite: Suite, command: str, out: Path, seconds: float) -> int:
-    """Write the summary, plots and TensorBoard logs, print the table; the exit status."""
-    from .report import plot_curves, plot_partition, summarise, table, write_tensorboard
+    """Write the summary, plots and TensorBoard logs, print the tables; the exit status."""
+    from .report import plot_curves, plot_pareto, plot_partition, summarise, table, write_tensorboard
 
     summary = summarise(suite, results.runs, results.outcomes, command, out)
     if results.runs:
         plot_curves(results.runs, suite, out)
+        plot_pareto(summary, suite, out)
         write_tensorboard(results.runs, out)
     try:
         plot_partition(suite, out)
@@ -274,8 +309,9 @@ def report(results: Results, suite: Suite, command: str, out: Path, seconds: flo
     print("\n".join(table(summary)), flush=True)
     failed = [o for o in results.outcomes if o.status != "ok"]
     for o in failed:
-        print(f"{o.status.upper()}: {o.method}: {o.error}", flush=True)
-    print(f"{len(results.runs)}/{len(suite.methods)} runs finished in {duration(seconds)}; "
+        print(f"{o.status.upper()}: {o.method} seed={o.seed}: {o.error}", flush=True)
+    finished = sum(len(by_seed) for by_seed in results.runs.values())
+    print(f"{finished}/{len(suite.runs)} runs finished in {duration(seconds)}; "
           f"results in {out} (summary.md)", flush=True)
     if results.interrupted:
         return 130

@@ -116,8 +116,12 @@ def run_summary(rows: Sequence[Mapping], target: float) -> dict:
         "best_accuracy": max(r["accuracy"] for r in rows),
         "up_bytes": final["cum_up_bytes"],
         "down_bytes": final["cum_down_bytes"],
+        "total_bytes": final["cum_up_bytes"] + final["cum_down_bytes"],
         "up_bytes_to_target": bytes_to_target(rows, target),
         "down_bytes_to_target": bytes_to_target(rows, target, "cum_down_bytes"),
+        "total_bytes_to_target": value_at_target(
+            [r["accuracy"] for r in rows], [r["cum_up_bytes"] + r["cum_down_bytes"] for r in rows], target
+        ),
         "rounds_to_target": value_at_target([r["accuracy"] for r in rows], [r["round"] for r in rows], target),
         "time_to_target_s": bytes_to_target(rows, target, "est_time_s"),
         "comm_s_per_round": sum(r["comm_s"] for r in trained) / len(trained) if trained else 0.0,
@@ -126,3 +130,79 @@ def run_summary(rows: Sequence[Mapping], target: float) -> dict:
         "comm_s": final["cum_comm_s"],
         "est_time_s": final["est_time_s"],
     }
+
+
+# ---------------------------------------------------------------------- over seeds
+# a run's summary keys averaged over every seed, and those averaged over the seeds that reached the target
+PER_RUN = (
+    "final_accuracy",
+    "best_accuracy",
+    "up_bytes",
+    "down_bytes",
+    "total_bytes",
+    "dense_up_bytes",
+    "dense_down_bytes",
+    "comm_s_per_round",
+    "compute_s_per_round",
+    "wall_s",
+    "comm_s",
+    "est_time_s",
+)
+TO_TARGET = (
+    "up_bytes_to_target",
+    "down_bytes_to_target",
+    "total_bytes_to_target",
+    "rounds_to_target",
+    "time_to_target_s",
+)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator; 0 for a single value)."""
+    if not values:
+        raise ValueError("no values")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return float(mean), 0.0
+    return float(mean), math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def over_seeds(per_seed: Mapping[int, Mapping]) -> dict:
+    """One method's line of the summary from its runs' summaries (one per seed that finished).
+
+    Every ``PER_RUN`` key becomes its mean, with ``<key>_std`` beside it. A ``TO_TARGET`` key
+    is averaged over the seeds that reached the target (None when none did); ``reached``
+    says how many. ``*_vs_dense``: the mean bytes over what dense FedAvg would have sent for
+    the same messages (the ledger's dense equivalent), so 1/32 reads 0.03125.
+    """
+    if not per_seed:
+        raise ValueError("no finished run")
+    runs = list(per_seed.values())
+    line: dict = {"seeds": sorted(per_seed), "finished": len(runs)}
+    for key in PER_RUN:
+        line[key], line[f"{key}_std"] = mean_std([float(run[key]) for run in runs])
+    reached = [run for run in runs if run["up_bytes_to_target"] is not None]
+    line["reached"] = len(reached)
+    for key in TO_TARGET:
+        values = [float(run[key]) for run in reached if run[key] is not None]
+        line[key], line[f"{key}_std"] = mean_std(values) if values else (None, None)
+    dense_total = line["dense_up_bytes"] + line["dense_down_bytes"]
+    line["up_vs_dense"] = line["up_bytes"] / line["dense_up_bytes"] if line["dense_up_bytes"] else None
+    line["down_vs_dense"] = line["down_bytes"] / line["dense_down_bytes"] if line["dense_down_bytes"] else None
+    line["total_vs_dense"] = line["total_bytes"] / dense_total if dense_total else None
+    return line
+
+
+def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
+    """The names of the non-dominated ``(cost, accuracy)`` points, by increasing cost.
+
+    A point is dominated when another costs no more and is no less accurate, and is strictly
+    better in one of the two; of identical points the first named is kept.
+    """
+    front: list[str] = []
+    best = -math.inf
+    for name, (_, accuracy) in sorted(points.items(), key=lambda item: (item[1][0], -item[1][1])):
+        if accuracy > best:  # cheapest first: on the front iff more accurate than everything cheaper
+            front.append(name)
+            best = accuracy
+    return front

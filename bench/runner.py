@@ -24,8 +24,9 @@ ERROR_RE = re.compile(r"\bERROR\b.*|Traceback.*")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def flwr_command(suite: Suite, method: str, run_dir: Path) -> list[str]:
-    config = {**suite.run_config(method), "run-dir": str(run_dir)}
+def flwr_command(suite: Suite, method: str, seed: int, directory: Path) -> list[str]:
+    """The ``flwr run`` of one method and seed, its results written under ``directory``."""
+    config = {**suite.run_config(method, seed), "run-dir": str(directory)}
     return [
         "flwr",
         "run",
@@ -85,9 +86,19 @@ class Eta:
         return max(per_run - in_run_s, 0.0) + (self.runs - run_index - 1) * per_run
 
 
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    """Where one run writes its own results (under a timestamped directory of its own)."""
+    return out / "raw" / method / f"seed-{seed}"
+
+
+def log_path(out: Path, method: str, seed: int) -> Path:
+    return out / "logs" / method / f"seed-{seed}.log"
+
+
 @dataclass
 class Outcome:
     method: str
+    seed: int
     command: str
     status: str  # ok | failed | interrupted
     run_dir: Path | None = None
@@ -101,6 +112,7 @@ class Watch:
 
     index: int
     method: str
+    seed: int
     start: float = field(default_factory=time.monotonic)
     errors: list[str] = field(default_factory=list)
     last_eval: float | None = None  # when the last evaluated round was seen
@@ -110,7 +122,7 @@ class Watch:
 
 
 class Runner:
-    """Runs the suite's methods one after another, printing one status line per round."""
+    """Runs the suite's (method, seed) runs one after another, printing one status line per round."""
 
     def __init__(
         self, suite: Suite, superlink: PrivateSuperLink, app_dir: Path, out: Path, run_timeout: float, echo=print
@@ -122,40 +134,45 @@ class Runner:
         self.run_timeout = run_timeout
         self.echo = echo
         self.started = time.monotonic()
-        self.eta = Eta(runs=len(suite.methods), rounds=suite.rounds)
+        self.eta = Eta(runs=len(suite.runs), rounds=suite.rounds)
         self.current: subprocess.Popen | None = None
 
-    def status(self, index: int, method: str, text: str, in_run_s: float) -> None:
+    def label(self, index: int, method: str, seed: int) -> str:
+        """``[3/9 fedavg-int8]``, with the seed when the suite has several: ``[3/18 fedavg-int8 seed=1]``."""
+        seed_text = f" seed={seed}" if len(self.suite.seeds) > 1 else ""
+        return f"[{index + 1}/{len(self.suite.runs)} {method}{seed_text}]"
+
+    def status(self, index: int, method: str, seed: int, text: str, in_run_s: float) -> None:
         elapsed = time.monotonic() - self.started
         eta = self.eta.remaining(index, in_run_s)
         self.echo(
-            f"[{index + 1}/{len(self.suite.methods)} {method}] {text} "
+            f"{self.label(index, method, seed)} {text} "
             f"| elapsed {duration(elapsed)}, ETA {duration(eta)}",
             flush=True,
         )
 
-    def run(self, index: int, method: str) -> Outcome:
-        """One method's ``flwr run``, followed line by line until it ends or times out."""
-        run_dir = self.out / "raw" / method
-        shutil.rmtree(run_dir, ignore_errors=True)  # this method's previous results in this out dir
-        run_dir.mkdir(parents=True)
-        command = flwr_command(self.suite, method, run_dir)
-        outcome = Outcome(method, shell_command(command), "failed")
-        watch = Watch(index, method)
-        self.status(index, method, "starting", 0.0)
+    def run(self, index: int, method: str, seed: int) -> Outcome:
+        """One method's ``flwr run`` with ``seed``, followed line by line until it ends or times out."""
+        directory = run_dir(self.out, method, seed)
+        shutil.rmtree(directory, ignore_errors=True)  # this run's previous results in this out dir
+        directory.mkdir(parents=True)
+        command = flwr_command(self.suite, method, seed, directory)
+        outcome = Outcome(method, seed, shell_command(command), "failed")
+        watch = Watch(index, method, seed)
+        self.status(index, method, seed, "starting", 0.0)
         self._follow(command, outcome.command, watch)
         outcome.seconds = time.monotonic() - watch.start
         self.eta.saw_run(outcome.seconds, watch.rounds_done)
-        self._conclude(outcome, watch, run_dir)
+        self._conclude(outcome, watch, directory)
         text = f"done in {duration(outcome.seconds)}" if outcome.status == "ok" else f"FAILED: {outcome.error}"
-        self.status(index, method, text, outcome.seconds)
+        self.status(index, method, seed, text, outcome.seconds)
         return outcome
 
     def _follow(self, command: list[str], shown: str, watch: Watch) -> None:
         """Start ``command``, log and read its output until it exits or ``run_timeout`` passes; then stop it."""
-        log_path = self.out / "logs" / f"{watch.method}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "w") as log:
+        path = log_path(self.out, watch.method, watch.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as log:
             log.write(f"$ {shown}\n")
             log.flush()
             self.current = process = self._start(command)
@@ -221,14 +238,15 @@ class Runner:
             self.status(
                 watch.index,
                 watch.method,
+                watch.seed,
                 f"round {r}/{self.suite.rounds} acc {float(match.group(2)):.4f} "
                 f"up {float(match.group(6)):.2f} MB down {float(match.group(7)):.2f} MB",
                 now - watch.start,
             )
 
-    def _conclude(self, outcome: Outcome, watch: Watch, run_dir: Path) -> None:
+    def _conclude(self, outcome: Outcome, watch: Watch, directory: Path) -> None:
         """Status and error of a run that ended: a summary.json means it finished, whatever `flwr run` returned."""
-        results = sorted(run_dir.glob("*/summary.json"))
+        results = sorted(directory.glob("*/summary.json"))
         if watch.timed_out:
             outcome.error = f"timed out after {duration(self.run_timeout)} (--run-timeout); the SuperLink was restarted"
             self.superlink.restart()  # the run goes on inside the SuperLink otherwise
@@ -237,7 +255,7 @@ class Runner:
             reason = (configuration or watch.errors or ["no error in the log"])[0]
             outcome.error = (
                 f"{reason}; `flwr run` exited with {watch.returncode}, no summary.json "
-                f"(see logs/{outcome.method}.log)"
+                f"(see {log_path(Path(), outcome.method, outcome.seed)})"
             )
         else:
             outcome.status, outcome.run_dir = "ok", results[-1].parent
