@@ -74,10 +74,24 @@ class UploadLayout:
     """Names and shapes of everything a client uploads, in wire order (both sides derive it)."""
 
     entries: tuple[tuple[str, tuple[int, ...]], ...]
+    # norm layers' running statistics: codes below 8 bits send these as int8 (see Codec)
+    statistics: frozenset[str] = frozenset()
 
     @property
     def numel(self) -> int:
         return sum(math.prod(shape) for _, shape in self.entries)
+
+    def subset(self, names: set[str] | frozenset[str]) -> tuple[UploadLayout, np.ndarray]:
+        """The entries named in ``names`` (in layout order) and their indices in the flat vector."""
+        entries, index, offset = [], [], 0
+        for name, shape in self.entries:
+            size = math.prod(shape)
+            if name in names:
+                entries.append((name, shape))
+                index.append(np.arange(offset, offset + size))
+            offset += size
+        flat = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+        return UploadLayout(tuple(entries)), flat
 
 
 class PayloadError(ValueError):
@@ -386,6 +400,7 @@ SCHEMES: dict[str, Scheme] = {
     )
 }
 INT8_CHUNK = SCHEMES["int8"].chunk
+STATS_PREFIX = "stats-"  # parts of the running statistics when a low-bit code sends them as int8
 
 
 # --------------------------------------------------------------------------- the codec
@@ -405,6 +420,23 @@ class Codec:
         if self.spec.sparse and not 0 < self.k <= self.layout.numel:
             raise PayloadError(f"{self.scheme} needs 0 < k <= {self.layout.numel}, got k={self.k}")
         self.chunks = Chunks.of(self.layout, self.spec.chunk)
+        self._split = self._statistics_split()
+
+    def _statistics_split(self) -> tuple[np.ndarray, Codec, np.ndarray, Codec] | None:
+        """Codes below 8 bits carry norm layers' running statistics as int8, the rest in the scheme.
+
+        Running means and variances are not gradients: ``sign`` and ``int2`` have no zero level,
+        so a variance that did not move would still be sent as ± a step, and a small one can go
+        negative (BatchNorm's evaluation then divides by the square root of a negative number).
+        int8 keeps zero at zero and errs by at most 1/254 of a chunk's largest change.
+        """
+        names = self.layout.statistics & {name for name, _ in self.layout.entries}
+        if not names or self.spec.sparse or not self.spec.residual or self.spec.bits >= 8:
+            return None
+        main_names = {name for name, _ in self.layout.entries} - names
+        main_layout, main_index = self.layout.subset(main_names)
+        stats_layout, stats_index = self.layout.subset(names)
+        return main_index, Codec(main_layout, self.scheme), stats_index, Codec(stats_layout, "int8")
 
     # ------------------------------------------------------------------ layout
     @property
@@ -415,6 +447,9 @@ class Codec:
     @property
     def parts(self) -> PartSizes:
         """Name -> (dtype, size) of every array an upload holds."""
+        if self._split is not None:
+            _, main, _, stats = self._split
+            return {**main.parts, **{STATS_PREFIX + name: size for name, size in stats.parts.items()}}
         return self.spec.parts(self)
 
     @property
@@ -453,7 +488,14 @@ class Codec:
         values = np.asarray(values, dtype=np.float32)
         if values.shape != (self.layout.numel,):
             raise PayloadError(f"vector shape is {values.shape}, expected ({self.layout.numel},)")
-        out = self.spec.encode(self, values, rng)
+        if self._split is not None:
+            main_index, main, stats_index, stats = self._split
+            out = {
+                **main.encode(values[main_index], rng),
+                **{STATS_PREFIX + n: a for n, a in stats.encode(values[stats_index], rng).items()},
+            }
+        else:
+            out = self.spec.encode(self, values, rng)
         self.stats.payloads += 1
         self.stats.values += values.size
         self.stats.payload_bytes += sum(a.nbytes for a in out.values())
@@ -477,12 +519,26 @@ class Codec:
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise PayloadError(f"{name} has {int((~np.isfinite(array)).sum())} non-finite values")
         parts = dict(parts)
-        self.spec.check(self, parts)
+        if self._split is not None:
+            _, main, _, stats = self._split
+            main.validate({n: a for n, a in parts.items() if not n.startswith(STATS_PREFIX)})
+            stats.validate({n[len(STATS_PREFIX) :]: a for n, a in parts.items() if n.startswith(STATS_PREFIX)})
+        else:
+            self.spec.check(self, parts)
         return parts
 
     def decode_vector(self, parts: Mapping[str, np.ndarray]) -> np.ndarray:
         """The float32 vector an upload stands for: values (``float32``) or the residual."""
-        return self.spec.decode(self, self.validate(parts))
+        parts = self.validate(parts)
+        if self._split is None:
+            return self.spec.decode(self, parts)
+        main_index, main, stats_index, stats = self._split
+        out = np.empty(self.layout.numel, dtype=np.float32)
+        out[main_index] = main.spec.decode(main, {n: a for n, a in parts.items() if not n.startswith(STATS_PREFIX)})
+        out[stats_index] = stats.spec.decode(
+            stats, {n[len(STATS_PREFIX) :]: a for n, a in parts.items() if n.startswith(STATS_PREFIX)}
+        )
+        return out
 
     def decode(self, parts: Mapping[str, np.ndarray], reference: np.ndarray | None = None) -> np.ndarray:
         """The uploaded values as a float32 vector: ``reference + residual`` for lossy schemes."""

@@ -177,7 +177,9 @@ class RunConfig:
     downlink: ``chain`` sends each client the aggregated updates it missed (or the
         full model when that is cheaper or its state is unknown); ``full`` always
         sends the full model.
-    downlink_codec: how each chain link is coded (see :mod:`fedmud.codec`); a lossy
+    downlink_codec: how each chain link is coded (see :mod:`fedmud.codec`); ``auto``
+        (the run-config default) is ``int4``, or ``float32`` under ``pattern=ab``, whose
+        update is not linear in its factors, so the server cannot keep what a code lost; a lossy
         code is merged as decoded on every side, so clients stay bitwise in sync, and
         the server keeps what it lost (error feedback) for the next link.
     client_state: ``keep`` clients hold the global model between rounds (chains from
@@ -200,7 +202,7 @@ class RunConfig:
     model: str = "auto"
     run_dir: str = "runs"
     downlink: str = "chain"
-    downlink_codec: str = "float32"
+    downlink_codec: str = "int4"  # "auto" in the run config resolves to this, or float32 for pattern ab
     client_state: str = "keep"
     round_timeout: float = 600.0
     min_replies: int = 1
@@ -313,6 +315,13 @@ def _check_combinations(d: DecompositionConfig, u: UplinkConfig) -> None:
         )
 
 
+def _link_codec(cfg: Mapping[str, Any], d: DecompositionConfig) -> str:
+    value = _choice(cfg, "downlink-codec", "auto", ("auto", *LINK_CODECS))
+    if value != "auto":
+        return value
+    return "float32" if d.method == "fedmud" and d.pattern == "ab" else RunConfig.downlink_codec
+
+
 def _check_downlink(run: RunConfig) -> None:
     d = run.decomposition
     if run.client_state == "none" and run.uplink.error_feedback:
@@ -402,7 +411,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         model=_builtin_or_factory(cfg, "model", RunConfig.model, MODELS),
         run_dir=str(cfg.get("run-dir", RunConfig.run_dir)),
         downlink=_choice(cfg, "downlink", RunConfig.downlink, DOWNLINKS),
-        downlink_codec=_choice(cfg, "downlink-codec", RunConfig.downlink_codec, LINK_CODECS),
+        downlink_codec=_link_codec(cfg, decomposition),
         client_state=_choice(cfg, "client-state", RunConfig.client_state, CLIENT_STATES),
         round_timeout=_number(cfg, "round-timeout", RunConfig.round_timeout, low=0.0, low_open=True),
         min_replies=_number(cfg, "min-replies", RunConfig.min_replies, integer=True, low=1),

@@ -300,7 +300,14 @@ class DecomposedModel(nn.Module):
         return {n: t for n, t in self._public_state().items() if n not in skip and torch.is_floating_point(t)}
 
     def upload_layout(self) -> UploadLayout:
-        return UploadLayout(tuple((n, tuple(t.shape)) for n, t in self._uploaded_items().items()))
+        items = self._uploaded_items()
+        statistics = frozenset(
+            f"{prefix}.{stat}" if prefix else stat
+            for prefix, module in self.model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._NormBase)
+            for stat in ("running_mean", "running_var")
+        ) & set(items)
+        return UploadLayout(tuple((n, tuple(t.shape)) for n, t in items.items()), statistics)
 
     # ------------------------------------------------------------------ state
     def uploaded_state(self) -> dict[str, torch.Tensor]:
@@ -313,7 +320,16 @@ class DecomposedModel(nn.Module):
 
     @torch.no_grad()
     def load_uploaded_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load an (aggregated, decoded) upload; norm layers' running variances are kept >= 0.
+
+        A lossy code (``sign`` decodes every value of a chunk to ± its mean magnitude) can push
+        a small variance below zero, and BatchNorm's evaluation would then take a square root of
+        a negative number. The clamp is elementwise, so server and clients stay bitwise equal.
+        """
         _copy_into(self._uploaded_items(), state, "uploaded state")
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.running_var is not None:
+                module.running_var.clamp_(min=0.0)
 
     @torch.no_grad()
     def load_global_state(self, state: Mapping[str, torch.Tensor]) -> None:

@@ -18,7 +18,8 @@ SEED = round_seed(0, ROUND)
 
 
 def _server(**cfg) -> ServerModel:
-    server = ServerModel(parse_run_config(cfg))
+    """float32 links: the merged update is read back from the link as the exact weighted mean."""
+    server = ServerModel(parse_run_config({"downlink-codec": "float32", **cfg}))
     server.round = ROUND - 1
     return server
 

@@ -73,9 +73,14 @@ def test_bytes_on_the_wire_are_what_the_scheme_promises(scheme, layout):
     parts = codec.encode(x)
     nbytes = sum(a.nbytes for a in parts.values())
     assert nbytes == codec.payload_nbytes == codec.stats.payload_bytes
-    n = x.size
+    # codes below 8 bits send norm layers' running statistics as int8 (the model layout has them)
+    stats = [shape for name, shape in layout.entries if name in layout.statistics]
+    coded = [shape for name, shape in layout.entries if name not in layout.statistics]
+    if scheme in ("float32", "float16", "int8", "topk"):
+        coded, stats = coded + stats, []
+    n = sum(math.prod(shape) for shape in coded)
     # one float32 scale per chunk, chunks never crossing a tensor
-    chunks = sum(-(-math.prod(shape) // (SCHEMES[scheme].chunk or 1)) for _, shape in layout.entries)
+    chunks = sum(-(-math.prod(shape) // (SCHEMES[scheme].chunk or 1)) for shape in coded)
     expected = {
         "float32": 4 * n,
         "float16": 2 * n,
@@ -85,7 +90,32 @@ def test_bytes_on_the_wire_are_what_the_scheme_promises(scheme, layout):
         "sign": -(-n // 8) + 4 * chunks,
         "topk": 8 * codec.k,
     }[scheme]
+    expected += sum(math.prod(shape) + 4 * -(-math.prod(shape) // 1024) for shape in stats)
+    assert (layout == ODD) or bool(stats) == (scheme in ("int4", "int2", "sign"))
     assert nbytes == expected
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int2", "sign"])
+def test_low_bit_codes_keep_an_unchanged_running_variance_unchanged(scheme):
+    """No zero level in sign/int2: the statistics ride as int8, so a variance that did not move stays put."""
+    model = _model()
+    layout = model.upload_layout()
+    codec = Codec(layout, scheme)
+    x = _gaussian(layout)
+    offset = 0
+    for name, shape in layout.entries:
+        size = math.prod(shape)
+        if name.endswith("running_var"):
+            x[offset : offset + size] = 0.0
+            x[offset] = 1.0  # one channel moved: a sign code would send every other one ± its mean
+        offset += size
+    decoded = codec.decode_vector(codec.encode(x))
+    offset = 0
+    for name, shape in layout.entries:
+        size = math.prod(shape)
+        if name.endswith("running_var"):
+            assert np.all(decoded[offset + 1 : offset + size] == 0.0), name
+        offset += size
 
 
 def test_the_scales_cost_what_the_table_says_per_value():
@@ -438,7 +468,7 @@ def test_a_compressed_round_merges_close_to_the_lossless_one_and_chains_bitwise(
     """Server decodes against its own reference; a client's chain reaches the digest bitwise."""
     merged = {}
     for name, extra in (("lossless", {}), ("lossy", overrides)):
-        run = parse_run_config({"local-epochs": 1, "lr": 0.05, **({"method": overrides.get("method")} if "method" in overrides else {}), **extra})
+        run = parse_run_config({"local-epochs": 1, "lr": 0.05, "downlink-codec": "float32", **({"method": overrides.get("method")} if "method" in overrides else {}), **extra})
         server, client = ServerModel(run), ClientModel(run, torch.device("cpu"))
         parts, _, feedback = client.train_round(123, _tiny_loader())
         assert (feedback is not None) == run.uplink.error_feedback

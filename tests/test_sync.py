@@ -152,7 +152,7 @@ def test_a_lossy_link_code_keeps_a_stateful_client_bitwise_equal_to_the_server(c
 @pytest.mark.parametrize("method", ["fedmud", "fedavg"])
 def test_server_error_feedback_loses_nothing_of_the_aggregated_updates(codec, method):
     """Σ merged + E = Σ aggregated: the lossy-link model plus the carried error is the float32-link model."""
-    exact = ServerModel(parse_run_config({"method": method}))
+    exact = ServerModel(parse_run_config({"method": method, "downlink-codec": "float32"}))
     lossy = ServerModel(parse_run_config({"method": method, "downlink-codec": codec}))
     for r in range(1, 5):
         for server in (exact, lossy):

@@ -133,7 +133,7 @@ def test_bad_reply_is_rejected_with_its_reason(kind, server, good):
 
 # ------------------------------------------------------------------------- in the strategy
 def test_strategy_merges_only_valid_replies_and_counts_the_rest(task_identity, tmp_path, good):
-    run = parse_run_config({"min-replies": 1})
+    run = parse_run_config({"min-replies": 1, "downlink-codec": "float32"})  # merged as sent, to compare
     server = ServerModel(run)
     server.round = ROUND - 1
     strategy = FedMUD(run, server, Ledger(), tmp_path, test_data=[])
