@@ -116,5 +116,5 @@ def run_client_round(
         context.state.array_records[HELD_FEEDBACK] = ArrayRecord(feedback)
     if client.device.type == "cuda":
         torch.cuda.synchronize()
-    reply = upload_record(payload, len(loader.dataset), loss, downlink.server_round, partition_id)
+    reply = upload_record(client.codec.pack(payload), len(loader.dataset), loss, downlink.server_round, partition_id)
     return Message(content=reply, reply_to=msg)

@@ -155,7 +155,7 @@ class ServerModel:
         parts = self.link_codec.encode(target)
         self.link_feedback.update(target, self.link_codec.decode_vector(parts))
         self.model.clear()
-        return Link(server_round, round_seed, parts)
+        return Link(server_round, round_seed, self.link_codec.pack(parts))  # as it travels (one array)
 
     def reference(self, round_seed: int) -> np.ndarray:
         """The round-start values of the upload (global model, factors drawn from ``round_seed``).

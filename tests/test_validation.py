@@ -13,7 +13,7 @@ from fedmud.ledger import Ledger
 from fedmud.rounds import ServerModel
 from server.strategy import FedMUD
 from .federation import reply_from
-from server.wire import read_upload, sync_error_record, upload_record
+from server.wire import content_bytes, read_upload, sync_error_record, upload_record
 
 ROUND = 3
 
@@ -210,3 +210,16 @@ def test_a_residual_that_overflows_when_added_to_the_reference_is_rejected():
     reference = np.full(server.codec.layout.numel, 3e38, np.float32)
     with pytest.raises(PayloadError, match="values overflow float32 when added to the reference"):
         server.codec.decode(parts, reference)
+
+
+@pytest.mark.parametrize("uplink", ["int8", "int4", "sign", "topk"])
+def test_a_packed_upload_is_one_array_that_unpacks_to_the_parts_and_a_short_one_is_rejected(uplink):
+    server = ServerModel(parse_run_config({"uplink": uplink}))
+    parts = server.codec.encode(np.random.default_rng(0).standard_normal(server.codec.layout.numel).astype(np.float32))
+    packed = server.codec.pack(parts)
+    assert list(packed) == ["packed"] and packed["packed"].nbytes == server.codec.payload_nbytes
+    received, _ = read_upload(upload_record(packed, 40, 0.1, ROUND), server.codec, ROUND, _limit(server))
+    assert all(np.array_equal(received[name], parts[name]) for name in parts)
+    assert content_bytes(upload_record(packed, 40, 0.1, ROUND)) < content_bytes(upload_record(parts, 40, 0.1, ROUND))
+    with pytest.raises(PayloadError, match="bytes, expected"):
+        read_upload(upload_record({"packed": packed["packed"][:-1]}, 40, 0.1, ROUND), server.codec, ROUND, _limit(server))
