@@ -308,6 +308,12 @@ def _check_combinations(d: DecompositionConfig, u: UplinkConfig) -> None:
             f"error-feedback=true is not allowed with uplink={u.codec!r} (lossless, nothing to feed back); "
             f"choose a lossy uplink: {', '.join(LOSSY_UPLINKS)}"
         )
+    rounds_at_random = tuple(name for name, scheme in SCHEMES.items() if scheme.residual and scheme.bits <= 8 and not scheme.sparse)
+    if u.stochastic_rounding and u.codec not in rounds_at_random:
+        raise ConfigError(
+            f"stochastic-rounding=true is not allowed with uplink={u.codec!r}: it rounds to code levels, "
+            f"which only {', '.join(rounds_at_random)} have"
+        )
     if u.error_feedback and d.method == "fedmud" and d.pattern == "ab":
         raise ConfigError(
             "error-feedback=true is not allowed with pattern='ab': the error is projected onto the next "

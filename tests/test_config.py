@@ -75,6 +75,13 @@ def test_defaults_parse():
         ({"init": "hrp", "method": "fedavg"}, "init='hrp' is not allowed with method='fedavg'"),
         ({"error-feedback": True}, "error-feedback=true is not allowed with uplink='float32'"),
         ({"error-feedback": True, "uplink": "int8", "pattern": "ab"}, "not allowed with pattern='ab'"),
+        ({"downlink-codec": "int4", "pattern": "ab"}, "downlink-codec='int4' is not allowed with pattern='ab'"),
+        (
+            {"client-state": "none", "uplink": "sign", "error-feedback": True},
+            "error-feedback=true is not allowed with client-state='none'",
+        ),
+        ({"stochastic-rounding": True}, "stochastic-rounding=true is not allowed with uplink='float32'"),
+        ({"stochastic-rounding": True, "uplink": "topk"}, "stochastic-rounding=true is not allowed with uplink='topk'"),
     ],
 )
 def test_combinations_that_cannot_work_are_refused(cfg, message):
@@ -96,3 +103,19 @@ def test_the_pyproject_defaults_are_the_parsers_defaults_for_the_reply_bounds():
     config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert parse_run_config(config).bounds == parse_run_config({}).bounds
     assert {"max-examples", "update-norm-bound", "update-norm-action"} <= set(config)
+
+
+def test_downlink_codec_auto_is_int4_and_float32_where_the_server_cannot_keep_the_error():
+    assert parse_run_config({}).downlink_codec == "int4"
+    assert parse_run_config({"pattern": "ab"}).downlink_codec == "float32"
+    assert parse_run_config({"pattern": "ab", "downlink-codec": "float32"}).downlink_codec == "float32"
+    assert parse_run_config({"method": "fedavg", "pattern": "ab"}).downlink_codec == "int4"  # no factors: dense error
+
+
+def test_the_pyproject_defaults_are_the_parsers_defaults():
+    import tomllib
+    from pathlib import Path
+
+    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    # only the rounds differ: the app runs 10, a RunConfig built in code 20
+    assert parse_run_config(config) == parse_run_config({"num-server-rounds": config["num-server-rounds"]})
