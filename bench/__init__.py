@@ -1,4 +1,4 @@
-"""Communication-cost benchmark suite: ``fedmud-bench --suite default``.
+"""Communication-cost benchmark suite: ``fedmud-bench`` (suites in bench/suites.py).
 
 Runs a grid of methods on identical data, partition and seeds through the same
 ServerApp/ClientApp in Flower's simulation (one ``flwr run`` each, against a

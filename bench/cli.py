@@ -1,10 +1,11 @@
 """``fedmud-bench``: run a suite of methods through Flower's simulation and compare what they cost.
 
-    fedmud-bench --suite default                      # 9 methods, ~11 min on 2 cores
+    fedmud-bench                                      # = --suite default: full-iid, p10 and p1
+    fedmud-bench --suite iid                          # 9 methods, ~11 min on 2 cores
     fedmud-bench --suite smoke --out /tmp/bench       # 2 methods, 2 clients, 2 rounds
     fedmud-bench --suite p10                          # 100 clients, 10 a round, 3 seeds
     fedmud-bench --suite full-iid --seeds 0,1,2,3,4   # the rivals, 5 seeds
-    fedmud-bench --suite default --methods fedavg,fedmud --rounds 3
+    fedmud-bench --suite iid --methods fedavg,fedmud --rounds 3
     fedmud-bench --suite smoke --model vit            # every method on your choice of model
     fedmud-bench --model mypackage.models:build --dataset mypackage.data:load
     fedmud-bench --list                               # suites and methods
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .runner import Outcome, Runner, duration, flwr_command, run_dir, shell_command
-from .suites import METHODS, SUITES, Suite, resolve
+from .suites import GROUPS, METHODS, SUITES, Suite, resolve
 from .superlink import TOKEN_VAR, PrivateSuperLink
 
 # what a bench run owns in its output directory (cleared at the start of a run)
@@ -43,7 +44,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="fedmud-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite", default="default", choices=sorted(SUITES))
+    parser.add_argument(
+        "--suite", default="default", choices=sorted({*SUITES, *GROUPS}),
+        help="a suite, or a group of suites run one after another into OUT/<suite> (default: "
+        + ", ".join(GROUPS["default"]) + ")",
+    )
     parser.add_argument("--list", action="store_true", help="print the suites and methods and exit")
     group = parser.add_argument_group("suite fields (override the suite's value)")
     group.add_argument("--methods", help=f"comma-separated, from: {', '.join(METHODS)}")
@@ -164,6 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         return list_suites()
+    if args.suite in GROUPS:
+        return run_group(args, argv)
+    return run_one(args, argv)
+
+
+def run_group(args: argparse.Namespace, argv: list[str]) -> int:
+    """Each suite of the group with the same flags, into OUT/<suite>; the worst exit status."""
+    base = args.out or Path("results") / "bench" / args.suite
+    status = 0
+    for name in GROUPS[args.suite]:
+        print(f"== suite {name} ({args.suite}: {', '.join(GROUPS[args.suite])})", flush=True)
+        status = max(status, run_one(argparse.Namespace(**{**vars(args), "suite": name, "out": base / name}), argv))
+    return status
+
+
+def run_one(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         suite = suite_from_args(args)
     except ValueError as err:
@@ -183,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def list_suites() -> int:
+    for name, members in GROUPS.items():
+        print(f"{name}: the suites {', '.join(members)}, one after another")
     for name, suite in SUITES.items():
         print(f"{name}: {suite.to_dict()}")
     for name, overrides in METHODS.items():

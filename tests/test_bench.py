@@ -101,12 +101,12 @@ def test_enrich_adds_compute_comm_and_estimated_time():
 
 
 def test_suites_and_overrides():
-    assert SUITES["default"].methods == FIRST_NINE and set(FIRST_NINE) <= set(METHODS)
+    assert SUITES["iid"].methods == FIRST_NINE and set(FIRST_NINE) <= set(METHODS)
     assert SUITES["dirichlet"].partition == "dirichlet" and SUITES["dirichlet"].alpha == 0.3
-    suite = resolve("default", methods=("fedavg", "fedmud"), rounds=3, up_mbps=None)
+    suite = resolve("iid", methods=("fedavg", "fedmud"), rounds=3, up_mbps=None)
     assert suite.methods == ("fedavg", "fedmud") and suite.rounds == 3 and suite.up_mbps == 5.0
     with pytest.raises(ValueError, match="unknown method"):
-        resolve("default", methods=("nope",))
+        resolve("iid", methods=("nope",))
     text = render_overrides({**METHODS["topk-ef"], "num-server-rounds": 8, "alpha": 0.3})
     assert text == (
         "method='fedavg' downlink-codec='float32' uplink='topk' error-feedback=true topk-ratio='1/32' "
@@ -140,9 +140,9 @@ def test_participation_and_training_fields_become_run_config_keys():
 
 
 def test_unset_optional_fields_keep_the_pyproject_defaults():
-    config = SUITES["default"].run_config("fedavg")
+    config = SUITES["iid"].run_config("fedavg")
     assert not {"fraction-train", "min-train-nodes", "lr", "batch-size", "local-epochs", "model"} & set(config)
-    assert SUITES["default"].clients_per_round == 10  # pyproject: fraction 1.0, every client every round
+    assert SUITES["iid"].clients_per_round == 10  # pyproject: fraction 1.0, every client every round
 
 
 def test_every_method_runs_once_per_seed_each_seed_in_turn():
@@ -261,8 +261,8 @@ def test_summary_table_ratio_not_reached_and_failures(tmp_path):
     }
     outcomes = [Outcome("fedavg", 0, "c", "ok"), Outcome("fedmud", 0, "c", "ok"), Outcome("fedlmt", 0, "c", "ok"),
                 Outcome("topk-ef", 0, "flwr run topk", "failed", error="boom")]
-    suite = resolve("default", methods=("fedavg", "fedmud", "fedlmt", "topk-ef"))
-    summary = summarise(suite, runs, outcomes, "fedmud-bench --suite default", tmp_path)
+    suite = resolve("iid", methods=("fedavg", "fedmud", "fedlmt", "topk-ef"))
+    summary = summarise(suite, runs, outcomes, "fedmud-bench --suite iid", tmp_path)
     text = (tmp_path / "summary.md").read_text()
     rows = table_rows(text)
     assert set(rows) == {"method", "fedavg", "fedmud", "fedlmt"}
@@ -337,7 +337,7 @@ def test_a_refused_config_is_found_before_running():
     for suite in SUITES.values():  # every suite's methods run as configured
         for method in suite.methods:
             assert config_problem(suite, method, ROOT) == "", (suite.name, method)
-    assert all(config_problem(SUITES["default"], m, ROOT) == "" for m in METHODS)
+    assert all(config_problem(SUITES["iid"], m, ROOT) == "" for m in METHODS)
     bad = replace(SUITES["smoke"], extra={"pattern": "xyz"})
     assert "pattern='xyz' is not allowed" in config_problem(bad, "fedmud", ROOT)
     assert "not in pyproject.toml" in config_problem(replace(SUITES["smoke"], extra={"no-such-key": 1}), "fedavg", ROOT)
@@ -357,7 +357,7 @@ def test_the_model_flag_reaches_every_methods_run_config(tmp_path):
 
 def test_without_a_model_the_run_config_keeps_the_pyproject_default():
     suite = suite_from_args(parse_args(["--suite", "smoke"]))
-    assert suite.model is None and SUITES["default"].model is None
+    assert suite.model is None and SUITES["iid"].model is None
     assert not any("model" in suite.run_config(m) for m in METHODS)
 
 
@@ -510,3 +510,11 @@ def test_smoke_suite_end_to_end(tmp_path):
     assert not Path(f"/proc/{started.group(1)}").exists()
     assert processes_with_token(started.group(2)) == []
     print(f"smoke suite: {seconds:.0f}s")  # ~2 min on an idle 2-core machine
+
+
+def test_the_default_suite_covers_full_10_and_1_percent_participation():
+    from bench.suites import GROUPS
+
+    members = [SUITES[name] for name in GROUPS["default"]]
+    assert sorted(s.clients_per_round / s.supernodes for s in members) == [0.01, 0.1, 1.0]
+    assert all(len(s.seeds) >= 3 for s in members)
