@@ -23,6 +23,8 @@ INITS = ("zero", "nonzero", "nonzero-compensated", "hrp")
 UPLINKS = tuple(SCHEMES)  # the codec's table of schemes
 LINK_CODECS = tuple(name for name, scheme in SCHEMES.items() if not scheme.sparse)  # a chain link codes every value
 LOSSY_UPLINKS = tuple(name for name, scheme in SCHEMES.items() if scheme.residual)
+# codes with levels to round to: stochastic-rounding applies to these
+LEVELLED_UPLINKS = tuple(n for n, scheme in SCHEMES.items() if scheme.residual and scheme.bits <= 8 and not scheme.sparse)
 CLIENT_STATES = ("keep", "none")
 DATASETS = ("mnist5k", "digits", "mnist", "fashionmnist", "svhn", "cifar10", "cifar100")
 PARTITIONS = ("iid", "dirichlet", "label-count")
@@ -308,11 +310,10 @@ def _check_combinations(d: DecompositionConfig, u: UplinkConfig) -> None:
             f"error-feedback=true is not allowed with uplink={u.codec!r} (lossless, nothing to feed back); "
             f"choose a lossy uplink: {', '.join(LOSSY_UPLINKS)}"
         )
-    rounds_at_random = tuple(name for name, scheme in SCHEMES.items() if scheme.residual and scheme.bits <= 8 and not scheme.sparse)
-    if u.stochastic_rounding and u.codec not in rounds_at_random:
+    if u.stochastic_rounding and u.codec not in LEVELLED_UPLINKS:
         raise ConfigError(
             f"stochastic-rounding=true is not allowed with uplink={u.codec!r}: it rounds to code levels, "
-            f"which only {', '.join(rounds_at_random)} have"
+            f"which only {', '.join(LEVELLED_UPLINKS)} have"
         )
     if u.error_feedback and d.method == "fedmud" and d.pattern == "ab":
         raise ConfigError(

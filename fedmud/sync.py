@@ -60,11 +60,6 @@ class Link:
         """The float32 values of a ``float32`` link."""
         return self.parts["payload"]
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the coded arrays (the message adds its framing)."""
-        return sum(a.nbytes for a in self.parts.values()) + (0 if self.basis is None else self.basis.nbytes)
-
 
 @dataclass
 class ChainStore:
