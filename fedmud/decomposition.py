@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -93,6 +93,16 @@ class UpdateParameterisation:
     def product(self, left: torch.Tensor, right: torch.Tensor, exact: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
+    def add_products(self, base: torch.Tensor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``base + Σ left·right`` over ``pairs``, in the layer's weight shape, differentiable.
+
+        What a training step computes with (``base`` is the frozen ``W``); not bitwise
+        reproducible across devices, unlike :meth:`delta_weight` with ``exact``. Subclasses
+        compute it without materialising each product.
+        """
+        flat = sum(self.product(left, right) for left, right in pairs)
+        return base + flat[: self.numel].reshape(self.weight_shape)
+
     def delta_weight(self, factors: Mapping[str, torch.Tensor], exact: bool = False) -> torch.Tensor:
         """ΔW in the layer's weight shape.
 
@@ -148,6 +158,12 @@ class LowRankUpdate(UpdateParameterisation):
         m, n = matrix_shape(weight_shape)
         return rank * n if pattern == "fab" else rank * (m + n)
 
+    def add_products(self, base: torch.Tensor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        out = base.reshape(self.m, self.n)
+        for left, right in pairs:  # one GEMM each, accumulated into the output: no m×n temporaries
+            out = torch.addmm(out, left, right)
+        return out.reshape(self.weight_shape)
+
     def product(self, left: torch.Tensor, right: torch.Tensor, exact: bool = False) -> torch.Tensor:
         if not exact:
             return (left @ right).reshape(-1)
@@ -189,6 +205,10 @@ class BlockKroneckerUpdate(UpdateParameterisation):
         blocks = BlockKroneckerUpdate.num_blocks(math.prod(weight_shape), a, b)
         return blocks * b * b if pattern == "fab" else blocks * (a * a + b * b)
 
+    def add_products(self, base: torch.Tensor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        lefts, rights = zip(*pairs)
+        return _BlockKroneckerSum.apply(base, self, len(pairs), *lefts, *rights)
+
     def product(self, left: torch.Tensor, right: torch.Tensor, exact: bool = False) -> torch.Tensor:
         # kron per block: out[k, i, p, j, q] = L[k, i, j] * R[k, p, q]; one multiplication per value,
         # so it is exact on every device.
@@ -196,6 +216,80 @@ class BlockKroneckerUpdate(UpdateParameterisation):
 
     def describe(self) -> str:
         return f"kron {self.blocks}x[{self.a}x{self.a} (x) {self.b}x{self.b}]"
+
+
+def _blocks(flat: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """A flat run of whole blocks as (K, a, b, a, b): ``[k, i, p, j, q]`` is row ``i·b+p``, column
+    ``j·b+q`` of block ``k``, where ``kron(L_k, R_k)`` holds ``L[k, i, j]·R[k, p, q]``."""
+    return flat.view(-1, a, b, a, b)
+
+
+def _spread(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, a, a) and (K, b, b) as broadcastable views whose product is the (K, a, b, a, b) blocks."""
+    return left[:, :, None, :, None], right[:, None, :, None, :]
+
+
+class _BlockKroneckerSum(torch.autograd.Function):
+    """``base + Σ_t kron(L_t, R_t)`` blockwise, for one training step.
+
+    Autograd through the broadcast products would materialise every term at the weight's
+    size, sum them, add the base, and in the backward pass multiply the gradient by each
+    factor at full size before reducing. Here the forward writes the output once per term
+    (``addcmul`` into it), the whole blocks are views of the flat weight (only the last,
+    padded block is copied), and each factor's gradient is a batched matrix product
+    that reads the weight's gradient once:
+
+    - ``∂R[k, p, q] = Σ_ij G[k, i, p, j, q]·L[k, i, j]``: for every (k, i, p), a 1×a by a×b product;
+    - ``∂L[k, i, j] = Σ_pq G[k, i, p, j, q]·R[k, p, q]``: for every (k, i, p), an a×b by b×1 product.
+
+    Gradients are computed only for the inputs that need them (the trained factors).
+    """
+
+    @staticmethod
+    def forward(ctx, base, update, count, *factors):  # noqa: D102 (documented on the class)
+        lefts, rights = factors[:count], factors[count:]
+        a, b, numel = update.a, update.b, update.numel
+        block = a * a * b * b
+        whole = numel // block
+        flat_base = base.reshape(-1)
+        out = torch.empty(numel, dtype=base.dtype, device=base.device)
+        main = _blocks(out[: whole * block], a, b)
+        if whole:
+            for t, (left, right) in enumerate(zip(lefts, rights)):
+                spread = _spread(left[:whole], right[:whole])
+                if t == 0:
+                    torch.addcmul(_blocks(flat_base[: whole * block], a, b), *spread, out=main)
+                else:
+                    main.addcmul_(*spread)
+        if whole < update.blocks:  # the last block, padded: computed apart and cut
+            tail = sum(update.product(left[whole:], right[whole:]) for left, right in zip(lefts, rights))
+            torch.add(flat_base[whole * block :], tail[: numel - whole * block], out=out[whole * block :])
+        ctx.update, ctx.count = update, count
+        ctx.save_for_backward(*factors)
+        return out.view(update.weight_shape)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        update, count = ctx.update, ctx.count
+        factors = ctx.saved_tensors
+        lefts, rights = factors[:count], factors[count:]
+        need = ctx.needs_input_grad[3:]
+        a, b, numel = update.a, update.b, update.numel
+        block = a * a * b * b
+        flat = grad.reshape(-1)
+        whole = numel // block
+        pieces = [(_blocks(flat[: whole * block], a, b), slice(0, whole))] if whole else []
+        if whole < update.blocks:  # the last block, padded so it has the same shape
+            tail = torch.cat([flat[whole * block :], flat.new_zeros(update.blocks * block - numel)])
+            pieces.append((_blocks(tail, a, b), slice(whole, update.blocks)))
+        grads: list[torch.Tensor | None] = [None] * (2 * count)
+        for t, (left, right) in enumerate(zip(lefts, rights)):
+            if need[t]:  # ∂L: (K, a, b, a, b) @ (K, 1, b, b, 1) -> (K, a, b, a, 1), summed over p
+                grads[t] = torch.cat([torch.matmul(g, right[k, None, :, :, None]).sum((2, 4)) for g, k in pieces])
+            if need[count + t]:  # ∂R: (K, a, 1, 1, a) @ (K, a, b, a, b) -> (K, a, b, 1, b), summed over i
+                grads[count + t] = torch.cat([torch.matmul(left[k, :, None, None, :], g).sum((1, 3)) for g, k in pieces])
+        base_grad = grad if ctx.needs_input_grad[0] else None
+        return (base_grad, None, None, *grads)
 
 
 class LowRankHadamardProduct(UpdateParameterisation):

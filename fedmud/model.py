@@ -36,6 +36,7 @@ from .plan import DecompositionPlan, aliases, plan_decomposition, unique_state
 from .seeds import derive_seed, draw_normal
 
 HRP_PREFIX = "hrp_"
+START_PREFIX = "start_"  # a trained factor's value at the round's start (not persistent)
 # a parametrised tensor's state_dict entries: "<module.>parametrizations.<tensor>.original" and
 # "<module.>parametrizations.<tensor>.0.<factor>"
 _PARAMETRISED = re.compile(r"^(?P<module>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]+)\.(?:original|0\.(?P<part>.+))$")
@@ -45,10 +46,13 @@ class DecomposedUpdate(nn.Module):
     """The parametrisation ``W -> W + offset + ΔW(factors)`` of one tensor.
 
     Frozen factors are buffers, trained ones parameters; all are redrawn by
-    :meth:`reset`. With ``compensate`` the round-start update ΔW(T0) is kept in
-    ``offset`` with the opposite sign, so the tensor starts the round equal to ``W``
-    exactly. With ``init=hrp`` the anchors' directions (set once, after the
-    preheat) are persistent buffers: part of the global model.
+    :meth:`reset`. With ``compensate`` the round-start update ΔW(T0) is subtracted
+    (``offset = -ΔW(T0)``), so the tensor starts the round equal to ``W`` exactly. The
+    round-start trained factors T0 are kept, not the offset: for ``fab`` and ``aad``, whose
+    ΔW is linear in what is trained, a training step computes ``W + ΔW(T - T0)``, with no
+    tensor of the weight's size besides ``W`` and the output; merges compute
+    ``offset + ΔW(T)`` exactly, as every party must. With ``init=hrp`` the anchors'
+    directions (set once, after the preheat) are persistent buffers: part of the global model.
     """
 
     def __init__(self, update: UpdateParameterisation, config: DecompositionConfig, device: torch.device) -> None:
@@ -63,7 +67,10 @@ class DecomposedUpdate(nn.Module):
                 self.register_parameter(spec.name, nn.Parameter(zeros))
             else:
                 self.register_buffer(spec.name, zeros, persistent=False)
-        self.register_buffer("offset", torch.zeros(update.weight_shape, device=device), persistent=False)
+        self._compensated = False  # whether the round's trained factors started non-zero and are compensated
+        for spec in update.factors:
+            if spec.trainable:
+                self.register_buffer(START_PREFIX + spec.name, torch.zeros(spec.shape, device=device), persistent=False)
         if config.init == "hrp":  # directions fixed after the preheat; part of the global model
             for term in update.terms:
                 self.register_buffer(HRP_PREFIX + term.anchor, torch.zeros(self._spec(term.anchor).shape, device=device))
@@ -83,13 +90,34 @@ class DecomposedUpdate(nn.Module):
         """ΔW from the current factors, in the tensor's shape (``exact``: bitwise reproducible)."""
         return self.update.delta_weight({f.name: self.factor(f.name) for f in self.update.factors}, exact)
 
+    def _start(self, name: str) -> torch.Tensor:
+        return getattr(self, START_PREFIX + name)
+
+    def offset(self, exact: bool = False) -> torch.Tensor | None:
+        """``-ΔW(T0)``, the compensation of the round-start update (None when there is none)."""
+        if not self._compensated:
+            return None
+        start = {f.name: self._start(f.name) if f.trainable else self.factor(f.name) for f in self.update.factors}
+        return -self.update.delta_weight(start, exact)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.offset + self.delta_weight()
+        pairs = []
+        for term in self.update.terms:
+            left, right = self.factor(term.left), self.factor(term.right)
+            if self._compensated and self.update.pattern != "ab":  # ΔW(T) - ΔW(T0) = ΔW(T - T0)
+                if term.partner == term.left:
+                    left = left - self._start(term.left)
+                else:
+                    right = right - self._start(term.right)
+            pairs.append((left, right))
+        if self._compensated and self.update.pattern == "ab":  # bilinear: subtract A0·B0 as a term of its own
+            pairs += [(-self._start(t.left), self._start(t.right)) for t in self.update.terms]
+        return self.update.add_products(weight, pairs)
 
     @torch.no_grad()
     def reset(self, seed: int) -> None:
         """Draw every factor from ``seed`` (on CPU, then moved): identical on every device."""
-        device = self.offset.device
+        device = self.factor(self.update.factors[0].name).device
         hrp = self.hrp_ready
         zero_partners = self.config.init == "zero" or hrp
         for term in self.update.terms:
@@ -105,9 +133,10 @@ class DecomposedUpdate(nn.Module):
             else:
                 values = draw_normal(partner.shape, derive_seed(seed, partner.name), self._partner_std, device)
                 self.factor(partner.name).copy_(values)
-        self.offset.zero_()
-        if self.config.init in ("nonzero-compensated", "hrp") and not zero_partners:
-            self.offset.copy_(-self.delta_weight(exact=True))
+        for spec in self.update.factors:
+            if spec.trainable:
+                self._start(spec.name).copy_(self.factor(spec.name))
+        self._compensated = self.config.init in ("nonzero-compensated", "hrp") and not zero_partners
 
     @torch.no_grad()
     def set_hrp_directions(self, delta: torch.Tensor) -> None:
@@ -125,14 +154,18 @@ class DecomposedUpdate(nn.Module):
     @torch.no_grad()
     def merged_increment(self) -> torch.Tensor:
         """``offset + ΔW`` computed exactly: what :meth:`DecomposedModel.merge` adds to ``W``."""
-        return self.offset + self.delta_weight(exact=True)
+        offset = self.offset(exact=True)
+        delta = self.delta_weight(exact=True)
+        return delta if offset is None else offset + delta
 
     @torch.no_grad()
     def clear(self) -> None:
         """Zero every factor and the offset: the tensor equals ``W``."""
         for spec in self.update.factors:
             self.factor(spec.name).zero_()
-        self.offset.zero_()
+            if spec.trainable:
+                self._start(spec.name).zero_()
+        self._compensated = False
 
 
 class FactorizedWeight(nn.Module):
