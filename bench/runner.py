@@ -33,7 +33,7 @@ def flwr_command(suite: Suite, method: str, seed: int, directory: Path) -> list[
         ".",
         "--stream",
         "--federation-config",
-        f"num-supernodes={suite.supernodes}",
+        f"num-supernodes={suite.supernodes} client-resources-num-cpus={suite.client_cpus:g}",
         "-c",
         render_overrides(config),
     ]

@@ -7,6 +7,7 @@ training loader (see ``examples/custom-app``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
@@ -82,6 +83,7 @@ def run_client_round(
     (default: the config's ``task``). Pass the same objects every round (module-level
     functions), so the client's models are built once per process.
     """
+    started = time.perf_counter()
     run = _run_config(context)
     downlink = read_downlink(msg.content)
     partition_id = int(context.node_config.get("partition-id", 0))
@@ -109,12 +111,16 @@ def run_client_round(
     else:
         loader = loader_fn(partition_id, seed, run)
     kept = context.state.array_records.get(HELD_FEEDBACK)
+    training = time.perf_counter()
     payload, loss, feedback = client.train_round(
         downlink.round_seed, loader, None if kept is None else kept.to_torch_state_dict(), client_id=partition_id
     )
-    if feedback is not None:  # error feedback: what the lossy codec has not sent yet
-        context.state.array_records[HELD_FEEDBACK] = ArrayRecord(feedback)
     if client.device.type == "cuda":
         torch.cuda.synchronize()
-    reply = upload_record(client.codec.pack(payload), len(loader.dataset), loss, downlink.server_round, partition_id)
+    train_s = time.perf_counter() - training
+    if feedback is not None:  # error feedback: what the lossy codec has not sent yet
+        context.state.array_records[HELD_FEEDBACK] = ArrayRecord(feedback)
+    packed = client.codec.pack(payload)
+    seconds = {"train-s": train_s, "client-s": time.perf_counter() - started}
+    reply = upload_record(packed, len(loader.dataset), loss, downlink.server_round, partition_id, seconds)
     return Message(content=reply, reply_to=msg)

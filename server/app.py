@@ -161,6 +161,7 @@ def report(
         "up_bytes_per_client_round": totals[UP] / uploads if uploads else None,
         "dense_up_bytes_per_client_round": ledger.dense_up_bytes,
         "wall_s": final["wall_s"],
+        "seconds": time_split(history),
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -175,5 +176,38 @@ def report(
         dense[DOWN] / 1e6,
         dense[DOWN] / max(totals[DOWN], 1),
     )
+    split = summary["seconds"]
+    log(
+        INFO,
+        "FINAL time %.1f s in %d rounds: clients %.1f s (their training %.1f s, summed), evaluation %.1f s, "
+        "server %.1f s; start-up %.1f s",
+        split["rounds"], split["timed_rounds"], split["clients"], split["client_training_summed"],
+        split["evaluation"], split["server"], split["start_up"],
+    )
     log(INFO, "FINAL results in %s", run_dir)
     return summary
+
+
+def time_split(history: list[dict]) -> dict:
+    """Where the run's time went, summed over the timed rounds of ``history`` (seconds).
+
+    ``clients``: from sending a round's messages to the last reply (the clients' work,
+    the transport and Flower's scheduling); ``client_training_summed`` and
+    ``client_round_summed``: what the replies report (local training; the whole client
+    round), summed over clients, so with W clients training in parallel the round's
+    training takes about ``client_training_summed / W``; ``server``: planning the
+    downlinks, aggregating, checkpointing; ``start_up``: before the first round.
+    """
+    timed = [row for row in history if "round_s" in row]
+    total = lambda key: sum(row.get(key, 0.0) for row in timed)  # noqa: E731
+    first = timed[0] if timed else None
+    return {
+        "timed_rounds": len(timed),
+        "rounds": total("round_s"),
+        "clients": total("clients_s"),
+        "evaluation": total("evaluate_s"),
+        "server": total("plan_s") + total("aggregate_s") + total("checkpoint_s"),
+        "client_training_summed": total("client_train_s"),
+        "client_round_summed": total("client_s"),
+        "start_up": (first["wall_s"] - first["round_s"]) if first else 0.0,
+    }

@@ -11,7 +11,8 @@ Uplink (client -> server): ``update`` (the codec's flat arrays: ``payload``, or
 ``payload`` + ``scales`` for int8/int4/int2/sign, ``values`` + ``indices`` for top-k; clients
 send several parts packed into one uint8 ``packed`` array, which saves Flower's framing of
 ~300-500 bytes per array, and the server reads either form) and ``metrics``
-(num-examples, train-loss, server-round, partition-id), or, when the client
+(num-examples, train-loss, server-round, partition-id, and the client's seconds:
+``train-s`` in local training, ``client-s`` in its whole round), or, when the client
 could not sync, only ``metrics`` with ``sync-error`` set.
 
 Bytes are counted as Flower 1.39 moves them: a message's content is deflated into
@@ -36,6 +37,7 @@ from fedmud.sync import CHAIN, FULL, Downlink, Link
 
 UPDATE_KEY, PAYLOAD_KEY, METRICS_KEY = "update", "payload", "metrics"
 ARRAYS_KEY, CHAIN_KEY, CONFIG_KEY = "arrays", "chain", "config"
+TIMINGS = ("train-s", "client-s")  # a client's seconds in local training and in its whole round
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -126,10 +128,15 @@ def upload_record(
     train_loss: float,
     server_round: int,
     partition_id: int = 0,
+    seconds: Mapping[str, float] | None = None,
 ) -> RecordDict:
-    """A client's reply: the codec's flat arrays (or one float32 payload) and its metrics."""
+    """A client's reply: the codec's flat arrays (or one float32 payload) and its metrics.
+
+    ``seconds``: where the client's time went (:data:`TIMINGS`: ``train-s``, ``client-s``).
+    """
     if isinstance(parts, np.ndarray):
         parts = {PAYLOAD_KEY: parts}
+    timings = {key: float(value) for key, value in (seconds or {}).items() if key in TIMINGS}
     return RecordDict(
         {
             UPDATE_KEY: ArrayRecord({name: Array(array) for name, array in parts.items()}),
@@ -139,10 +146,25 @@ def upload_record(
                     "train-loss": float(train_loss),
                     "server-round": int(server_round),
                     "partition-id": int(partition_id),
+                    **timings,
                 }
             ),
         }
     )
+
+
+def reply_seconds(content: RecordDict) -> dict[str, float]:
+    """The client's reported seconds (:data:`TIMINGS`) that are finite and >= 0; the rest are left out.
+
+    They only feed the run's time report, so a bad value is dropped rather than the reply.
+    """
+    metrics = content.metric_records.get(METRICS_KEY)
+    out = {}
+    for key in TIMINGS:
+        value = None if metrics is None else metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+            out[key] = float(value)
+    return out
 
 
 def sync_error_record(server_round: int, partition_id: int) -> RecordDict:

@@ -27,7 +27,7 @@ from bench.metrics import (
     value_at_target,
 )
 from bench.runner import flwr_command
-from bench.suites import FIRST_NINE, METHODS, SUITES, render_overrides, resolve
+from bench.suites import FIRST_NINE, METHODS, STATS_FIVE, SUITES, render_overrides, resolve
 from bench.superlink import processes_with_token
 
 from .conftest import ROOT
@@ -101,7 +101,9 @@ def test_enrich_adds_compute_comm_and_estimated_time():
 
 
 def test_suites_and_overrides():
-    assert SUITES["iid"].methods == FIRST_NINE and set(FIRST_NINE) <= set(METHODS)
+    assert set(FIRST_NINE) <= set(METHODS) and set(STATS_FIVE) <= set(METHODS)
+    for name in ("iid", "dirichlet"):  # the statistics suites: >= 3 seeds, >= 20 rounds
+        assert SUITES[name].methods == STATS_FIVE and len(SUITES[name].seeds) >= 3 and SUITES[name].rounds >= 20
     assert SUITES["dirichlet"].partition == "dirichlet" and SUITES["dirichlet"].alpha == 0.3
     suite = resolve("iid", methods=("fedavg", "fedmud"), rounds=3, up_mbps=None)
     assert suite.methods == ("fedavg", "fedmud") and suite.rounds == 3 and suite.up_mbps == 5.0
@@ -134,7 +136,7 @@ def test_participation_and_training_fields_become_run_config_keys():
     assert config["seed"] == 2 and config["data-seed"] == 42  # the data stay the same across seeds
     assert suite.run_config("fedmud")["seed"] == 0  # the first seed
     command = flwr_command(suite, "fedmud", 1, Path("raw"))
-    assert command[command.index("--federation-config") + 1] == "num-supernodes=100"
+    assert command[command.index("--federation-config") + 1] == "num-supernodes=100 client-resources-num-cpus=1"
     assert "fraction-train=0.1 min-train-nodes=10" in command[command.index("-c") + 1]
     assert resolve("p1").clients_per_round == 10 and resolve("p1").supernodes == 1000
 
@@ -261,7 +263,7 @@ def test_summary_table_ratio_not_reached_and_failures(tmp_path):
     }
     outcomes = [Outcome("fedavg", 0, "c", "ok"), Outcome("fedmud", 0, "c", "ok"), Outcome("fedlmt", 0, "c", "ok"),
                 Outcome("topk-ef", 0, "flwr run topk", "failed", error="boom")]
-    suite = resolve("iid", methods=("fedavg", "fedmud", "fedlmt", "topk-ef"))
+    suite = resolve("iid", methods=("fedavg", "fedmud", "fedlmt", "topk-ef"), seeds=(0,))
     summary = summarise(suite, runs, outcomes, "fedmud-bench --suite iid", tmp_path)
     text = (tmp_path / "summary.md").read_text()
     rows = table_rows(text)
