@@ -45,6 +45,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY fedmud ./fedmud
 COPY server ./server
+COPY fedmud_wire ./fedmud_wire
 COPY client ./client
 COPY configs ./configs
 COPY deploy/entrypoint.sh deploy/fedmud_deploy.py deploy/preflight.py ./deploy/

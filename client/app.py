@@ -24,7 +24,7 @@ from fedmud.data import client_loader
 from fedmud.rounds import ClientModel, ModelFactory, SyncError
 from fedmud.task import Task
 from fedmud.training import describe_device
-from server.wire import read_downlink, sync_error_record, upload_record
+from fedmud_wire import read_downlink, sync_error_record, upload_record
 
 app = ClientApp()
 HELD_MODEL, HELD_SYNC, HELD_FEEDBACK = "global-model", "global-sync", "error-feedback"

@@ -206,6 +206,11 @@ class ServerModel:
         mean = WeightedMean()
         for values, weight in uploads:
             mean.add(values, weight)
+        return self.merge_mean(server_round, round_seed, mean)
+
+    def merge_mean(self, server_round: int, round_seed: int, mean: WeightedMean) -> int:
+        """:meth:`merge_round` for uploads already added to ``mean`` (the strategy adds each reply
+        as it arrives and keeps none); returns how many were merged."""
         if mean.count:
             link = self.code_link(server_round, round_seed, mean.result())
             apply_link(self.model, self.link_codec, link)

@@ -28,7 +28,7 @@ from fedmud.task import Task
 from fedmud.sync import CHAIN, FULL, Downlink, Link
 
 from .strategy import FedMUD
-from .wire import content_bytes, downlink_record, upload_record
+from fedmud_wire import TIMINGS, content_bytes, downlink_record, upload_record
 
 app = ServerApp()
 
@@ -38,7 +38,8 @@ def measure_message_sizes(server: ServerModel) -> tuple[int, int, int, int]:
     full-model downlink, one more chain link). The dense figures use the undecomposed model."""
     rng = np.random.default_rng(0)
     dense = rng.standard_normal(server.model.dense_reference_numel, dtype=np.float32)
-    dense_up = content_bytes(upload_record(dense, 1, 0.0, 1))
+    # a dense FedAvg reply carries the same metrics, the client's seconds included
+    dense_up = content_bytes(upload_record(dense, 1, 0.0, 1, 0, dict.fromkeys(TIMINGS, 0.0)))
     digest = server.digest
 
     def full_downlink(like: dict[str, torch.Tensor]) -> int:

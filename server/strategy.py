@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedmud.aggregate import WeightedMean
 from fedmud.bounds import EVENTS
 from fedmud.checkpoint import save_checkpoint
 from fedmud.codec import PayloadError
@@ -40,7 +41,7 @@ from fedmud.rounds import ServerModel
 from fedmud.seeds import round_seed, sample_clients
 from fedmud.sync import FULL, Downlink
 
-from .wire import content_bytes, downlink_record, is_sync_error, read_upload, reply_seconds
+from fedmud_wire import content_bytes, downlink_record, is_sync_error, read_upload, reply_seconds
 
 POLL_S = 0.05  # how often a round asks the SuperLink for replies (a pull is one small gRPC call)
 # where a round's time goes, in the order it is spent (results.json rows, the summary)
@@ -134,8 +135,11 @@ class FedMUD(FedAvg):
         return messages
 
     # ------------------------------------------------------------------ the exchange
-    def _exchange(self, grid: Grid, server_round: int, messages: list[Message]) -> list[Message]:
-        """Send the round's downlinks; collect replies until all are in or ``round-timeout`` has passed.
+    def _exchange(self, grid: Grid, server_round: int, messages: list[Message]) -> Iterator[Message]:
+        """Send the round's downlinks; yield replies as they come, until all are in or ``round-timeout`` has passed.
+
+        A generator, so that :meth:`aggregate_train` adds each reply to the mean and drops it
+        before the next arrives: the server holds no round's worth of replies.
 
         A node that answers that it could not sync (it restarted and lost the model it held,
         or its copy is corrupt) is sent the full model at once and answers again within the
@@ -145,19 +149,18 @@ class FedMUD(FedAvg):
         deadline = time.monotonic() + self.run.round_timeout
         self._sent, self._resent = {}, set()
         pending = self._push(grid, server_round, messages)
-        replies: list[Message] = []
         while pending:
             pulled = list(grid.pull_messages(sorted(pending)))
             pending.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
-            replies += pulled
             pending |= self._push(grid, server_round, self._resync(server_round, pulled))
+            yield from pulled
+            del pulled
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(POLL_S)
         if pending:
             silent = sorted(self._sent[i] for i in pending)
             log(WARNING, "round %d: no reply within %gs from node(s) %s", server_round, self.run.round_timeout, _ids(silent))
-        return replies
 
     def _push(self, grid: Grid, server_round: int, messages: list[Message]) -> set[str]:
         """Push ``messages``; returns their ids, and keeps which node each went to (see :meth:`_node_of`)."""
@@ -196,50 +199,23 @@ class FedMUD(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, screen and add each reply to the round's weighted mean as it comes; merge it.
+
+        No reply is kept: what is left of one after it is added is its partition, node, weight
+        and loss. The merged model is the server model's; no ArrayRecord of it is built.
+        """
         server, codec = self.server_model, self.server_model.codec
         accepted, counts = [], {"rejected": 0, "failed": 0, "resync": 0, **dict.fromkeys(EVENTS, 0)}
         seed, dropped = round_seed(self.run.seed, server_round), []  # dropped: by the update-norm bound
         uploaded: set[str] = set()  # a node's first upload is the one that counts, once a round
+        mean, busy = WeightedMean(), 0.0  # busy: seconds spent here, not waiting for replies
         for reply in replies:
-            node = str(self._node_of(reply))
-            if reply.has_error():
-                counts["failed"] += 1
-                server.records.unknown(node)
-                log(WARNING, "round %d: node %s failed: %s", server_round, node, reply.error.reason)
-                continue
-            self.ledger.record(server_round, node, UP, content_bytes(reply.content))
-            for key, value in reply_seconds(reply.content).items():  # summed over the round's replies
-                name = "client_train_s" if key == "train-s" else "client_s"
-                self._round_seconds[name] = self._round_seconds.get(name, 0.0) + value
-            if is_sync_error(reply.content):
-                counts["resync"] += 1
-                server.records.unknown(node)
-                what = "resent the full model this round" if int(node) in self._resent else "it gets the full model next"
-                log(WARNING, "round %d: node %s could not sync; %s", server_round, node, what)
-                continue
-            if node in uploaded:
-                counts["rejected"] += 1
-                log(WARNING, "round %d: rejected a second upload from node %s: a node counts once a round", server_round, node)
-                continue
-            uploaded.add(node)
-            try:
-                payload, examples = read_upload(reply.content, codec, server_round, self.max_upload_bytes)
-                screened = server.screen(seed, payload, examples)  # max-examples, update-norm-bound
-            except PayloadError as err:
-                counts["rejected"] += 1
-                server.records.unknown(node)
-                log(WARNING, "round %d: rejected reply from node %s: %s", server_round, node, err)
-                continue
-            for event, reason in zip(screened.events, screened.reasons):
-                counts[event] += 1
-                log(WARNING, "round %d: node %s: %s", server_round, node, reason)
-            if screened.dropped:  # it did receive this round's model; only its update is left out
-                dropped.append(node)
-                continue
-            metrics = reply.content.metric_records["metrics"]
-            accepted.append((int(metrics.get("partition-id", 0)), node, screened.values, screened.weight, float(metrics["train-loss"])))
-        accepted.sort(key=lambda a: (a[0], a[1]))  # a fixed summation order: resumed runs match bitwise
-
+            started = time.monotonic()
+            outcome = self._add_reply(server_round, seed, reply, mean, counts, uploaded)
+            if outcome is not None:
+                (accepted if outcome[0] == "accepted" else dropped).append(outcome[1:])
+            busy += time.monotonic() - started
+        started = time.monotonic()
         target = server.round  # what every replying client now holds
         if len(accepted) < self.run.min_replies:
             log(
@@ -247,22 +223,67 @@ class FedMUD(FedAvg):
                 "round %d skipped: %d valid replies, min-replies is %d (rejected %d, failed %d, resync %d)",
                 server_round, len(accepted), self.run.min_replies, counts["rejected"], counts["failed"], counts["resync"],
             )
-            accepted_uploads = []
-        else:
-            accepted_uploads = accepted
-        merged = server.merge_round(server_round, seed, ((v, w) for _, _, v, w, _ in accepted_uploads))
-        for node in [a[1] for a in accepted] + dropped:
+            mean = WeightedMean()
+        merged = server.merge_mean(server_round, seed, mean)
+        for node, *_ in accepted + dropped:
             server.records.synced(node, target)
-        total = sum(w for *_, w, _ in accepted)
+        total = sum(weight for _, weight, _ in accepted)
         metrics = MetricRecord(
             {
                 "accepted": merged,
                 **counts,
-                "train-loss": sum(l * w for *_, w, l in accepted) / total if total else float("nan"),
+                "train-loss": sum(loss * weight for _, weight, loss in accepted) / total if total else float("nan"),
             }
         )
         self._round_stats[server_round] = dict(metrics)
-        return ArrayRecord(server.global_state()), metrics
+        self._round_seconds["aggregate_s"] = busy + time.monotonic() - started
+        return None, metrics
+
+    def _add_reply(
+        self, server_round: int, seed: int, reply: Message, mean: WeightedMean, counts: dict, uploaded: set[str]
+    ) -> tuple[str, str, float, float] | None:
+        """One reply: counted, validated, screened and, if it passes, added to ``mean``.
+
+        Returns ("accepted" | "dropped", node, weight, train-loss) for a node that holds this
+        round's model, None for a reply that is left out (its count says why).
+        """
+        server, node = self.server_model, str(self._node_of(reply))
+        if reply.has_error():
+            counts["failed"] += 1
+            server.records.unknown(node)
+            log(WARNING, "round %d: node %s failed: %s", server_round, node, reply.error.reason)
+            return None
+        self.ledger.record(server_round, node, UP, content_bytes(reply.content))
+        for key, value in reply_seconds(reply.content).items():  # summed over the round's replies
+            name = "client_train_s" if key == "train-s" else "client_s"
+            self._round_seconds[name] = self._round_seconds.get(name, 0.0) + value
+        if is_sync_error(reply.content):
+            counts["resync"] += 1
+            server.records.unknown(node)
+            what = "resent the full model this round" if int(node) in self._resent else "it gets the full model next"
+            log(WARNING, "round %d: node %s could not sync; %s", server_round, node, what)
+            return None
+        if node in uploaded:
+            counts["rejected"] += 1
+            log(WARNING, "round %d: rejected a second upload from node %s: a node counts once a round", server_round, node)
+            return None
+        uploaded.add(node)
+        try:
+            payload, examples = read_upload(reply.content, server.codec, server_round, self.max_upload_bytes)
+            screened = server.screen(seed, payload, examples)  # max-examples, update-norm-bound
+        except PayloadError as err:
+            counts["rejected"] += 1
+            server.records.unknown(node)
+            log(WARNING, "round %d: rejected reply from node %s: %s", server_round, node, err)
+            return None
+        for event, reason in zip(screened.events, screened.reasons):
+            counts[event] += 1
+            log(WARNING, "round %d: node %s: %s", server_round, node, reason)
+        if screened.dropped:  # it did receive this round's model; only its update is left out
+            return "dropped", node, 0.0, 0.0
+        mean.add(screened.values, screened.weight)
+        loss = float(reply.content.metric_records["metrics"]["train-loss"])
+        return "accepted", node, screened.weight, loss
 
     # ------------------------------------------------------------------ the rounds
     def run_rounds(self, grid: Grid, first_round: int) -> None:
@@ -288,10 +309,9 @@ class FedMUD(FedAvg):
 
             messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
             lap("plan_s")
-            replies = self._exchange(grid, server_round, list(messages))
+            _, metrics = self.aggregate_train(server_round, self._exchange(grid, server_round, list(messages)))
             lap("clients_s")
-            _, metrics = self.aggregate_train(server_round, replies)
-            lap("aggregate_s")
+            self._round_seconds["clients_s"] -= self._round_seconds["aggregate_s"]  # set by aggregate_train
             log(INFO, "\t└──> %s", dict(metrics))
             self.evaluate(server_round)
             lap("evaluate_s")

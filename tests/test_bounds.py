@@ -11,7 +11,7 @@ from fedmud.rounds import ServerModel
 from fedmud.seeds import round_seed
 from server.strategy import FedMUD
 from .federation import reply_from
-from server.wire import upload_record
+from fedmud_wire import upload_record
 
 ROUND = 3
 SEED = round_seed(0, ROUND)

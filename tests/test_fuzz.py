@@ -25,7 +25,7 @@ from fedmud.ledger import Ledger
 from fedmud.rounds import ServerModel
 from fedmud.seeds import round_seed
 from server.strategy import FedMUD
-from server.wire import read_upload
+from fedmud_wire import read_upload
 
 PAYLOADS_PER_CODEC = 400
 ROUND = 3

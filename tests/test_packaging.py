@@ -8,7 +8,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ("fedmud", "server", "client", "bench")  # the packages pyproject installs
+SHIPPED = ("fedmud", "fedmud_wire", "server", "client", "bench")  # the packages pyproject installs
 
 
 def _imported_top_level_modules() -> set[str]:
@@ -37,3 +37,20 @@ def test_every_third_party_import_of_the_shipped_packages_is_a_declared_dependen
         if not providers & declared:
             undeclared[module] = sorted(providers)
     assert not undeclared, f"imported but not declared in [project].dependencies: {undeclared}"
+
+
+def _top_level_imports(package: str) -> set[str]:
+    names = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_library_never_imports_flower_and_the_two_apps_do_not_import_each_other():
+    assert "flwr" not in _top_level_imports("fedmud")
+    assert "server" not in _top_level_imports("client") and "client" not in _top_level_imports("server")
+    assert "fedmud_wire" in _top_level_imports("client") and "fedmud_wire" in _top_level_imports("server")

@@ -23,9 +23,9 @@ from fedmud.rounds import ServerModel
 from server import strategy as strategy_module
 from server.app import measure_message_sizes
 from server.strategy import FedMUD
-from server.wire import upload_record
+from fedmud_wire import upload_record
 
-RUN_CONFIG = {"num-server-rounds": 3, "local-epochs": 1, "min-train-nodes": 2, "round-timeout": 30}
+RUN_CONFIG = {"num-server-rounds": 3, "local-epochs": 1, "min-train-nodes": 2, "round-timeout": 600}
 NODES = {101: 0, 202: 1, 303: 2}  # node id -> partition id (of 10: small, quick rounds)
 
 

@@ -22,6 +22,19 @@ def test_run_completes_every_round_with_every_client(two_round_run):
     assert "FINAL accuracy" in two_round_run["output"]
 
 
+def test_every_round_says_where_its_time_went_and_the_summary_adds_it_up(two_round_run):
+    rows, seconds = two_round_run["results"][1:], two_round_run["summary"]["seconds"]
+    parts = ("plan_s", "clients_s", "aggregate_s", "evaluate_s", "checkpoint_s")
+    for row in rows:
+        assert all(row[p] >= 0 for p in parts) and sum(row[p] for p in parts) <= row["round_s"] + 1e-6
+        # the three clients' own training, reported with their replies, is part of the round
+        assert 0 < row["client_train_s"] <= row["client_s"]
+    assert seconds["timed_rounds"] == 2
+    assert seconds["rounds"] == pytest.approx(sum(r["round_s"] for r in rows))
+    assert seconds["client_training_summed"] == pytest.approx(sum(r["client_train_s"] for r in rows))
+    assert "FINAL time" in two_round_run["output"] and "round 2 took" in two_round_run["output"]
+
+
 def test_uplink_per_client_is_within_the_ratio_bound(two_round_run):
     ledger = two_round_run["ledger"]
     uploads = [r["bytes"] for r in ledger["records"] if r["direction"] == "up"]

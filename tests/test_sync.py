@@ -177,7 +177,7 @@ def test_server_error_feedback_loses_nothing_of_the_aggregated_updates(codec, me
 def test_a_returning_client_gets_the_cheapest_path_and_is_sent_what_the_planner_priced():
     """At int8 links, a client 3 rounds behind gets the chain; one too far behind (or unknown) the full model."""
     from server.app import measure_message_sizes
-    from server.wire import content_bytes, downlink_record
+    from fedmud_wire import content_bytes, downlink_record
 
     run = parse_run_config({"downlink-codec": "int8"})
     server = ServerModel(run)

@@ -13,7 +13,7 @@ from fedmud.ledger import Ledger
 from fedmud.rounds import ServerModel
 from server.strategy import FedMUD
 from .federation import reply_from
-from server.wire import content_bytes, read_upload, sync_error_record, upload_record
+from fedmud_wire import content_bytes, read_upload, sync_error_record, upload_record
 
 ROUND = 3
 
@@ -182,7 +182,7 @@ def test_compressed_replies_cross_the_wire_and_a_tampered_one_is_rejected(scheme
 
 def test_links_keep_their_coded_parts_and_hrp_basis_through_the_wire():
     from fedmud.sync import CHAIN, Downlink, Link
-    from server.wire import downlink_record, read_downlink
+    from fedmud_wire import downlink_record, read_downlink
 
     payload, basis = np.arange(6, dtype=np.float32), np.full(4, 0.5, dtype=np.float32)
     scales = np.ones(2, dtype=np.float32)

@@ -1,5 +1,8 @@
 """The messages between ServerApp and ClientApp: the only place that knows record keys.
 
+Both apps import it and neither owns it (``server/`` and ``client/`` do not import each other);
+it is Flower-aware, so it stays out of the library ``fedmud/``, which never imports flwr.
+
 Downlink (server -> client), a RecordDict with
 - ``config``: server-round, round-seed, sync (``full`` | ``chain``), target-round,
   base-round, link-rounds, link-seeds, digest;
