@@ -17,9 +17,12 @@ trained factors and the dense tensors for the decomposed one.
 After ``--warmup`` untimed steps of each, the two are timed in alternation, each step on
 its own with ``time.perf_counter``: blocks of ``--block`` steps, dense first in even
 blocks and decomposed first in odd ones (ABBA...), until each has ``--steps`` timed
-steps, so drift of the machine (frequency, other load) reaches both alike. Reported per
+steps, so drift of the machine (frequency, other load) reaches both alike. A third variant, ``unfused``, is the decomposed model computing each tensor as fedmud did
+before 2026-11-25 (autograd through the broadcast factor products, the offset a tensor of the
+weight's size; :func:`compute_unfused`), so the gain of the fused path is a ratio measured in
+the same process. Reported per
 (model, batch): median wall time per step of each and **the ratio decomposed / dense of
-the medians**; beside it the median of the per-block ratios (each block's pair ran back
+the medians** (and unfused / dense); beside it the median of the per-block ratios (each block's pair ran back
 to back), the ratio of median process CPU times (``time.process_time``: less sensitive to
 other processes on a shared machine), quartiles, the upload fraction the plan reached,
 and the cores other processes kept busy meanwhile (from ``/proc/stat``; near 0 on a
@@ -46,6 +49,7 @@ import shlex
 import statistics
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,15 +182,34 @@ class OtherLoad:
         return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def build_pair(name: str, seed: int) -> tuple[nn.Module, fedmud.DecomposedModel]:
-    """The dense model and its decomposed twin, from the same initial weights."""
+def build_models(name: str, seed: int) -> tuple[nn.Module, fedmud.DecomposedModel, fedmud.DecomposedModel]:
+    """The dense model, its decomposed twin, and a second twin computed the unfused way, from the same weights."""
     factory, _ = MODELS[name]
     torch.manual_seed(seed)
     plain = factory()
     dense = copy.deepcopy(plain)  # before decompose: a parametrised model cannot be deep-copied
+    twin = copy.deepcopy(plain)
     decomposed = fedmud.decompose(plain, fedmud.DecompositionConfig())
     decomposed.reset(seed)
-    return dense.train(), decomposed.train()
+    unfused = fedmud.decompose(twin, fedmud.DecompositionConfig())
+    unfused.reset(seed)
+    compute_unfused(unfused)
+    return dense.train(), decomposed.train(), unfused.train()
+
+
+def compute_unfused(model: fedmud.DecomposedModel) -> None:
+    """Make every decomposed tensor compute ``W + offset + ΔW`` as fedmud did before 2026-11-25: autograd
+    through the broadcast factor products, each term at the weight's size, and the non-zero
+    initialisation's offset kept as a tensor of the weight's size. The reference the fused path is
+    measured against; the values are the same up to float rounding."""
+    for update in model.updates().values():
+        offset = update.offset()
+        offset = torch.zeros(update.update.weight_shape) if offset is None else offset.detach().clone()
+
+        def forward(self, weight: torch.Tensor, offset: torch.Tensor = offset) -> torch.Tensor:
+            return weight + offset + self.delta_weight()
+
+        update.forward = types.MethodType(forward, update)
 
 
 def interleave(
@@ -228,13 +251,14 @@ def summary(seconds: list[float]) -> dict[str, float]:
 
 def measure(name: str, batch: int, args: argparse.Namespace) -> dict:
     started = time.monotonic()
-    dense, decomposed = build_pair(name, args.seed)
+    dense, decomposed, unfused = build_models(name, args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.randn(batch, *MODELS[name][1], generator=generator)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
     runs = {
         "dense": (dense, torch.optim.SGD(trainable(dense), lr=args.lr)),
         "decomposed": (decomposed, torch.optim.SGD(trainable(decomposed), lr=args.lr)),
+        "unfused": (unfused, torch.optim.SGD(trainable(unfused), lr=args.lr)),
     }
     for model, optimizer in runs.values():
         for _ in range(args.warmup):
@@ -251,6 +275,7 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict:
             "trained_params": sum(p.numel() for p in trainable(runs[variant][0])),
         }
     case["ratio"] = case["decomposed"]["median_ms"] / case["dense"]["median_ms"]
+    case["unfused_ratio"] = case["unfused"]["median_ms"] / case["dense"]["median_ms"]
     case["block_ratio_median"] = statistics.median(block_ratios(wall["dense"], wall["decomposed"], args.block))
     case["cpu_ratio"] = case["decomposed"]["cpu_median_ms"] / case["dense"]["cpu_median_ms"]
     case["upload_fraction"] = decomposed.plan.upload / decomposed.plan.dense_reference
@@ -263,8 +288,8 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict:
 def table(cases: list[dict]) -> list[str]:
     lines = [
         "| model | input | batch | dense ms/step | decomposed ms/step | ratio | per-block ratio | CPU-time ratio "
-        "| upload | other load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| unfused ratio (before) | upload | other load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
         shape = "×".join(map(str, c["input"]))
@@ -272,7 +297,7 @@ def table(cases: list[dict]) -> list[str]:
         lines.append(
             f"| {c['model']} | {shape} | {c['batch']} | {c['dense']['median_ms']:.1f} | "
             f"{c['decomposed']['median_ms']:.1f} | **{c['ratio']:.2f}** | {c['block_ratio_median']:.2f} | "
-            f"{c['cpu_ratio']:.2f} | 1/{1 / c['upload_fraction']:.1f} | {load} |"
+            f"{c['cpu_ratio']:.2f} | {c['unfused_ratio']:.2f} | 1/{1 / c['upload_fraction']:.1f} | {load} |"
         )
     return lines
 
@@ -291,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
             cases.append(measure(name, batch, args))
             c = cases[-1]
             print(f"  {name} batch {batch}: dense {c['dense']['median_ms']:.1f} ms, decomposed "
-                  f"{c['decomposed']['median_ms']:.1f} ms, ratio {c['ratio']:.2f}", flush=True)
+                  f"{c['decomposed']['median_ms']:.1f} ms, ratio {c['ratio']:.2f} (unfused {c['unfused_ratio']:.2f})",
+                  flush=True)
     print()
     print("\n".join(table(cases)))
     result = {
         "command": command,
         "what": "median seconds of one SGD training step (zero_grad, forward, cross-entropy, backward, step) on a "
-        "fixed random batch; dense model vs fedmud.decompose(model, DecompositionConfig()), timed interleaved",
+        "fixed random batch; dense model vs fedmud.decompose(model, DecompositionConfig()), and the same decomposed "
+        "model computed unfused (autograd through the factor products, as before 2026-11-25), timed interleaved",
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "warmup": args.warmup,

@@ -11,15 +11,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("fedmud", "fedmud_wire", "server", "client", "bench")  # the packages pyproject installs
 
 
-def _imported_top_level_modules() -> set[str]:
+def _top_level_imports(package: str) -> set[str]:
     names = set()
-    for package in SHIPPED:
-        for path in (ROOT / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Import):
-                    names.update(alias.name.split(".")[0] for alias in node.names)
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    names.add(node.module.split(".")[0])
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def _imported_top_level_modules() -> set[str]:
+    names = set().union(*(_top_level_imports(package) for package in SHIPPED))
     return names - set(sys.stdlib_module_names) - set(SHIPPED)
 
 
@@ -37,17 +41,6 @@ def test_every_third_party_import_of_the_shipped_packages_is_a_declared_dependen
         if not providers & declared:
             undeclared[module] = sorted(providers)
     assert not undeclared, f"imported but not declared in [project].dependencies: {undeclared}"
-
-
-def _top_level_imports(package: str) -> set[str]:
-    names = set()
-    for path in (ROOT / package).rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
-    return names
 
 
 def test_the_library_never_imports_flower_and_the_two_apps_do_not_import_each_other():
