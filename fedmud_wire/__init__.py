@@ -165,7 +165,7 @@ def reply_seconds(content: RecordDict) -> dict[str, float]:
     out = {}
     for key in TIMINGS:
         value = None if metrics is None else metrics.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        if _finite_number(value) and value >= 0:
             out[key] = float(value)
     return out
 
@@ -232,12 +232,18 @@ def _numpy(array: Array) -> np.ndarray:
 def _check_reply_metrics(metrics: MetricRecord) -> None:
     """train-loss a finite number, partition-id (optional) a non-negative integer: the server reads both."""
     loss = metrics.get("train-loss")
-    try:
-        finite = isinstance(loss, (int, float)) and math.isfinite(loss)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite:
+    if not _finite_number(loss):
         raise PayloadError(f"train-loss is {loss!r}, expected a finite number")
     partition = metrics.get("partition-id", 0)
     if not isinstance(partition, int) or partition < 0:
         raise PayloadError(f"partition-id is {partition!r}, expected a non-negative integer")
+
+
+def _finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is a finite float: a metric value the server can add up."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False

@@ -21,6 +21,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from server.strategy import server_seconds
+
 
 def rows(run_dir: Path) -> list[dict]:
     path = run_dir / "results.json"
@@ -40,7 +42,7 @@ def table(timed: list[dict], workers: float) -> list[dict]:
                 "clients_s": r["clients_s"],
                 "client_train_summed_s": r["client_train_s"],
                 "evaluate_s": r["evaluate_s"],
-                "server_s": r["plan_s"] + r["aggregate_s"] + r["checkpoint_s"],
+                "server_s": server_seconds(r),
                 "floor_s": training + r["evaluate_s"],
                 "overhead_ratio": (r["round_s"] - r["evaluate_s"]) / training,
             }

@@ -27,7 +27,7 @@ from fedmud.rounds import ModelFactory, ServerModel
 from fedmud.task import Task
 from fedmud.sync import CHAIN, FULL, Downlink, Link
 
-from .strategy import FedMUD
+from .strategy import FedMUD, server_seconds
 from fedmud_wire import TIMINGS, content_bytes, downlink_record, upload_record
 
 app = ServerApp()
@@ -207,7 +207,7 @@ def time_split(history: list[dict]) -> dict:
         "rounds": total("round_s"),
         "clients": total("clients_s"),
         "evaluation": total("evaluate_s"),
-        "server": total("plan_s") + total("aggregate_s") + total("checkpoint_s"),
+        "server": sum(server_seconds(row) for row in timed),
         "client_training_summed": total("client_train_s"),
         "client_round_summed": total("client_s"),
         "start_up": (first["wall_s"] - first["round_s"]) if first else 0.0,

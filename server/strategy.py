@@ -46,6 +46,7 @@ from fedmud_wire import content_bytes, downlink_record, is_sync_error, read_uplo
 POLL_S = 0.05  # how often a round asks the SuperLink for replies (a pull is one small gRPC call)
 # where a round's time goes, in the order it is spent (results.json rows, the summary)
 ROUND_PARTS = ("plan_s", "clients_s", "aggregate_s", "evaluate_s", "checkpoint_s")
+SERVER_PARTS = ("plan_s", "aggregate_s", "checkpoint_s")  # the server's own work among them
 
 
 class FedMUD(FedAvg):
@@ -204,7 +205,7 @@ class FedMUD(FedAvg):
         No reply is kept: what is left of one after it is added is its partition, node, weight
         and loss. The merged model is the server model's; no ArrayRecord of it is built.
         """
-        server, codec = self.server_model, self.server_model.codec
+        server = self.server_model
         accepted, counts = [], {"rejected": 0, "failed": 0, "resync": 0, **dict.fromkeys(EVENTS, 0)}
         seed, dropped = round_seed(self.run.seed, server_round), []  # dropped: by the update-norm bound
         uploaded: set[str] = set()  # a node's first upload is the one that counts, once a round
@@ -328,7 +329,8 @@ class FedMUD(FedAvg):
         self.ledger.save(self.run_dir / "ledger.json")
 
     def evaluate(self, server_round: int) -> MetricRecord:
-        """Centralised evaluation on the held-out split; logs and writes the round's row."""
+        """Centralised evaluation on the held-out split; logs the round and appends its row
+        (written to results.json by :meth:`_write_results`)."""
         loss, accuracy = self.server_model.evaluate(self._test_loader)
         round_bytes = self.ledger.round_totals(server_round)
         total = self.ledger.totals()
@@ -365,9 +367,14 @@ class FedMUD(FedAvg):
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
 
+def server_seconds(row: dict) -> float:
+    """A round's seconds in the server's own work (:data:`SERVER_PARTS`)."""
+    return sum(row.get(part, 0.0) for part in SERVER_PARTS)
+
+
 def describe_round_time(row: dict) -> str:
-    """'5.31 s: clients 4.10 s (training 3.52 s summed over 10 replies), evaluation 0.40 s, server 0.81 s'."""
-    server = sum(row.get(part, 0.0) for part in ("plan_s", "aggregate_s", "checkpoint_s"))
+    """'5.31 s: clients 4.10 s (training 3.52 s summed over the replies), evaluation 0.40 s, server 0.81 s'."""
+    server = server_seconds(row)
     training = f" (training {row['client_train_s']:.2f} s summed over the replies)" if "client_train_s" in row else ""
     return (
         f"{row.get('round_s', 0.0):.2f} s: clients {row.get('clients_s', 0.0):.2f} s{training}, "

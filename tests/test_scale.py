@@ -139,4 +139,7 @@ def test_the_clients_seconds_are_read_when_they_are_sound_and_dropped_when_not()
     assert reply_seconds(good) == {"train-s": 1.5, "client-s": 2.0}
     bad = upload_record(np.zeros(3, np.float32), 1, 0.1, 1, 0, {"train-s": float("nan"), "client-s": -1.0})
     assert reply_seconds(bad) == {}
+    huge = upload_record(np.zeros(3, np.float32), 1, 0.1, 1)
+    huge.metric_records["metrics"]["train-s"] = 10**400  # an int no float holds: dropped, not an error
+    assert reply_seconds(huge) == {}
     assert reply_seconds(upload_record(np.zeros(3, np.float32), 1, 0.1, 1)) == {}  # an older client: none
