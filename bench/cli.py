@@ -79,6 +79,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     group.add_argument("--data-seed", type=int, help="the split and partition, the same for every seed (default 42)")
     group.add_argument("--up-mbps", type=float, help="uplink per client, Mbit/s (default 5)")
     group.add_argument("--down-mbps", type=float, help="downlink per client, Mbit/s (default 20)")
+    group.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+        help="a run-config key for every method, VALUE as in TOML (repeatable), e.g. "
+        "--set 'init-weights=\"/abs/cnn.pt\"' --set 'classes=\"5-9\"'",
+    )
     parser.add_argument("--out", type=Path, help="results directory (default results/bench/<suite>)")
     parser.add_argument("--app", type=Path, help="the Flower app (repository root); default: this checkout")
     parser.add_argument("--run-timeout", type=float, default=1800.0, help="seconds one run may take (default 1800)")
@@ -91,6 +96,22 @@ def seed_list(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 0,1,2") from None
+
+
+def settings(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as run-config entries; VALUE is read as TOML (a bare word as a string)."""
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: give KEY=VALUE, e.g. --set 'classes=\"5-9\"'")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def app_root(given: Path | None) -> Path:
@@ -236,6 +257,7 @@ def suite_from_args(args: argparse.Namespace) -> Suite:
         data_seed=args.data_seed,
         up_mbps=args.up_mbps,
         down_mbps=args.down_mbps,
+        extra={**SUITES[args.suite].extra, **settings(args.settings)} if args.settings and args.suite in SUITES else None,
     )
     if suite.up_mbps <= 0 or suite.down_mbps <= 0 or suite.rounds < 1 or suite.supernodes < 2:
         raise ValueError("bandwidths must be > 0, rounds >= 1, supernodes >= 2")

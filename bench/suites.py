@@ -30,6 +30,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedmud-int8-ef": {**FEDMUD, "uplink": "int8", "error-feedback": True},
     "fedmud-int4-ef": {**FEDMUD, "uplink": "int4", "error-feedback": True},
     "fedmud-sign-ef": {**FEDMUD, "uplink": "sign", "error-feedback": True},
+    # fine-tuning adapters (pair with init-weights=... classes=...; docs/finetune.md)
+    "lora": {"method": "lora", "init": "zero", "lora-rank": 8, "lora-alpha": 16.0},
+    "lora-nonzero": {"method": "lora", "init": "nonzero", "lora-rank": 8, "lora-alpha": 16.0},
+    "lora-hrp": {"method": "lora", "init": "hrp", "lora-rank": 8, "lora-alpha": 16.0, "hrp-rank": 32},
+    "ffa-lora": {"method": "ffa-lora", "init": "zero", "lora-rank": 8, "lora-alpha": 16.0},
 }
 BASELINE = "fedavg"  # the "vs FedAvg" column divides by this method's bytes to target
 

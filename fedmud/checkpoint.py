@@ -24,8 +24,10 @@ from .rounds import ServerModel
 
 CHECKPOINT = "checkpoint.pt"
 # Keys that must match for a resumed run to be the same run.
-_FIXED = ("decomposition", "uplink", "model", "task", "seed", "data", "train", "downlink", "downlink_codec", "client_state")
-_MISSING = "<not recorded>"
+_FIXED = (
+    "decomposition", "uplink", "model", "task", "seed", "data", "train", "downlink", "downlink_codec", "client_state",
+    "init_weights",
+)
 
 
 def save_checkpoint(run_dir: Path, server: ServerModel, ledger: Ledger, history: list[dict]) -> Path:
@@ -65,15 +67,20 @@ def load_checkpoint(run_dir: Path, run: RunConfig) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``key=saved (this run: now)`` for every fixed setting that differs, named as in the run config."""
+    """``key=saved (this run: now)`` for every fixed setting that differs, named as in the run config.
+
+    A key the checkpoint does not record (made before the key existed) counts as its default,
+    the behaviour it was made with.
+    """
+    defaults = asdict(RunConfig())
     out = []
     for section in _FIXED:
         new = now[section]
         if isinstance(new, dict):  # a nested config: compare field by field
             old = saved.get(section) or {}
-            pairs = [((section, name), old.get(name, _MISSING), value) for name, value in new.items()]
+            pairs = [((section, name), old.get(name, defaults[section][name]), value) for name, value in new.items()]
         else:
-            pairs = [((section,), saved.get(section, _MISSING), new)]
+            pairs = [((section,), saved.get(section, defaults[section]), new)]
         out += [f"{run_config_key(path)}={a!r} (this run: {b!r})" for path, a, b in pairs if a != b]
     return out
 

@@ -16,10 +16,14 @@ from typing import Any
 
 from .codec import SCHEMES
 
-METHODS = ("fedmud", "fedavg", "fedlmt", "fedpara")
+METHODS = ("fedmud", "fedavg", "fedlmt", "fedpara", "lora", "ffa-lora")
+LORA_METHODS = ("lora", "ffa-lora")  # persistent adapters on a (pretrained) model: fine-tuning
 KINDS = ("kron", "mat")
 PATTERNS = ("ab", "fab", "aad")
 INITS = ("zero", "nonzero", "nonzero-compensated", "hrp")
+# what `init` may be for each method family (fedavg, fedlmt and fedpara ignore it)
+METHOD_INITS = {"lora": ("zero", "nonzero", "hrp"), "ffa-lora": ("zero", "nonzero")}
+LORA_INIT = "zero"  # the LoRA methods' default init (Init[A]); see README "Fine-tuning"
 UPLINKS = tuple(SCHEMES)  # the codec's table of schemes
 LINK_CODECS = tuple(name for name, scheme in SCHEMES.items() if not scheme.sparse)  # a chain link codes every value
 LOSSY_UPLINKS = tuple(name for name, scheme in SCHEMES.items() if scheme.residual)
@@ -51,7 +55,12 @@ class DecompositionConfig:
         ``fedpara`` parameterises the model itself as FedPara's low-rank Hadamard
         product W = (X1·Y1ᵀ) ⊙ (X2·Y2ᵀ) (all four trained and averaged, no MUD;
         rank up to r² from 2r(m+n) values), sized by ``ratio``.
-        ``kind`` and ``pattern`` apply to ``fedmud`` only.
+        ``lora`` fine-tunes with persistent LoRA adapters W0 + (α/r)·B·A on every
+        tensor not kept dense, both trained and averaged (FedIT; inexact:
+        mean(B)·mean(A) ≠ mean(B·A)); ``ffa-lora`` freezes A (drawn from the seed,
+        part of the global model) and trains B only, so aggregation is exact.
+        ``kind`` and ``pattern`` apply to ``fedmud`` only; ``ratio`` does not apply to
+        the LoRA methods (their size is ``lora_rank``).
     kind: ``kron`` block-wise Kronecker factors (BKD) or ``mat`` low-rank matrix.
     pattern: ``ab`` both factors trained; ``fab`` one frozen seed-drawn factor and
         one trained; ``aad`` aggregation-aware, two branches each linear in its
@@ -69,7 +78,14 @@ class DecompositionConfig:
         ``nonzero-compensated``; the SVD (mat) or nearest Kronecker product per
         block (kron) of their merged update then gives the frozen factors'
         directions for the remaining rounds (trained factors start at 0).
+        For ``lora``/``ffa-lora``: ``zero`` is Init[A] (A drawn, B = 0), ``nonzero``
+        Init[AB] (B drawn too, the initial product kept), ``hrp`` (``lora`` only)
+        ``hrp_rounds`` rounds of rank-``hrp_rank`` LoRA, whose adapters' top-``lora_rank``
+        SVD then initialises the rank-``lora_rank`` adapters.
     hrp_rounds: preheat length in rounds (``init=hrp`` only).
+    lora_rank: rank r of every LoRA adapter (at most min(m, n) of the tensor's matrix view).
+    lora_alpha: LoRA's scale numerator: the adapter adds (lora_alpha / r)·B·A.
+    hrp_rank: the preheat adapters' rank (``lora`` with ``init=hrp``); above ``lora_rank``.
     init_scale: std of trained factors at init, in units of 1/sqrt(fan_in).
     frozen_scale: std of frozen factors, in units of the std that makes T -> ΔW
         an isometry in expectation; the subspace's effective learning rate grows
@@ -85,6 +101,9 @@ class DecompositionConfig:
     init_scale: float = 0.1
     frozen_scale: float = 4.0
     hrp_rounds: int = 1
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    hrp_rank: int = 32
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,9 @@ class DataConfig:
     root: directory of the torchvision datasets; ``~`` is expanded and a relative
         path is resolved against the current directory of the process loading it.
     seed: the embedded sets' train/test split and the partitioners' draws.
+    classes: keep only these class labels in train and test (built-in datasets; empty:
+        all). Labels keep their values, so a model pretrained on 0-4 and fine-tuned on
+        5-9 has one 10-way head.
     """
 
     dataset: str = "mnist5k"
@@ -150,6 +172,7 @@ class DataConfig:
     seed: int = 42
     root: str = "data"
     label_fraction: float = 0.3
+    classes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -195,6 +218,8 @@ class RunConfig:
     bounds: what one reply may do to the model (weight cap, update norm bound).
     task: ``classification`` (cross-entropy, accuracy), ``regression`` (MSE) or
         ``package.module:factory`` returning a :class:`fedmud.task.Task`.
+    init_weights: a state_dict file every party loads into the model before round 0
+        (fine-tuning a pretrained model); "" = the factory's own weights from ``seed``.
     """
 
     rounds: int = 20
@@ -211,6 +236,7 @@ class RunConfig:
     resume: str = ""
     fault_corrupt_state_round: int = 0
     task: str = "classification"
+    init_weights: str = ""
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
@@ -302,9 +328,73 @@ def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
     return value
 
 
+def _init(cfg: Mapping[str, Any], method: str) -> str:
+    """``init``: ``auto`` (the method's default: ``nonzero-compensated`` for fedmud, Init[A]
+    ``zero`` for the LoRA methods) or one of the method's options."""
+    allowed = METHOD_INITS.get(method, INITS)
+    value = cfg.get("init", "auto")
+    if value == "auto":
+        return LORA_INIT if method in METHOD_INITS else DecompositionConfig.init
+    if value not in allowed:
+        within = f" with method={method!r}" if method in METHOD_INITS else ""
+        raise ConfigError(f"init={value!r} is not allowed{within}; choose one of auto, {', '.join(allowed)}")
+    return value
+
+
+def _classes(cfg: Mapping[str, Any]) -> tuple[int, ...]:
+    """``classes``: '' (all), '5-9', '0,2,4' or a mix ('0-2,7'); sorted, each once."""
+    value = cfg.get("classes", "")
+    wrong = ConfigError(
+        f"classes={value!r} is not allowed; give class labels >= 0 as a comma-separated list of labels "
+        "and ranges, e.g. '5-9' or '0,2,4', or '' for all"
+    )
+    if not isinstance(value, str):
+        raise wrong
+    out: set[int] = set()
+    for item in (i.strip() for i in value.split(",")):
+        if not item:
+            continue
+        low, dash, high = item.partition("-")
+        if not low.strip().isdigit() or (dash and not high.strip().isdigit()):
+            raise wrong
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first:
+            raise wrong
+        out.update(range(first, last + 1))
+    if value.strip() and is_import_string(cfg.get("dataset", DataConfig.dataset)):
+        raise ConfigError(
+            f"classes={value!r} is not allowed with dataset={cfg['dataset']!r}: it filters the built-in datasets; "
+            "return the classes you want from your dataset factory instead"
+        )
+    return tuple(sorted(out))
+
+
+def _init_weights(cfg: Mapping[str, Any]) -> str:
+    value = cfg.get("init-weights", RunConfig.init_weights)
+    if not isinstance(value, str):
+        raise ConfigError(f"init-weights={value!r} is not allowed; give the path of a state_dict file, or '' for none")
+    return value.strip()
+
+
+def _check_lora(d: DecompositionConfig) -> None:
+    if d.method not in LORA_METHODS:
+        return
+    if d.init == "hrp" and d.hrp_rank <= d.lora_rank:
+        raise ConfigError(
+            f"hrp-rank={d.hrp_rank} is not allowed with lora-rank={d.lora_rank}: the preheat's rank must be "
+            "above the adapters' rank (init='hrp')"
+        )
+
+
 def _check_combinations(d: DecompositionConfig, u: UplinkConfig) -> None:
-    if d.init == "hrp" and d.method != "fedmud":
-        raise ConfigError(f"init='hrp' is not allowed with method={d.method!r}; it needs method='fedmud'")
+    if d.init == "hrp" and d.method not in ("fedmud", "lora"):
+        raise ConfigError(f"init='hrp' is not allowed with method={d.method!r}; it needs method='fedmud' or 'lora'")
+    if d.method == "lora" and d.init == "hrp" and u.error_feedback:
+        raise ConfigError(
+            "error-feedback=true is not allowed with method='lora' and init='hrp': the adapters change rank "
+            "after the preheat, and the carried error with them; set error-feedback=false or choose init zero or nonzero"
+        )
+    _check_lora(d)
     if u.error_feedback and not SCHEMES[u.codec].residual:
         raise ConfigError(
             f"error-feedback=true is not allowed with uplink={u.codec!r} (lossless, nothing to feed back); "
@@ -376,10 +466,13 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         pattern=_choice(cfg, "pattern", "aad", PATTERNS),
         ratio=_parse_ratio(cfg),
         dense_layers=tuple(n.strip() for n in dense.split(",") if n.strip()),
-        init=_choice(cfg, "init", DecompositionConfig.init, INITS),
+        init=_init(cfg, cfg.get("method", "fedmud")),
         init_scale=_number(cfg, "init-scale", DecompositionConfig.init_scale, low=0.0),
         frozen_scale=_number(cfg, "frozen-scale", DecompositionConfig.frozen_scale, low=0.0, low_open=True),
         hrp_rounds=_number(cfg, "hrp-rounds", DecompositionConfig.hrp_rounds, integer=True, low=1),
+        lora_rank=_number(cfg, "lora-rank", DecompositionConfig.lora_rank, integer=True, low=1),
+        lora_alpha=_number(cfg, "lora-alpha", DecompositionConfig.lora_alpha, low=0.0, low_open=True),
+        hrp_rank=_number(cfg, "hrp-rank", DecompositionConfig.hrp_rank, integer=True, low=1),
     )
     uplink = UplinkConfig(
         codec=_choice(cfg, "uplink", UplinkConfig.codec, UPLINKS),
@@ -409,6 +502,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         label_fraction=_number(
             cfg, "label-fraction", DataConfig.label_fraction, low=0.0, high=1.0, low_open=True
         ),
+        classes=_classes(cfg),
     )
     run = RunConfig(
         rounds=_number(cfg, "num-server-rounds", RunConfig.rounds, integer=True, low=1),
@@ -427,6 +521,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
             cfg, "fault-corrupt-state-round", RunConfig.fault_corrupt_state_round, integer=True, low=0
         ),
         task=_task(cfg),
+        init_weights=_init_weights(cfg),
         bounds=_bounds(cfg),
         decomposition=decomposition,
         uplink=uplink,

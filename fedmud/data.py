@@ -160,8 +160,25 @@ def load_splits(dataset: str, test_fraction: float = 0.2, seed: int = 42, root: 
 
 
 def splits(config: DataConfig) -> tuple[Split, Split]:
-    """(train, test) of a built-in dataset."""
-    return load_splits(config.dataset, config.test_fraction, config.seed, config.root)
+    """(train, test) of a built-in dataset, only ``config.classes`` when it names some."""
+    return _class_splits(config.dataset, config.test_fraction, config.seed, config.root, config.classes)
+
+
+@lru_cache(maxsize=4)
+def _class_splits(
+    dataset: str, test_fraction: float, seed: int, root: str, classes: tuple[int, ...]
+) -> tuple[Split, Split]:
+    train, test = load_splits(dataset, test_fraction, seed, root)
+    if not classes:
+        return train, test
+    num_classes = dataset_spec(dataset).num_classes
+    if classes[-1] >= num_classes:
+        shown = ",".join(map(str, classes))
+        raise ConfigError(
+            f"classes={shown!r} is not allowed with dataset={dataset!r}: its labels are 0-{num_classes - 1}"
+        )
+    keep = np.asarray(classes, dtype=np.int64)
+    return tuple(Split(s.images[np.isin(s.labels, keep)], s.labels[np.isin(s.labels, keep)]) for s in (train, test))
 
 
 def train_labels(config: DataConfig) -> np.ndarray:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .codec import UploadLayout
-from .config import DecompositionConfig
+from .config import LORA_METHODS, DecompositionConfig
 from .decomposition import UpdateParameterisation, build_update, matrix_shape
 from .plan import DecompositionPlan, aliases, plan_decomposition, unique_state
 from .seeds import derive_seed, draw_normal
@@ -221,6 +221,94 @@ class HadamardLowRankWeight(nn.Module):
         return ((self.X1 @ self.Y1.T) * (self.X2 @ self.Y2.T)).reshape(self.shape)
 
 
+class LoRAAdapter(nn.Module):
+    """A persistent LoRA adapter, ``W -> W + (α/r)·B·A`` (``method=lora`` or ``ffa-lora``).
+
+    In the (m, n) view of :func:`~.decomposition.matrix_shape`, A is (r, n) and B (m, r):
+    ``r(m+n)`` parameters (``lora``: both trained) or ``r·m`` (``ffa-lora``: A frozen), rank
+    at most r. W is the pretrained weight, frozen for the whole run; the adapters persist
+    across rounds and are averaged (``lora``: mean(B)·mean(A) ≠ mean(B·A), inexact;
+    ``ffa-lora``: mean(B)·A = mean(B·A), exact).
+
+    Init, drawn from torch's global generator (every party builds the model under the run
+    seed): A ~ U(±1/√n), as PEFT's Kaiming-uniform; B = 0 (``init=zero``, Init[A]) or, for
+    ``nonzero`` (Init[AB], the initial product kept), B ~ N(0, σ²) with σ chosen so that
+    (α/r)·B·A has ``init_scale`` times the std of PyTorch's default init of W (1/√(3·fan_in)).
+    ``hrp``: the adapter starts at the preheat's rank (``hrp_rank``) with B = 0;
+    :meth:`truncate` then replaces it by the top-r SVD of its product.
+    """
+
+    def __init__(self, shape: tuple[int, ...], rank: int, config: DecompositionConfig, device: torch.device) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.m, self.n = matrix_shape(self.shape)
+        self.method = config.method
+        self.alpha = config.lora_alpha
+        self.final_rank = min(config.lora_rank, self.m, self.n)
+        self.start_rank = rank
+        self._set(torch.zeros(rank, self.n, device=device), torch.zeros(self.m, rank, device=device))
+        with torch.no_grad():
+            self.A.uniform_(-1 / math.sqrt(self.n), 1 / math.sqrt(self.n))
+            if config.init == "nonzero":
+                weight_std = 1 / math.sqrt(3 * math.prod(self.shape[1:]))
+                a_std = 1 / math.sqrt(3 * self.n)
+                self.B.normal_(0.0, config.init_scale * weight_std / (self.scale * math.sqrt(rank) * a_std))
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def _set(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """(Re)register the factors: B trained; A trained (``lora``) or a persistent buffer (``ffa-lora``)."""
+        if self.method == "lora":
+            self.A = nn.Parameter(A)
+        else:
+            self.register_buffer("A", A)
+        self.B = nn.Parameter(B)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(weight.reshape(self.m, self.n), self.B, self.A, alpha=self.scale).reshape(self.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(α/r)·B·A in the tensor's shape."""
+        return (self.scale * (self.B @ self.A)).detach().reshape(self.shape)
+
+    @torch.no_grad()
+    def resize(self, rank: int) -> None:
+        """Zero factors of ``rank`` (the preheat's or the final one), to be loaded."""
+        if rank not in (self.start_rank, self.final_rank):
+            raise ValueError(f"a rank-{rank} adapter for {self.shape}; this run's are {self.start_rank} and {self.final_rank}")
+        if rank != self.rank:
+            device = self.A.device
+            self._set(torch.zeros(rank, self.n, device=device), torch.zeros(self.m, rank, device=device))
+
+    @torch.no_grad()
+    def truncate(self) -> None:
+        """Replace the adapter by the rank-``final_rank`` truncated SVD of its product (HRP).
+
+        ΔW = (α/R)·B·A = U Σ Vᵀ; the new factors are B = U_r·√(Σ_r/s), A = √(Σ_r/s)·V_rᵀ with
+        s = α/r, so (α/r)·B·A is the best rank-r approximation of ΔW (Eckart–Young) and both
+        factors start non-zero, balanced. Computed in float64 from thin QRs of B and Aᵀ, so
+        the cost is O((m+n)·R²), not an SVD of the m×n product.
+        """
+        if self.rank == self.final_rank:
+            return
+        B, A = self.B.detach().double().cpu(), self.A.detach().double().cpu()
+        qb, rb = torch.linalg.qr(B)
+        qa, ra = torch.linalg.qr(A.T)
+        u, sigma, vh = torch.linalg.svd(self.scale * rb @ ra.T)
+        r = self.final_rank
+        root = (sigma[:r] / (self.alpha / r)).sqrt()
+        new_b = (qb @ u[:, :r]) * root
+        new_a = root[:, None] * (vh[:r] @ qa.T)
+        device, dtype = self.A.device, self.A.dtype
+        self._set(new_a.to(device, dtype), new_b.to(device, dtype))
+
+
 # the methods whose parametrisation is the weight itself (its factors trained and averaged, no MUD)
 FACTORISED_WEIGHTS = {"fedlmt": FactorizedWeight, "fedpara": HadamardLowRankWeight}
 
@@ -267,11 +355,15 @@ class DecomposedModel(nn.Module):
         self.reference_state = {n: torch.empty_like(t, device="meta") for n, t in unique_state(model).items()}
         self.decomposed_names: tuple[str, ...] = ()
         self.factorized_names: tuple[str, ...] = ()
+        self.adapter_names: tuple[str, ...] = ()
+        self.layout_version = 0  # bumped whenever a tensor's shape in the upload changes (HRP LoRA's switch)
         planned = self.plan.decomposed()
         tied = aliases(model)
         for name, tensor_plan in planned.items():
             device = model.get_parameter(name).device
-            if config.method in FACTORISED_WEIGHTS:
+            if config.method in LORA_METHODS:
+                parametrisation = LoRAAdapter(tensor_plan.shape, tensor_plan.sizes[0], config, device)
+            elif config.method in FACTORISED_WEIGHTS:
                 parametrisation = FACTORISED_WEIGHTS[config.method](tensor_plan.shape, *tensor_plan.sizes, device)
             else:
                 update = build_update(config.kind, config.pattern, tensor_plan.shape, tensor_plan.sizes)
@@ -280,7 +372,9 @@ class DecomposedModel(nn.Module):
                 owner, attr = _owner(model, alias)
                 parametrize.register_parametrization(owner, attr, parametrisation)
                 owner.parametrizations[attr].original.requires_grad_(False)
-        if config.method in FACTORISED_WEIGHTS:
+        if config.method in LORA_METHODS:
+            self.adapter_names = tuple(planned)
+        elif config.method in FACTORISED_WEIGHTS:
             self.factorized_names = tuple(planned)
         else:
             self.decomposed_names = tuple(planned)
@@ -291,12 +385,24 @@ class DecomposedModel(nn.Module):
             f"{n}.{f.name}" for n, u in updates.items() for f in u.update.factors if f.trainable
         }
         self._hrp_names = {n for n in self._public_state() if HRP_PREFIX in n.rpartition(".")[2]}
+        # the pretrained weights under adapters, and ffa-lora's frozen A: global, never uploaded
+        self._not_uploaded = set(self.adapter_names) | (
+            {f"{n}.A" for n in self.adapter_names} if config.method == "ffa-lora" else set()
+        )
 
     # ------------------------------------------------------------------ structure
     def updates(self) -> dict[str, DecomposedUpdate]:
         """Tensor name -> its decomposed update (the parametrisation module)."""
         out = {}
         for name in self.decomposed_names:
+            owner, attr = _owner(self.model, name)
+            out[name] = owner.parametrizations[attr][0]
+        return out
+
+    def adapters(self) -> dict[str, LoRAAdapter]:
+        """Tensor name -> its LoRA adapter (``method=lora``/``ffa-lora``)."""
+        out = {}
+        for name in self.adapter_names:
             owner, attr = _owner(self.model, name)
             out[name] = owner.parametrizations[attr][0]
         return out
@@ -329,7 +435,7 @@ class DecomposedModel(nn.Module):
 
     def _uploaded_items(self) -> dict[str, torch.Tensor]:
         """Trained factors and dense floating tensors (frozen factors and offsets are not persistent)."""
-        skip = set(self.decomposed_names) | set(self.factorized_names) | self._hrp_names
+        skip = set(self.decomposed_names) | set(self.factorized_names) | self._hrp_names | self._not_uploaded
         return {n: t for n, t in self._public_state().items() if n not in skip and torch.is_floating_point(t)}
 
     def upload_layout(self) -> UploadLayout:
@@ -366,7 +472,19 @@ class DecomposedModel(nn.Module):
 
     @torch.no_grad()
     def load_global_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a global state; LoRA adapters take the rank the state's factors have (HRP's switch)."""
+        self._resize_adapters(state, "global state")
         _copy_into(self._global_items(), state, "global state")
+
+    def _resize_adapters(self, state: Mapping[str, torch.Tensor], what: str) -> None:
+        for name, adapter in self.adapters().items():
+            incoming = state.get(f"{name}.A")
+            if incoming is not None and incoming.dim() == 2 and incoming.shape[0] != adapter.rank:
+                try:
+                    adapter.resize(incoming.shape[0])
+                except ValueError as err:
+                    raise ValueError(f"{what}: {name}.A has shape {tuple(incoming.shape)}: {err}") from None
+                self.layout_version += 1
 
     # ------------------------------------------------------------------ round
     def reset(self, round_seed: int) -> None:
@@ -389,21 +507,51 @@ class DecomposedModel(nn.Module):
     # ------------------------------------------------------------------ high-rank preheating
     @property
     def hrp_ready(self) -> bool:
+        """Whether the preheat is over: MUD's directions are set, or LoRA's adapters have their final rank."""
+        if self.adapter_names:
+            adapters = self.adapters().values()
+            return self.config.init == "hrp" and all(a.rank == a.final_rank for a in adapters)
         return any(update.hrp_ready for update in self.updates().values())
 
     def set_hrp_directions(self, initial: Mapping[str, torch.Tensor]) -> None:
-        """Fix every update's anchor directions from the change since ``initial`` (a global state)."""
+        """End the preheat. MUD: fix every update's anchor directions from the change since
+        ``initial`` (a global state). LoRA: replace every adapter by its top-r SVD."""
+        for adapter in self.adapters().values():
+            adapter.truncate()
+        if self.adapter_names:
+            self.layout_version += 1
         for name, update in self.updates().items():
             base = self.base_weight(name)
             update.set_hrp_directions(base - initial[name].to(base.device))
 
     def hrp_state(self) -> dict[str, torch.Tensor]:
-        """The preheat's directions (empty unless ``init=hrp``), named as in :meth:`global_state`."""
-        return {n: t.detach() for n, t in self._public_state().items() if n in self._hrp_names}
+        """What the end of the preheat fixed, named as in :meth:`global_state` (empty unless
+        ``init=hrp``): MUD's directions, or LoRA's truncated adapters."""
+        if self.adapter_names:
+            names = {f"{n}.{f}" for n in self.adapter_names for f in ("A", "B")} if self.config.init == "hrp" else set()
+        else:
+            names = self._hrp_names
+        return {n: t.detach() for n, t in self._public_state().items() if n in names}
+
+    def hrp_layout(self) -> UploadLayout:
+        """Names and shapes of :meth:`hrp_state` once the preheat is over (what rides on that link)."""
+        if not self.adapter_names:
+            return UploadLayout(tuple((n, tuple(t.shape)) for n, t in self.hrp_state().items()))
+        entries = []
+        if self.config.init == "hrp":
+            for name, a in self.adapters().items():
+                entries += [(f"{name}.A", (a.final_rank, a.n)), (f"{name}.B", (a.m, a.final_rank))]
+        order = {n: i for i, n in enumerate(self._public_state())}  # state order, as hrp_state()
+        return UploadLayout(tuple(sorted(entries, key=lambda e: order[e[0]])))
 
     @torch.no_grad()
     def load_hrp_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        items = {n: t for n, t in self._public_state().items() if n in self._hrp_names}
+        if self.adapter_names:
+            self._resize_adapters(state, "HRP adapters")
+            names = {n for n, _ in self.hrp_layout().entries}
+            items = {n: t for n, t in self._public_state().items() if n in names}
+        else:
+            items = {n: t for n, t in self._public_state().items() if n in self._hrp_names}
         _copy_into(items, state, "HRP directions")
 
     def forward(self, *args, **kwargs):

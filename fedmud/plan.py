@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ConfigError, DecompositionConfig
-from .decomposition import allocate_sizes, build_update, smallest_cost
+from .config import LORA_METHODS, ConfigError, DecompositionConfig
+from .decomposition import allocate_sizes, build_update, matrix_shape, smallest_cost
 
 AUTO, FIRST, LAST = "auto", "first", "last"
 # methods that parameterise the weights themselves: the (kind, pattern) each is sized as
@@ -85,12 +85,21 @@ class DecompositionPlan:
         """One line per tensor (how it is decomposed, or why it stays dense), then the total."""
         out = []
         for t in self.tensors:
-            if t.decomposed:
+            if t.decomposed and self.kind in LORA_METHODS:
+                m, n = matrix_shape(t.shape)
+                (r,) = t.sizes
+                trained = f"B {m}x{r}" + (f", A {r}x{n}" if self.kind == "lora" else f" (A {r}x{n} frozen)")
+                out.append(f"{t.name} {t.shape}: {self.kind} rank {r}, trains {trained} uploads {t.upload}/{t.numel}")
+            elif t.decomposed:
                 how = build_update(self.kind, self.pattern, t.shape, t.sizes).describe()
                 out.append(f"{t.name} {t.shape}: {self.pattern} {how} uploads {t.upload}/{t.numel}")
             else:
                 out.append(f"{t.name} {t.shape}: dense ({t.reason}) uploads {t.numel}")
         ref = self.dense_reference
+        if self.kind in LORA_METHODS:
+            trained = self.upload
+            out.append(f"upload {trained} values vs dense {ref}: ratio {trained / ref:.5f} (1/{ref / trained:.1f})")
+            return out
         out.append(f"upload {self.upload} values vs dense {ref}: ratio {self.upload / ref:.5f} (1/{ref / self.upload:.1f})")
         return out
 
@@ -170,6 +179,8 @@ def plan_decomposition(model: nn.Module, config: DecompositionConfig) -> Decompo
     if config.method == "fedavg":
         tensors = tuple(TensorPlan(n, s, math.prod(s), reason="method=fedavg") for n, s in floating.items())
         return DecompositionPlan(tensors, config.kind, config.pattern, None)
+    if config.method in LORA_METHODS:
+        return _plan_lora(config, floating, weight_tensors(model))
     kind, pattern = FACTORISED.get(config.method, (config.kind, config.pattern))
     weights = weight_tensors(model)
     candidates = [n for n in floating if n in weights]
@@ -205,6 +216,42 @@ def plan_decomposition(model: nn.Module, config: DecompositionConfig) -> Decompo
         else:
             tensors.append(TensorPlan(name, shape, math.prod(shape), reason=dense[name]))
     return DecompositionPlan(tuple(tensors), kind, pattern, config.ratio)
+
+
+def lora_upload(method: str, shape: tuple[int, ...], rank: int) -> int:
+    """Values a rank-``rank`` adapter of ``shape`` uploads: B and A (``lora``), B only (``ffa-lora``)."""
+    m, n = matrix_shape(shape)
+    return rank * (m + n) if method == "lora" else rank * m
+
+
+def _plan_lora(
+    config: DecompositionConfig, floating: Mapping[str, tuple[int, ...]], weights: Mapping[str, tuple[int, ...]]
+) -> DecompositionPlan:
+    """LoRA adapters of rank ``lora_rank`` on every weight tensor not kept dense.
+
+    ``dense-layers=auto`` is the last layer (the classifier head is trained in full, as
+    PEFT's ``modules_to_save`` does for a new head); biases, norms and their statistics
+    are dense as always. A tensor whose adapter would upload as much as the tensor is dense.
+    """
+    candidates = [n for n in floating if n in weights]
+    requested = tuple(LAST if item == AUTO else item for item in config.dense_layers)
+    dense, _ = _resolve_dense(requested, candidates)
+    start_rank = config.hrp_rank if config.init == "hrp" else config.lora_rank  # the preheat's rank under hrp
+    tensors = []
+    for name, shape in floating.items():
+        if name not in weights:
+            tensors.append(TensorPlan(name, shape, math.prod(shape), reason="1-D" if len(shape) < 2 else "buffer"))
+            continue
+        r = min(config.lora_rank, *matrix_shape(shape))
+        upload = lora_upload(config.method, shape, r)
+        if name in dense:
+            tensors.append(TensorPlan(name, shape, math.prod(shape), reason=dense[name]))
+        elif upload >= math.prod(shape):
+            tensors.append(TensorPlan(name, shape, math.prod(shape), reason=f"too small: a rank-{r} adapter uploads {upload}"))
+        else:
+            start = min(start_rank, *matrix_shape(shape))
+            tensors.append(TensorPlan(name, shape, lora_upload(config.method, shape, start), (start,)))
+    return DecompositionPlan(tuple(tensors), config.method, "lora", None)
 
 
 def _unreachable(

@@ -22,6 +22,7 @@ from .codec import SCHEMES, Codec, Parts, PayloadError, UploadLayout, topk_count
 from .feedback import ErrorFeedback
 from .config import ConfigError, RunConfig
 from .model import DecomposedModel, decompose
+from .pretrained import load_init_weights
 from .seeds import numpy_rng
 from .sync import FULL, ChainStore, Downlink, Link, SyncRecords, plan_downlink, state_digest
 from .task import Task, resolve_task
@@ -44,7 +45,9 @@ def build_decomposed(
 
     ``model_fn`` builds the undecomposed model (default: the one the run config names);
     it is called under ``torch.manual_seed(run.seed)``, so its initial weights are a
-    function of the seed on every party.
+    function of the seed on every party; ``init-weights`` then replaces them with a
+    pretrained state_dict (:mod:`fedmud.pretrained`). LoRA adapters are drawn after, from
+    the same generator.
     """
     given = model_fn is not None
     model_fn = model_fn or run_model_factory(run)
@@ -57,6 +60,8 @@ def build_decomposed(
             raise ConfigError(
                 f"{what} is not allowed: the factory returned a {type(model).__name__}, expected a torch.nn.Module"
             )
+        if run.init_weights:  # fine-tuning: the pretrained weights are round 0 on every party
+            load_init_weights(model, run.init_weights)
         return decompose(model, run.decomposition).to(device)
     finally:
         torch.random.set_rng_state(generator_state)
@@ -79,7 +84,7 @@ def build_link_codec(run: RunConfig, model: DecomposedModel) -> Codec:
 
 def basis_codec(model: DecomposedModel) -> Codec:
     """float32 vector <-> the HRP directions (``init=hrp``), as they ride on a link."""
-    return Codec(UploadLayout(tuple((n, tuple(t.shape)) for n, t in model.hrp_state().items())))
+    return Codec(model.hrp_layout())
 
 
 def link_reference(model: DecomposedModel, codec: Codec, seed: int) -> np.ndarray | None:
@@ -109,10 +114,7 @@ class ServerModel:
         self.task = task or resolve_task(run.task)
         self.model = build_decomposed(run, model_fn=model_fn)
         self.initial_state = {n: t.clone() for n, t in self.model.global_state().items()}
-        self.codec = build_codec(run, self.model)
-        self.link_codec = build_link_codec(run, self.model)
-        # what the link code lost, added to the next link (lossy downlink-codec only)
-        self.link_feedback = ErrorFeedback(self.model, self.link_codec) if self.link_codec.residual else None
+        self._layout = -1  # the model's layout version the codecs below were built for
         self.round = 0  # the global round the model is at
         self.chain = ChainStore()
         self.records = SyncRecords()
@@ -120,6 +122,35 @@ class ServerModel:
         self.link_bytes = 0  # downlink bytes per link and of the full model, measured by the app
         self.full_bytes = 0
         self._reference: tuple[tuple[int, str], np.ndarray] | None = None
+
+    def _codecs(self) -> None:
+        """(Re)build the codecs for the model's upload layout: once, and again if it changes
+        (HRP LoRA's switch to the final rank; the link code's carried error starts afresh)."""
+        if self._layout == self.model.layout_version:
+            return
+        self._layout = self.model.layout_version
+        self._codec = build_codec(self.run, self.model)
+        self._link_codec = build_link_codec(self.run, self.model)
+        # what the link code lost, added to the next link (lossy downlink-codec only)
+        self._link_feedback = ErrorFeedback(self.model, self._link_codec) if self._link_codec.residual else None
+        self._reference = None
+
+    @property
+    def codec(self) -> Codec:
+        """The uplink codec."""
+        self._codecs()
+        return self._codec
+
+    @property
+    def link_codec(self) -> Codec:
+        """How chain links are coded."""
+        self._codecs()
+        return self._link_codec
+
+    @property
+    def link_feedback(self) -> ErrorFeedback | None:
+        self._codecs()
+        return self._link_feedback
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return self.model.global_state()
@@ -266,9 +297,36 @@ class ClientModel:
         self.global_model = build_decomposed(run, model_fn=model_fn)
         self.initial_state = {n: t.clone() for n, t in self.global_model.global_state().items()}
         self.model = build_decomposed(run, device, model_fn)
-        self.codec = build_codec(run, self.model)
-        self.link_codec = build_link_codec(run, self.global_model)
-        self.feedback = ErrorFeedback(self.model, self.codec) if run.uplink.error_feedback else None
+        self._layouts = (-1, -1)  # the layout versions of (model, global_model) the codecs were built for
+
+    def _codecs(self) -> None:
+        """(Re)build the codecs when a model's upload layout changed (HRP LoRA's switch)."""
+        if self._layouts == (self.model.layout_version, self.global_model.layout_version):
+            return
+        if self._layouts[0] != self.model.layout_version:
+            self._codec = build_codec(self.run, self.model)
+            self._feedback = ErrorFeedback(self.model, self._codec) if self.run.uplink.error_feedback else None
+        if self._layouts[1] != self.global_model.layout_version:
+            self._link_codec = build_link_codec(self.run, self.global_model)
+        self._layouts = (self.model.layout_version, self.global_model.layout_version)
+
+    @property
+    def codec(self) -> Codec:
+        """The uplink codec (of the model trained)."""
+        self._codecs()
+        return self._codec
+
+    @property
+    def link_codec(self) -> Codec:
+        """How chain links are coded (applied to the held global model)."""
+        self._codecs()
+        return self._link_codec
+
+    @property
+    def feedback(self) -> ErrorFeedback | None:
+        """The uplink's error feedback (``error-feedback=true``), else None."""
+        self._codecs()
+        return self._feedback
 
     def sync(
         self,
@@ -334,3 +392,47 @@ class ClientModel:
         parts = self.codec.encode(target, rng)
         self.feedback.update(target, self.codec.decode_vector(parts))
         return parts, loss, self.feedback.state()
+
+
+def simulate_in_process(
+    run: RunConfig,
+    rounds: int | None = None,
+    model_fn: ModelFactory | None = None,
+    on_round: Callable[[int, ServerModel], None] | None = None,
+) -> tuple[ServerModel, list[float], list[int]]:
+    """The federated loop the Flower apps drive, in one process, every client every round.
+
+    Chain sync with digests, seed-drawn factors, encoding, screening, exact aggregation
+    and merges are the apps' own (:class:`ServerModel`, one :class:`ClientModel` serving
+    every partition in turn); only the transport is left out, so studies run many
+    configurations fast. Returns (server, held-out metric after rounds 0..R, payload
+    bytes each client uploaded in rounds 1..R). ``on_round(r, server)`` runs after each merge.
+    """
+    from .data import client_loader, test_loader
+    from .seeds import round_seed
+
+    rounds = run.rounds if rounds is None else rounds
+    server = ServerModel(run, model_fn)
+    client = ClientModel(run, torch.device("cpu"), model_fn)
+    held: dict[int, tuple[int, dict]] = {}
+    loader_test = test_loader(run.data)
+    history = [server.evaluate(loader_test)[1]]
+    uploaded = []
+    for r in range(1, rounds + 1):
+        seed = round_seed(run.seed, r)
+        uploads = []
+        for pid in range(run.data.num_partitions):
+            plan = server.plan(str(pid))
+            state = client.sync(held.get(pid), plan.kind, server.digest, server.global_state(), plan.base_round, plan.links)
+            held[pid] = (plan.target_round, state)
+            loader = client_loader(run.data, pid, run.train.batch_size, seed=seed + pid)
+            parts, _, _ = client.train_round(seed, loader)
+            uploads.append((parts, float(len(loader.dataset))))
+        uploaded.append(server.codec.payload_nbytes)
+        server.apply_round(r, seed, uploads)
+        for pid in range(run.data.num_partitions):
+            server.records.synced(str(pid), r - 1)
+        history.append(server.evaluate(loader_test)[1])
+        if on_round is not None:
+            on_round(r, server)
+    return server, history, uploaded

@@ -23,15 +23,10 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from fedmud.config import parse_run_config
-from fedmud.data import client_loader, test_loader
-from fedmud.rounds import ClientModel, ServerModel
-from fedmud.seeds import round_seed
+from fedmud.rounds import simulate_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 INITS = ("zero", "nonzero", "nonzero-compensated", "hrp")
@@ -39,26 +34,8 @@ INITS = ("zero", "nonzero", "nonzero-compensated", "hrp")
 
 def run_one(overrides: dict, rounds: int) -> dict:
     run = parse_run_config({"num-server-rounds": rounds, **overrides})
-    server = ServerModel(run)
-    client = ClientModel(run, torch.device("cpu"))
-    loader_test = test_loader(run.data)
-    held: dict[int, tuple[int, dict]] = {}
-    history = [server.evaluate(loader_test)[1]]
     started = time.monotonic()
-    for r in range(1, rounds + 1):
-        seed = round_seed(run.seed, r)
-        uploads = []
-        for pid in range(run.data.num_partitions):
-            plan = server.plan(str(pid))
-            state = client.sync(held.get(pid), plan.kind, server.digest, server.global_state(), plan.base_round, plan.links)
-            held[pid] = (plan.target_round, state)
-            loader = client_loader(run.data, pid, run.train.batch_size, seed=seed + pid)
-            parts, _, _ = client.train_round(seed, loader)
-            uploads.append((parts, float(len(loader.dataset))))
-        server.apply_round(r, seed, uploads)
-        for pid in range(run.data.num_partitions):
-            server.records.synced(str(pid), r - 1)
-        history.append(server.evaluate(loader_test)[1])
+    server, history, _ = simulate_in_process(run)
     basis = sum(t.numel() for t in server.model.hrp_state().values()) * 4
     return {
         "accuracy": history,

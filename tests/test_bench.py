@@ -172,6 +172,19 @@ def test_seeds_and_participation_from_the_command_line():
         parse_args(["--seeds", "0,x"])
 
 
+def test_run_config_keys_for_every_method_from_the_command_line(tmp_path):
+    """Fine-tuning through the bench: --set gives every method the pretrained weights and classes."""
+    args = ["--suite", "smoke", "--methods", "fedavg,lora,ffa-lora", "--set", 'classes="5-9"',
+            "--set", f'init-weights="{tmp_path / "w.pt"}"', "--set", "lora-rank=4"]
+    suite = suite_from_args(parse_args(args))
+    for method in suite.methods:
+        config = suite.run_config(method)
+        assert config["classes"] == "5-9" and config["init-weights"] == str(tmp_path / "w.pt")
+    assert suite.run_config("lora")["lora-rank"] == 4 and suite.run_config("lora")["method"] == "lora"
+    with pytest.raises(ValueError, match="give KEY=VALUE"):
+        suite_from_args(parse_args(["--suite", "smoke", "--set", "classes"]))
+
+
 def test_mean_and_sample_std_over_seeds():
     assert mean_std([0.9]) == (0.9, 0.0)
     mean, std = mean_std([0.90, 0.92, 0.97])

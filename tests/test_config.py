@@ -13,7 +13,7 @@ from fedmud.models import CNN
         ("pattern", "abc", "ab, fab, aad"),
         ("kind", "tucker", "kron, mat"),
         ("method", "fedprox", "fedmud, fedavg, fedlmt, fedpara"),
-        ("init", "random", "zero, nonzero, nonzero-compensated, hrp"),
+        ("init", "random", "auto, zero, nonzero, nonzero-compensated, hrp"),
         ("uplink", "int3", "float32, float16, int8, int4, int2, sign, topk"),
         ("downlink-codec", "topk", "float32, float16, int8, int4, int2, sign"),
         ("error-feedback", "yes", "true or false"),

@@ -1,0 +1,264 @@
+"""Fine-tuning study (issue 12): federated LoRA, its initialisations, FFA-LoRA, FedMUD and full
+fine-tuning of a pretrained model, over a learning-rate sweep.
+
+    python scripts/finetune_study.py --docs docs           # the committed study
+    python scripts/finetune_study.py --models cnn-mnist --partitions iid --seeds 0 --lrs 0.01,0.1   # a slice
+
+The task runs offline: a model pretrained centrally on MNIST-5k digits 0-4
+(``scripts/pretrain.py``, made here when missing, seed 0) is fine-tuned federated on digits
+5-9: 10 clients, every client every round, 1 local epoch of plain SGD a round, batch 32.
+Methods (every one through the apps' own round logic, ``fedmud.rounds.simulate_in_process``:
+chain sync with digests, encoding, exact merges; only the transport is left out):
+
+- ``fedavg``: full fine-tuning, the reference;
+- ``fedmud``: FedMUD's decomposed update (BKD, AAD, 1/32) on the pretrained weights;
+- ``lora-zero`` (Init[A]), ``lora-nonzero`` (Init[AB]), ``lora-hrp`` (1 preheat round at rank
+  32, then the top-8 SVD): persistent rank-8 LoRA (α = 16), both factors averaged (FedIT);
+- ``ffa-lora``: A frozen, B trained (Init[A]), exact aggregation.
+
+The classifier head, biases and norms train densely in every method (the head must learn
+digits the pretraining never saw). Seeds 0, 1, 2 change the run seed (adapter and factor
+draws, batch order) and the data seed (42 + seed: train/test split of digits 5-9 and the
+Dirichlet draw); the pretrained weights are the same. Writes ``OUT/runs.json`` (every run,
+resumable), and with ``--docs``: ``DOCS/finetune/summary.json``, ``DOCS/finetune/tables.md``
+and ``DOCS/finetune/<model>.png`` (accuracy against learning rate). Runs two at a time
+(``--workers``), one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "fedavg": {"method": "fedavg"},
+    "fedmud": {"method": "fedmud"},
+    "lora-zero": {"method": "lora", "init": "zero"},
+    "lora-nonzero": {"method": "lora", "init": "nonzero"},
+    "lora-hrp": {"method": "lora", "init": "hrp", "hrp-rounds": 1, "hrp-rank": 32},
+    "ffa-lora": {"method": "ffa-lora", "init": "zero"},
+}
+PRETRAIN = {"cnn-mnist": {"epochs": 4, "lr": 3e-3}, "vit": {"epochs": 25, "lr": 2e-3}}
+ROUNDS = {"cnn-mnist": 10, "vit": 6}  # a ViT round costs 5x a CNN round on a CPU
+COMMON = {
+    "dataset": "mnist5k",
+    "classes": "5-9",
+    "num-partitions": 10,
+    "local-epochs": 1,
+    "batch-size": 32,
+    "lora-rank": 8,
+    "lora-alpha": 16.0,
+}
+
+
+def pretrained_path(model: str, directory: Path) -> Path:
+    """The pretrained checkpoint of ``model`` on digits 0-4, made once (``scripts/pretrain.py``)."""
+    path = directory / f"{model}-0to4.pt"
+    if not path.exists():
+        import sys
+
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import torch
+        from pretrain import pretrain
+
+        net, figures = pretrain(model, "0-4", PRETRAIN[model]["epochs"], PRETRAIN[model]["lr"], seed=0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), path)
+        print(f"pretrained {model} on digits 0-4: {figures}", flush=True)
+    return path
+
+
+def run_one(job: dict) -> dict:
+    import torch
+
+    from fedmud.config import parse_run_config
+    from fedmud.rounds import simulate_in_process
+
+    torch.set_num_threads(1)
+    config = {
+        **COMMON,
+        **METHODS[job["method"]],
+        "model": job["model"],
+        "init-weights": job["weights"],
+        "partition": job["partition"],
+        "lr": job["lr"],
+        "seed": job["seed"],
+        "data-seed": 42 + job["seed"],
+        "num-server-rounds": job["rounds"],
+    }
+    run = parse_run_config(config)
+    started = time.monotonic()
+    server, history, uploaded = simulate_in_process(run)
+    clients = run.data.num_partitions
+    return {
+        **{k: job[k] for k in ("model", "method", "partition", "lr", "seed", "rounds")},
+        "accuracy": history,
+        "final": history[-1],
+        "upload_bytes_per_client": sum(uploaded),
+        "upload_bytes_total": sum(uploaded) * clients,
+        "dense_upload_bytes_per_client_round": server.model.dense_reference_numel * 4,
+        "seconds": time.monotonic() - started,
+    }
+
+
+def key(row: dict) -> tuple:
+    return (row["model"], row["method"], row["partition"], row["lr"], row["seed"], row["rounds"])
+
+
+def summarise(rows: list[dict], lrs: list[float]) -> dict:
+    """Mean ± std over seeds of the final accuracy and the upload, per (model, partition, method, lr),
+    and Init[AB]'s advantage over Init[A] (lora-nonzero − lora-zero) at each learning rate."""
+    cells: dict = {}
+    for row in rows:
+        cells.setdefault((row["model"], row["partition"], row["method"], row["lr"]), []).append(row)
+    out: dict = {}
+    for (model, partition, method, lr), group in sorted(cells.items()):
+        finals = [r["final"] for r in sorted(group, key=lambda r: r["seed"])]
+        entry = {
+            "seeds": [r["seed"] for r in sorted(group, key=lambda r: r["seed"])],
+            "final": finals,
+            "mean": statistics.fmean(finals),
+            "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "upload_mb_per_client": group[0]["upload_bytes_per_client"] / 1e6,
+            "dense_upload_mb_per_client": group[0]["dense_upload_bytes_per_client_round"] * group[0]["rounds"] / 1e6,
+        }
+        out.setdefault(model, {}).setdefault(partition, {}).setdefault(method, {})[f"{lr:g}"] = entry
+    for model, partitions in out.items():
+        for partition, methods in partitions.items():
+            zero, nonzero = methods.get("lora-zero", {}), methods.get("lora-nonzero", {})
+            gaps = {}
+            for lr in lrs:
+                a, b = zero.get(f"{lr:g}"), nonzero.get(f"{lr:g}")
+                if a and b and a["seeds"] == b["seeds"]:
+                    diffs = [y - x for x, y in zip(a["final"], b["final"])]
+                    gaps[f"{lr:g}"] = {
+                        "mean": statistics.fmean(diffs),
+                        "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                    }
+            methods["init_ab_minus_init_a"] = gaps
+    return out
+
+
+def tables(summary: dict, lrs: list[float], rounds: dict[str, int]) -> list[str]:
+    lines = []
+    for model, partitions in summary.items():
+        for partition, methods in partitions.items():
+            lines += [
+                f"### {model}, {partition}: final accuracy after {rounds[model]} rounds (mean ± std over seeds)",
+                "",
+                "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | MB uploaded per client |",
+                "|---" * (len(lrs) + 2) + "|",
+            ]
+            for method in METHODS:
+                cells = methods.get(method)
+                if not cells:
+                    continue
+                vals = [cells.get(f"{lr:g}") for lr in lrs]
+                shown = " | ".join("–" if v is None else f"{v['mean']:.4f} ± {v['std']:.4f}" for v in vals)
+                mb = next(v["upload_mb_per_client"] for v in vals if v)
+                lines.append(f"| {method} | {shown} | {mb:.3f} |")
+            gaps = methods.get("init_ab_minus_init_a", {})
+            if gaps:
+                shown = " | ".join(
+                    f"{gaps[f'{lr:g}']['mean']:+.4f} ± {gaps[f'{lr:g}']['std']:.4f}" if f"{lr:g}" in gaps else "–"
+                    for lr in lrs
+                )
+                lines.append(f"| Init[AB] − Init[A] (paired by seed) | {shown} | |")
+            lines.append("")
+    return lines
+
+
+def plot(summary: dict, lrs: list[float], directory: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for model, partitions in summary.items():
+        fig, axes = plt.subplots(1, len(partitions), figsize=(6 * len(partitions), 4.2), squeeze=False)
+        for ax, (partition, methods) in zip(axes[0], partitions.items()):
+            for method, marker in zip(METHODS, "osD^v<"):
+                cells = methods.get(method)
+                if not cells:
+                    continue
+                pts = [(lr, cells[f"{lr:g}"]) for lr in lrs if f"{lr:g}" in cells]
+                ax.errorbar(
+                    [p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
+                    marker=marker, capsize=3, label=method,
+                )
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate (SGD)")
+            ax.set_ylabel("final test accuracy, digits 5-9")
+            ax.set_title(f"{model}: 0-4 pretrained, fine-tuned on 5-9, {partition}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        directory.mkdir(parents=True, exist_ok=True)
+        fig.savefig(directory / f"{model}.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="cnn-mnist,vit")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--lrs", default="0.001,0.003,0.01,0.03,0.1,0.3")
+    parser.add_argument("--partitions", default="iid,dirichlet")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=None, help=f"rounds for every model (default {ROUNDS})")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--pretrained", type=Path, default=ROOT / "pretrained", help="where the checkpoints are made")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "finetune")
+    parser.add_argument("--docs", type=Path, default=None, help="write DOCS/finetune/{summary.json,tables.md,*.png}")
+    args = parser.parse_args()
+    lrs = [float(v) for v in args.lrs.split(",")]
+    models = args.models.split(",")
+    rounds = {m: args.rounds or ROUNDS.get(m, 10) for m in models}
+    weights = {m: str(pretrained_path(m, args.pretrained).resolve()) for m in models}
+    jobs = [
+        {"model": m, "method": method, "partition": p, "lr": lr, "seed": int(s), "rounds": rounds[m], "weights": weights[m]}
+        for m in models
+        for p in args.partitions.split(",")
+        for s in args.seeds.split(",")
+        for lr in lrs
+        for method in args.methods.split(",")
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs_path = args.out / "runs.json"
+    rows = json.loads(runs_path.read_text()) if runs_path.exists() else []
+    done = {key(r) for r in rows}
+    todo = [j for j in jobs if key(j) not in done]
+    started = time.monotonic()
+    print(f"{len(jobs)} runs, {len(todo)} to do, {args.workers} at a time", flush=True)
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        for i, row in enumerate(pool.imap_unordered(run_one, todo), 1):
+            rows.append(row)
+            runs_path.write_text(json.dumps(rows))
+            print(
+                f"[{i}/{len(todo)}] {row['model']} {row['partition']:9s} {row['method']:12s} lr {row['lr']:<6g} "
+                f"seed {row['seed']} final {row['final']:.4f} ({row['seconds']:.0f} s; {time.monotonic() - started:.0f} s in all)",
+                flush=True,
+            )
+    wanted = {key(j) for j in jobs}
+    mine = [r for r in rows if key(r) in wanted]
+    summary = summarise(mine, lrs)
+    if args.docs:
+        directory = args.docs / "finetune"
+        directory.mkdir(parents=True, exist_ok=True)
+        setup = {**COMMON, "rounds": rounds, "lrs": lrs, "seeds": args.seeds, "methods": METHODS, "pretrain": PRETRAIN}
+        (directory / "summary.json").write_text(json.dumps({"setup": setup, "results": summary}, indent=1))
+        (directory / "tables.md").write_text("\n".join(tables(summary, lrs, rounds)))
+        plot(summary, lrs, directory)
+    print("\n".join(tables(summary, lrs, rounds)))
+    print(f"cores: {os.cpu_count()}; {math.ceil(time.monotonic() - started)} s")
+
+
+if __name__ == "__main__":
+    main()
