@@ -1,7 +1,6 @@
 """Upload codecs (float32, float16, int8/int4/int2, sign, top-k), error feedback and the projections behind it."""
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -247,15 +246,19 @@ def test_stochastic_rounding_in_a_round_is_seeded_by_the_round_and_the_client():
                           nearest.train_round(123, _tiny_loader(), client_id=1)[0]["payload"])
 
 
-def test_a_model_of_1_5_million_values_encodes_and_decodes_in_well_under_a_second():
+def test_a_model_of_1_5_million_values_round_trips_within_each_codes_error():
+    """Size, not speed (scripts/codec_speed.py times it): every value comes back, finite, within
+    the code's relative error, nearest and stochastic rounding alike."""
     layout = UploadLayout((("a", (1000, 1000)), ("b", (500, 999)), ("c", (7,))))
     x = _gaussian(layout)
+    bound = {"int8": 2e-4, "int4": 0.04, "int2": 0.9, "sign": 10.0}  # stochastic: README's figures
     for scheme in SCALED:
         codec = Codec(layout, scheme)
         for rng in (None, np.random.default_rng(0)):
-            start = time.perf_counter()
-            codec.decode_vector(codec.encode(x, rng))
-            assert time.perf_counter() - start < 0.5, scheme
+            back = codec.decode_vector(codec.encode(x, rng))
+            assert back.shape == x.shape and np.isfinite(back).all(), scheme
+            err = np.sum((back - x).astype(np.float64) ** 2) / np.sum(x.astype(np.float64) ** 2)
+            assert err <= bound[scheme], (scheme, rng, err)
 
 
 # --------------------------------------------------------------------------- top-k
