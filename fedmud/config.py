@@ -30,6 +30,7 @@ LOSSY_UPLINKS = tuple(name for name, scheme in SCHEMES.items() if scheme.residua
 # codes with levels to round to: stochastic-rounding applies to these
 LEVELLED_UPLINKS = tuple(n for n, scheme in SCHEMES.items() if scheme.residual and scheme.bits <= 8 and not scheme.sparse)
 CLIENT_STATES = ("keep", "none")
+OPTIMIZERS = ("sgd", "adam")
 DATASETS = ("mnist5k", "digits", "mnist", "fashionmnist", "svhn", "cifar10", "cifar100")
 PARTITIONS = ("iid", "dirichlet", "label-count")
 # Built-in names; `model` and `dataset` also take a user factory as 'package.module:factory'.
@@ -134,8 +135,15 @@ class UplinkConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Local training on each client (plain SGD, as in the paper)."""
+    """Local training on each client: plain SGD, as in the paper, or Adam.
 
+    optimizer: ``sgd`` (with ``momentum``) or ``adam`` (PyTorch's defaults, betas (0.9, 0.999);
+        ``momentum`` does not apply), created afresh every round: a client keeps no optimiser
+        state between rounds. Adam is what LoRA fine-tuning usually runs with, and the setting
+        the non-zero initialisation paper analyses.
+    """
+
+    optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -482,6 +490,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     )
     _check_combinations(decomposition, uplink)
     train = TrainConfig(
+        optimizer=_choice(cfg, "optimizer", TrainConfig.optimizer, OPTIMIZERS),
         lr=_number(cfg, "lr", TrainConfig.lr, low=0.0, low_open=True),
         momentum=_number(cfg, "momentum", TrainConfig.momentum, low=0.0, high=1.0),
         weight_decay=_number(cfg, "weight-decay", TrainConfig.weight_decay, low=0.0),

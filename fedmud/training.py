@@ -79,10 +79,14 @@ def _to(batch, device: torch.device):
 def train_local(
     model: nn.Module, loader: DataLoader, config: TrainConfig, device: torch.device, task: Task = CLASSIFICATION
 ) -> float:
-    """SGD over the trainable parameters for ``config.local_epochs``; returns the mean loss."""
+    """SGD or Adam (``config.optimizer``) over the trainable parameters for ``config.local_epochs``;
+    returns the mean loss."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimiser = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     total, count = 0.0, 0
     for _ in range(config.local_epochs):
         for x, y in loader:

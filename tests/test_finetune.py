@@ -274,6 +274,7 @@ def test_classes_keep_only_those_labels_in_train_and_test():
         splits(parse_run_config({"classes": "12"}).data)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("init, rank", [("nonzero", 4), ("hrp", 16)])
 def test_lora_fine_tunes_a_pretrained_model_through_the_flower_simulation(
     simulation_superlink, tmp_path, pretrained, init, rank
@@ -310,3 +311,17 @@ def test_a_checkpoint_from_before_the_fine_tuning_keys_resumes_and_another_init_
     assert config_differences(old, now) == []
     other = asdict(parse_run_config({"init-weights": "/models/a.pt"}))
     assert config_differences(other, now) == ["init-weights='/models/a.pt' (this run: '')"]
+
+
+def test_adam_trains_the_adapters_and_an_unknown_optimizer_is_refused():
+    from fedmud.training import train_local
+
+    run = lora_run("lora", optimizer="adam", lr=0.01, **{"local-epochs": 1})
+    model = build_decomposed(run, model_fn=mlp)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    data = torch.utils.data.TensorDataset(torch.randn(32, 20), torch.randint(0, 4, (32,)))
+    train_local(model, torch.utils.data.DataLoader(data, batch_size=8), run.train, torch.device("cpu"))
+    # Adam's first steps move every trained tensor by about lr, B = 0 included
+    assert all((p.detach() - before[n]).abs().max() > 1e-3 for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="optimizer='adamw' is not allowed; choose one of sgd, adam"):
+        parse_run_config({"optimizer": "adamw"})
