@@ -405,8 +405,10 @@ def simulate_in_process(
     Chain sync with digests, seed-drawn factors, encoding, screening, exact aggregation
     and merges are the apps' own (:class:`ServerModel`, one :class:`ClientModel` serving
     every partition in turn); only the transport is left out, so studies run many
-    configurations fast. Returns (server, held-out metric after rounds 0..R, payload
-    bytes each client uploaded in rounds 1..R). ``on_round(r, server)`` runs after each merge.
+    configurations fast. A reply the strategy would reject (non-finite values, e.g. a client
+    that diverged) is left out of the round the same way; a round without a valid reply is
+    skipped. Returns (server, held-out metric after rounds 0..R, payload bytes each client
+    uploaded in rounds 1..R). ``on_round(r, server)`` runs after each merge.
     """
     from .data import client_loader, test_loader
     from .seeds import round_seed
@@ -427,7 +429,10 @@ def simulate_in_process(
             held[pid] = (plan.target_round, state)
             loader = client_loader(run.data, pid, run.train.batch_size, seed=seed + pid)
             parts, _, _ = client.train_round(seed, loader)
-            uploads.append((parts, float(len(loader.dataset))))
+            try:
+                uploads.append((server.codec.validate(parts), float(len(loader.dataset))))
+            except PayloadError:  # as the strategy's reply check: refused, the round goes on
+                continue
         uploaded.append(server.codec.payload_nbytes)
         server.apply_round(r, seed, uploads)
         for pid in range(run.data.num_partitions):

@@ -325,3 +325,11 @@ def test_adam_trains_the_adapters_and_an_unknown_optimizer_is_refused():
     assert all((p.detach() - before[n]).abs().max() > 1e-3 for n, p in model.named_parameters() if p.requires_grad)
     with pytest.raises(ConfigError, match="optimizer='adamw' is not allowed; choose one of sgd, adam"):
         parse_run_config({"optimizer": "adamw"})
+
+
+def test_a_diverged_client_is_left_out_of_an_in_process_round_as_the_strategy_leaves_it_out():
+    run = parse_run_config(
+        {"method": "fedavg", "lr": 1e6, "num-partitions": 2, "local-epochs": 1, "classes": "5-9", "num-server-rounds": 2}
+    )
+    server, history, _ = simulate_in_process(run)  # every reply is non-finite: both rounds are skipped
+    assert server.round == 2 and history[0] == history[1] == history[2]
