@@ -23,7 +23,9 @@ PATTERNS = ("ab", "fab", "aad")
 INITS = ("zero", "nonzero", "nonzero-compensated", "hrp")
 # what `init` may be for each method family (fedavg, fedlmt and fedpara ignore it)
 METHOD_INITS = {"lora": ("zero", "nonzero", "hrp"), "ffa-lora": ("zero", "nonzero")}
-LORA_INIT = "zero"  # the LoRA methods' default init (Init[A]); see README "Fine-tuning"
+# `init=auto` for the LoRA methods (docs/finetune.md): Init[AB] for lora, which beat Init[A] at every
+# learning rate with SGD and Adam; Init[A] for ffa-lora, whose frozen A gains nothing from a non-zero B
+LORA_INIT = {"lora": "nonzero", "ffa-lora": "zero"}
 UPLINKS = tuple(SCHEMES)  # the codec's table of schemes
 LINK_CODECS = tuple(name for name, scheme in SCHEMES.items() if not scheme.sparse)  # a chain link codes every value
 LOSSY_UPLINKS = tuple(name for name, scheme in SCHEMES.items() if scheme.residual)
@@ -86,6 +88,8 @@ class DecompositionConfig:
     hrp_rounds: preheat length in rounds (``init=hrp`` only).
     lora_rank: rank r of every LoRA adapter (at most min(m, n) of the tensor's matrix view).
     lora_alpha: LoRA's scale numerator: the adapter adds (lora_alpha / r)·B·A.
+    lora_init_scale: ``init=nonzero`` for the LoRA methods: the initial (α/r)·B·A has this
+        times the std of PyTorch's default init of the weight (1: as large as a fresh weight).
     hrp_rank: the preheat adapters' rank (``lora`` with ``init=hrp``); above ``lora_rank``.
     init_scale: std of trained factors at init, in units of 1/sqrt(fan_in).
     frozen_scale: std of frozen factors, in units of the std that makes T -> ΔW
@@ -104,6 +108,7 @@ class DecompositionConfig:
     hrp_rounds: int = 1
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    lora_init_scale: float = 1.0
     hrp_rank: int = 32
 
 
@@ -337,12 +342,12 @@ def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
 
 
 def _init(cfg: Mapping[str, Any], method: str) -> str:
-    """``init``: ``auto`` (the method's default: ``nonzero-compensated`` for fedmud, Init[A]
-    ``zero`` for the LoRA methods) or one of the method's options."""
+    """``init``: ``auto`` (the method's default: ``nonzero-compensated`` for fedmud, :data:`LORA_INIT`
+    for the LoRA methods) or one of the method's options."""
     allowed = METHOD_INITS.get(method, INITS)
     value = cfg.get("init", "auto")
     if value == "auto":
-        return LORA_INIT if method in METHOD_INITS else DecompositionConfig.init
+        return LORA_INIT.get(method, DecompositionConfig.init)
     if value not in allowed:
         within = f" with method={method!r}" if method in METHOD_INITS else ""
         raise ConfigError(f"init={value!r} is not allowed{within}; choose one of auto, {', '.join(allowed)}")
@@ -480,6 +485,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         hrp_rounds=_number(cfg, "hrp-rounds", DecompositionConfig.hrp_rounds, integer=True, low=1),
         lora_rank=_number(cfg, "lora-rank", DecompositionConfig.lora_rank, integer=True, low=1),
         lora_alpha=_number(cfg, "lora-alpha", DecompositionConfig.lora_alpha, low=0.0, low_open=True),
+        lora_init_scale=_number(cfg, "lora-init-scale", DecompositionConfig.lora_init_scale, low=0.0),
         hrp_rank=_number(cfg, "hrp-rank", DecompositionConfig.hrp_rank, integer=True, low=1),
     )
     uplink = UplinkConfig(

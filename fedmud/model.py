@@ -233,7 +233,7 @@ class LoRAAdapter(nn.Module):
     Init, drawn from torch's global generator (every party builds the model under the run
     seed): A ~ U(±1/√n), as PEFT's Kaiming-uniform; B = 0 (``init=zero``, Init[A]) or, for
     ``nonzero`` (Init[AB], the initial product kept), B ~ N(0, σ²) with σ chosen so that
-    (α/r)·B·A has ``init_scale`` times the std of PyTorch's default init of W (1/√(3·fan_in)).
+    (α/r)·B·A has ``lora_init_scale`` times the std of PyTorch's default init of W (1/√(3·fan_in)).
     ``hrp``: the adapter starts at the preheat's rank (``hrp_rank``) with B = 0;
     :meth:`truncate` then replaces it by the top-r SVD of its product.
     """
@@ -252,7 +252,7 @@ class LoRAAdapter(nn.Module):
             if config.init == "nonzero":
                 weight_std = 1 / math.sqrt(3 * math.prod(self.shape[1:]))
                 a_std = 1 / math.sqrt(3 * self.n)
-                self.B.normal_(0.0, config.init_scale * weight_std / (self.scale * math.sqrt(rank) * a_std))
+                self.B.normal_(0.0, config.lora_init_scale * weight_std / (self.scale * math.sqrt(rank) * a_std))
 
     @property
     def rank(self) -> int:

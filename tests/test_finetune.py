@@ -108,13 +108,13 @@ def test_adapters_train_and_upload_only_their_factors_the_pretrained_weight_stay
 
 @pytest.mark.parametrize("init", ["zero", "nonzero"])
 def test_init_a_starts_at_the_pretrained_weights_and_init_ab_keeps_a_small_initial_product(init):
-    run = lora_run("lora", init=init, **{"init-scale": 0.1})
+    run = lora_run("lora", init=init, **{"lora-init-scale": 0.1})
     model = build_decomposed(run, model_fn=lambda: nn.Sequential(nn.Linear(256, 128), nn.Linear(128, 4)))
     adapter = model.adapters()["0.weight"]
     delta = adapter.delta_weight()
     if init == "zero":
         assert adapter.A.abs().sum() > 0 and torch.count_nonzero(adapter.B) == 0 and torch.count_nonzero(delta) == 0
-    else:  # (α/r)·B·A has init-scale × the std of PyTorch's default init of W, 1/sqrt(3·fan_in)
+    else:  # (α/r)·B·A has lora-init-scale × the std of PyTorch's default init of W, 1/sqrt(3·fan_in)
         assert delta.std().item() == pytest.approx(0.1 / math.sqrt(3 * 256), rel=0.15)
 
 
@@ -258,10 +258,10 @@ def test_bad_fine_tuning_keys_are_refused_naming_key_value_and_allowed(overrides
     assert message in str(err.value)
 
 
-def test_init_auto_is_init_a_for_the_lora_methods_and_fedmuds_default_for_fedmud():
-    for method in ("lora", "ffa-lora"):
-        assert parse_run_config({"method": method, "init": "auto"}).decomposition.init == "zero"
-        assert parse_run_config({"method": method}).decomposition.init == "zero"
+def test_init_auto_is_init_ab_for_lora_init_a_for_ffa_lora_and_fedmuds_default_for_fedmud():
+    assert parse_run_config({"method": "lora", "init": "auto"}).decomposition.init == "nonzero"
+    assert parse_run_config({"method": "lora"}).decomposition.init == "nonzero"
+    assert parse_run_config({"method": "ffa-lora", "init": "auto"}).decomposition.init == "zero"
     assert parse_run_config({"method": "fedmud", "init": "auto"}).decomposition.init == "nonzero-compensated"
 
 
