@@ -1,7 +1,7 @@
 """FedMUD: federated training of decomposed model updates (pure PyTorch + numpy; no Flower)."""
 
 from .config import ConfigError, DecompositionConfig, RunConfig, parse_run_config
-from .model import DecomposedModel, DecomposedUpdate, decompose
+from .model import DecomposedModel, DecomposedUpdate, LoRAAdapter, decompose
 from .plan import DecompositionPlan, plan_decomposition
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "DecomposedUpdate",
     "DecompositionConfig",
     "DecompositionPlan",
+    "LoRAAdapter",
     "RunConfig",
     "decompose",
     "parse_run_config",

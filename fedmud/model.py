@@ -343,7 +343,8 @@ class DecomposedModel(nn.Module):
 
     ``plan`` is the :class:`~fedmud.plan.DecompositionPlan` it follows; ``method=fedlmt``
     registers :class:`FactorizedWeight` instead, ``method=fedpara``
-    :class:`HadamardLowRankWeight`, and ``fedavg`` registers nothing.
+    :class:`HadamardLowRankWeight`, ``lora``/``ffa-lora`` a persistent :class:`LoRAAdapter`
+    (never merged: W stays the pretrained weight), and ``fedavg`` registers nothing.
     """
 
     def __init__(self, model: nn.Module, config: DecompositionConfig) -> None:
