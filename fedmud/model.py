@@ -392,21 +392,21 @@ class DecomposedModel(nn.Module):
         )
 
     # ------------------------------------------------------------------ structure
-    def updates(self) -> dict[str, DecomposedUpdate]:
-        """Tensor name -> its decomposed update (the parametrisation module)."""
+    def _parametrisations(self, names: tuple[str, ...]) -> dict[str, nn.Module]:
+        """Tensor name -> the parametrisation module registered on it."""
         out = {}
-        for name in self.decomposed_names:
+        for name in names:
             owner, attr = _owner(self.model, name)
             out[name] = owner.parametrizations[attr][0]
         return out
 
+    def updates(self) -> dict[str, DecomposedUpdate]:
+        """Tensor name -> its decomposed update (the parametrisation module)."""
+        return self._parametrisations(self.decomposed_names)
+
     def adapters(self) -> dict[str, LoRAAdapter]:
         """Tensor name -> its LoRA adapter (``method=lora``/``ffa-lora``)."""
-        out = {}
-        for name in self.adapter_names:
-            owner, attr = _owner(self.model, name)
-            out[name] = owner.parametrizations[attr][0]
-        return out
+        return self._parametrisations(self.adapter_names)
 
     def base_weight(self, name: str) -> torch.Tensor:
         """``W`` of a decomposed tensor: the value the round's update is added to."""

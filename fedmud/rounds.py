@@ -105,6 +105,31 @@ def apply_link(model: DecomposedModel, codec: Codec, link: Link) -> None:
         model.load_hrp_state(basis_codec(model).unflatten(link.basis))
 
 
+class PerLayout:
+    """What ``build(model)`` returns, built once and again whenever ``model``'s upload layout
+    changes (``layout_version``: HRP LoRA's switch to the final rank), so codecs match the model."""
+
+    def __init__(self, model: DecomposedModel, build: Callable[[DecomposedModel], object]) -> None:
+        self.model, self.build = model, build
+        self._version, self._value = -1, None
+
+    def get(self):
+        if self._version != self.model.layout_version:
+            self._value, self._version = self.build(self.model), self.model.layout_version
+        return self._value
+
+
+def _link_codecs(run: RunConfig, model: DecomposedModel) -> tuple[Codec, ErrorFeedback | None]:
+    """The link codec and, for a lossy one, what it lost, added to the next link."""
+    codec = build_link_codec(run, model)
+    return codec, ErrorFeedback(model, codec) if codec.residual else None
+
+
+def _uplink_codecs(run: RunConfig, model: DecomposedModel) -> tuple[Codec, ErrorFeedback | None]:
+    """The uplink codec and, with ``error-feedback=true``, what it lost, added to the next upload."""
+    codec = build_codec(run, model)
+    return codec, ErrorFeedback(model, codec) if run.uplink.error_feedback else None
+
 
 class ServerModel:
     """The global model on the server, the chain of recent merges and every client's sync record."""
@@ -114,43 +139,31 @@ class ServerModel:
         self.task = task or resolve_task(run.task)
         self.model = build_decomposed(run, model_fn=model_fn)
         self.initial_state = {n: t.clone() for n, t in self.model.global_state().items()}
-        self._layout = -1  # the model's layout version the codecs below were built for
+        self._uplink = PerLayout(self.model, lambda m: build_codec(run, m))
+        # the link codec and its carried error: a new layout (HRP LoRA's switch) starts afresh
+        self._link = PerLayout(self.model, lambda m: _link_codecs(run, m))
         self.round = 0  # the global round the model is at
         self.chain = ChainStore()
         self.records = SyncRecords()
         self.digest = state_digest(self.global_state())
         self.link_bytes = 0  # downlink bytes per link and of the full model, measured by the app
         self.full_bytes = 0
-        self._reference: tuple[tuple[int, str], np.ndarray] | None = None
-
-    def _codecs(self) -> None:
-        """(Re)build the codecs for the model's upload layout: once, and again if it changes
-        (HRP LoRA's switch to the final rank; the link code's carried error starts afresh)."""
-        if self._layout == self.model.layout_version:
-            return
-        self._layout = self.model.layout_version
-        self._codec = build_codec(self.run, self.model)
-        self._link_codec = build_link_codec(self.run, self.model)
-        # what the link code lost, added to the next link (lossy downlink-codec only)
-        self._link_feedback = ErrorFeedback(self.model, self._link_codec) if self._link_codec.residual else None
-        self._reference = None
+        self._reference: tuple[tuple, np.ndarray] | None = None
 
     @property
     def codec(self) -> Codec:
         """The uplink codec."""
-        self._codecs()
-        return self._codec
+        return self._uplink.get()
 
     @property
     def link_codec(self) -> Codec:
         """How chain links are coded."""
-        self._codecs()
-        return self._link_codec
+        return self._link.get()[0]
 
     @property
     def link_feedback(self) -> ErrorFeedback | None:
-        self._codecs()
-        return self._link_feedback
+        """What the lossy link code lost, added to the next link; None for float32 links."""
+        return self._link.get()[1]
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return self.model.global_state()
@@ -194,7 +207,7 @@ class ServerModel:
         Both sides know them: lossy codecs encode residuals against them, and the norm
         bound measures every update from them. Kept for the model state it was drawn in.
         """
-        key = (round_seed, self.digest)
+        key = (round_seed, self.digest, self.model.layout_version)
         if self._reference is None or self._reference[0] != key:
             self.model.reset(round_seed)
             values = self.codec.flatten(self.model.uploaded_state())
@@ -297,36 +310,23 @@ class ClientModel:
         self.global_model = build_decomposed(run, model_fn=model_fn)
         self.initial_state = {n: t.clone() for n, t in self.global_model.global_state().items()}
         self.model = build_decomposed(run, device, model_fn)
-        self._layouts = (-1, -1)  # the layout versions of (model, global_model) the codecs were built for
-
-    def _codecs(self) -> None:
-        """(Re)build the codecs when a model's upload layout changed (HRP LoRA's switch)."""
-        if self._layouts == (self.model.layout_version, self.global_model.layout_version):
-            return
-        if self._layouts[0] != self.model.layout_version:
-            self._codec = build_codec(self.run, self.model)
-            self._feedback = ErrorFeedback(self.model, self._codec) if self.run.uplink.error_feedback else None
-        if self._layouts[1] != self.global_model.layout_version:
-            self._link_codec = build_link_codec(self.run, self.global_model)
-        self._layouts = (self.model.layout_version, self.global_model.layout_version)
+        self._uplink = PerLayout(self.model, lambda m: _uplink_codecs(run, m))
+        self._link = PerLayout(self.global_model, lambda m: build_link_codec(run, m))
 
     @property
     def codec(self) -> Codec:
         """The uplink codec (of the model trained)."""
-        self._codecs()
-        return self._codec
+        return self._uplink.get()[0]
 
     @property
     def link_codec(self) -> Codec:
         """How chain links are coded (applied to the held global model)."""
-        self._codecs()
-        return self._link_codec
+        return self._link.get()
 
     @property
     def feedback(self) -> ErrorFeedback | None:
         """The uplink's error feedback (``error-feedback=true``), else None."""
-        self._codecs()
-        return self._feedback
+        return self._uplink.get()[1]
 
     def sync(
         self,
