@@ -13,18 +13,21 @@ from dataclasses import replace
 from functools import lru_cache
 from logging import INFO, WARNING
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedmud.config import RunConfig, parse_run_config
 from fedmud.data import client_loader
 from fedmud.rounds import ClientModel, ModelFactory, SyncError
 from fedmud.task import Task
 from fedmud.training import describe_device
-from fedmud_wire import read_downlink, sync_error_record, upload_record
+from fedmud_wire import hide_weight, read_downlink, secure_upload_record, sync_error_record, upload_record
 
 app = ClientApp()
 HELD_MODEL, HELD_SYNC, HELD_FEEDBACK = "global-model", "global-sync", "error-feedback"
@@ -61,7 +64,19 @@ def _held(context: Context) -> tuple[int, dict[str, torch.Tensor]] | None:
     return round_held, context.state.array_records[HELD_MODEL].to_torch_state_dict()
 
 
-@app.train()
+def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod`` for the rounds that run SecAgg+ (``secure-aggregation=true``):
+    their messages carry its config record; any other message goes straight through. The weight
+    the mod leaves readable in its reply is blanked: the server gets it only inside the sum."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    reply = secaggplus_mod(msg, context, call_next)
+    if reply.has_content():
+        hide_weight(reply.content)
+    return reply
+
+
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     return run_client_round(msg, context)
 
@@ -86,6 +101,9 @@ def run_client_round(
     started = time.perf_counter()
     run = _run_config(context)
     downlink = read_downlink(msg.content)
+    # the server runs SecAgg+ (secure-aggregation=true): this is its collect stage, and the reply is
+    # the update for Flower's mod to mask
+    secure = RECORD_KEY_CONFIGS in msg.content.config_records
     partition_id = int(context.node_config.get("partition-id", 0))
     client = _client_model(run, model_fn, task)
 
@@ -98,8 +116,10 @@ def run_client_round(
     try:
         state = client.sync(held, downlink.kind, downlink.digest, downlink.full_state, downlink.base_round, downlink.links)
     except SyncError as err:
-        log(WARNING, "partition %d: cannot sync (%s); asking for the full model", partition_id, err)
         context.state.array_records.pop(HELD_MODEL, None)
+        if secure:  # SecAgg+ has no such reply: drop out; the full model comes next
+            raise SyncError(f"partition {partition_id}: cannot sync ({err}); dropping out of this round") from None
+        log(WARNING, "partition %d: cannot sync (%s); asking for the full model", partition_id, err)
         return Message(content=sync_error_record(downlink.server_round, partition_id), reply_to=msg)
     if keeps_state:
         context.state.array_records[HELD_MODEL] = ArrayRecord(state)
@@ -120,7 +140,24 @@ def run_client_round(
     train_s = time.perf_counter() - training
     if feedback is not None:  # error feedback: what the lossy codec has not sent yet
         context.state.array_records[HELD_FEEDBACK] = ArrayRecord(feedback)
+    if secure:
+        return Message(content=_secure_reply(client, run, downlink.round_seed, payload, len(loader.dataset), started, train_s), reply_to=msg)
     packed = client.codec.pack(payload)
     seconds = {"train-s": train_s, "client-s": time.perf_counter() - started}
     reply = upload_record(packed, len(loader.dataset), loss, downlink.server_round, partition_id, seconds)
     return Message(content=reply, reply_to=msg)
+
+
+def _secure_reply(client: ClientModel, run: RunConfig, round_seed: int, payload, examples: int, started: float, train_s: float):
+    """The update as the server would decode it, for SecAgg+ to mask; its weight capped here
+    (``max-examples``; 1 under DP), since the server only ever sees the sum.
+
+    An update that is not finite is not sent: the client drops out of the round, and the
+    protocol leaves it out of the sum.
+    """
+    update = client.upload_update(round_seed, payload)
+    if not np.isfinite(update).all():
+        raise FloatingPointError("the update is not finite (training diverged); dropping out of this round")
+    weight = 1 if client.dp.on else min(examples, run.bounds.max_examples)
+    seconds = {"train-s": train_s, "client-s": time.perf_counter() - started}
+    return secure_upload_record(update, weight, seconds)

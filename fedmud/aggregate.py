@@ -54,6 +54,12 @@ class WeightedMean:
             raise ValueError("no payload was added")
         return ((self._sum + self._error) / self._weight).astype(np.float32)
 
+    def total(self) -> np.ndarray:
+        """The weighted sum itself, Σ weight · values, in float64."""
+        if self._sum is None:
+            raise ValueError("no payload was added")
+        return self._sum + self._error
+
 
 def aggregate_factors(payloads: Iterable[tuple[np.ndarray, float]]) -> np.ndarray:
     """Weighted mean of ``(payload, weight)`` pairs."""

@@ -26,7 +26,7 @@ CHECKPOINT = "checkpoint.pt"
 # Keys that must match for a resumed run to be the same run.
 _FIXED = (
     "decomposition", "uplink", "model", "task", "seed", "data", "train", "downlink", "downlink_codec", "client_state",
-    "init_weights",
+    "init_weights", "privacy",
 )
 
 

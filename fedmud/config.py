@@ -209,6 +209,35 @@ class BoundsConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Secure aggregation and client-level differential privacy (see :mod:`fedmud.privacy`).
+
+    secure_aggregation: the server learns only the sum of the clients' updates (and of
+        their weights), through Flower's SecAgg+ protocol.
+    secagg_shares: each client secret-shares its keys with this fraction of the
+        round's clients (1.0: all of them; SecAgg+ uses fewer to scale).
+    secagg_threshold: the fraction of a client's shares needed to rebuild its keys:
+        a round survives as long as that many of each client's neighbours answer,
+        and fewer than that learn nothing.
+    dp: ``off``; ``server``: the server adds Gaussian noise to the sum of clipped
+        updates; ``client``: each client adds its share of it (with secure aggregation).
+    dp_clip: the L2 norm each client's update is clipped to (factor space).
+    dp_noise_multiplier: σ, the noise std over ``dp_clip``; or give ``dp_epsilon``.
+    dp_epsilon: the ε to reach after ``num-server-rounds`` rounds; σ is calibrated.
+    dp_delta: the δ ε is stated at.
+    """
+
+    secure_aggregation: bool = False
+    secagg_shares: float = 1.0
+    secagg_threshold: float = 0.5
+    dp: str = "off"
+    dp_clip: float = 1.0
+    dp_noise_multiplier: float = 0.0
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs.
 
@@ -229,6 +258,7 @@ class RunConfig:
     fault_corrupt_state_round: fault injection for tests; in that round every client
         perturbs the model it holds before applying the downlink (0 = off).
     bounds: what one reply may do to the model (weight cap, update norm bound).
+    privacy: secure aggregation and differential privacy.
     task: ``classification`` (cross-entropy, accuracy), ``regression`` (MSE) or
         ``package.module:factory`` returning a :class:`fedmud.task.Task`.
     init_weights: a state_dict file every party loads into the model before round 0
@@ -251,6 +281,7 @@ class RunConfig:
     task: str = "classification"
     init_weights: str = ""
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -465,6 +496,47 @@ def _bounds(cfg: Mapping[str, Any]) -> BoundsConfig:
     )
 
 
+DP_MODES = ("off", "server", "client")
+
+
+def _privacy(cfg: Mapping[str, Any], uplink: UplinkConfig) -> PrivacyConfig:
+    p = PrivacyConfig(
+        secure_aggregation=_flag(cfg, "secure-aggregation", PrivacyConfig.secure_aggregation),
+        secagg_shares=_number(cfg, "secagg-shares", PrivacyConfig.secagg_shares, low=0.0, high=1.0, low_open=True),
+        secagg_threshold=_number(
+            cfg, "secagg-threshold", PrivacyConfig.secagg_threshold, low=0.0, high=1.0, low_open=True
+        ),
+        dp=_choice(cfg, "dp", PrivacyConfig.dp, DP_MODES),
+        dp_clip=_number(cfg, "dp-clip", PrivacyConfig.dp_clip, low=0.0, low_open=True),
+        dp_noise_multiplier=_number(cfg, "dp-noise-multiplier", PrivacyConfig.dp_noise_multiplier, low=0.0),
+        dp_epsilon=_number(cfg, "dp-epsilon", PrivacyConfig.dp_epsilon, low=0.0),
+        dp_delta=_number(cfg, "dp-delta", PrivacyConfig.dp_delta, low=0.0, high=0.1, low_open=True),
+    )
+    if p.secure_aggregation and SCHEMES[uplink.codec].sparse:
+        raise ConfigError(
+            f"secure-aggregation=true is not allowed with uplink={uplink.codec!r}: secure aggregation sums "
+            "every client's whole vector, and a sparse upload's positions differ between clients; choose "
+            f"a dense uplink: {', '.join(n for n, s in SCHEMES.items() if not s.sparse)}"
+        )
+    given = [key for key, value in (("dp-noise-multiplier", p.dp_noise_multiplier), ("dp-epsilon", p.dp_epsilon)) if value]
+    if p.dp == "off" and given:
+        raise ConfigError(
+            f"{given[0]}={cfg[given[0]]!r} is not allowed with dp='off'; set dp to server or client to use it"
+        )
+    if p.dp != "off" and len(given) != 1:
+        what = "both are" if given else "neither is"
+        raise ConfigError(
+            f"dp={p.dp!r} needs exactly one of dp-noise-multiplier > 0 (σ) or dp-epsilon > 0 (the ε to reach, σ "
+            f"calibrated); {what} set"
+        )
+    if p.dp == "client" and not p.secure_aggregation:
+        raise ConfigError(
+            "dp='client' is not allowed with secure-aggregation=false: each client adds only its share of the "
+            "noise, so the server would see every update nearly noise-free; set secure-aggregation=true, or dp='server'"
+        )
+    return p
+
+
 def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     """Validate a flat Flower run config into a :class:`RunConfig`."""
     dense = cfg.get("dense-layers", "auto")
@@ -538,6 +610,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         task=_task(cfg),
         init_weights=_init_weights(cfg),
         bounds=_bounds(cfg),
+        privacy=_privacy(cfg, uplink),
         decomposition=decomposition,
         uplink=uplink,
         train=train,

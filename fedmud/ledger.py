@@ -11,31 +11,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 UP, DOWN = "up", "down"
+MODEL, PROTOCOL = "model", "protocol"  # what a message carries: the model's exchange, or secure aggregation's keys
 
 
 @dataclass
 class Ledger:
-    """Records ``(round, client, direction, bytes)``; ``dense_up_bytes`` is one dense FedAvg upload."""
+    """Records ``(round, client, direction, bytes)``; ``dense_up_bytes`` is one dense FedAvg upload.
+
+    ``records`` holds the model's messages (downlinks, uploads: under secure aggregation the
+    collect stage, which carries both); ``protocol`` the other messages of secure aggregation
+    (keys, shares). Totals count both; the dense equivalent counts the model's messages.
+    """
 
     dense_up_bytes: int = 0
     dense_down_bytes: int = 0
     records: list[tuple[int, str, str, int]] = field(default_factory=list)
+    protocol: list[tuple[int, str, str, int]] = field(default_factory=list)
 
-    def record(self, server_round: int, client: str, direction: str, nbytes: int) -> None:
+    def record(self, server_round: int, client: str, direction: str, nbytes: int, part: str = MODEL) -> None:
         if direction not in (UP, DOWN):
             raise ValueError(f"direction must be {UP!r} or {DOWN!r}, got {direction!r}")
-        self.records.append((server_round, str(client), direction, int(nbytes)))
+        if part not in (MODEL, PROTOCOL):
+            raise ValueError(f"part must be {MODEL!r} or {PROTOCOL!r}, got {part!r}")
+        (self.records if part == MODEL else self.protocol).append((server_round, str(client), direction, int(nbytes)))
 
     def round_totals(self, server_round: int) -> dict[str, int]:
         totals = {UP: 0, DOWN: 0}
-        for r, _, direction, nbytes in self.records:
+        for r, _, direction, nbytes in self.records + self.protocol:
             if r == server_round:
                 totals[direction] += nbytes
         return totals
 
-    def totals(self) -> dict[str, int]:
+    def totals(self, part: str | None = None) -> dict[str, int]:
+        """Bytes each way: every message, or only ``part``'s (MODEL, PROTOCOL)."""
+        rows = {None: self.records + self.protocol, MODEL: self.records, PROTOCOL: self.protocol}[part]
         totals = {UP: 0, DOWN: 0}
-        for _, _, direction, nbytes in self.records:
+        for _, _, direction, nbytes in rows:
             totals[direction] += nbytes
         return totals
 
@@ -52,17 +63,20 @@ class Ledger:
             "dense_down_bytes": self.dense_down_bytes,
             "totals": self.totals(),
             "dense_equivalent": self.dense_equivalent(),
-            "records": [
-                {"round": r, "client": c, "direction": d, "bytes": b} for r, c, d, b in self.records
-            ],
+            "records": _rows(self.records),
+            "protocol": _rows(self.protocol),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Ledger":
-        records = [(r["round"], r["client"], r["direction"], r["bytes"]) for r in data["records"]]
-        return cls(data["dense_up_bytes"], data["dense_down_bytes"], records)
+        rows = lambda key: [(r["round"], r["client"], r["direction"], r["bytes"]) for r in data.get(key, [])]  # noqa: E731
+        return cls(data["dense_up_bytes"], data["dense_down_bytes"], rows("records"), rows("protocol"))
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=1))
         tmp.replace(path)
+
+
+def _rows(records: list[tuple[int, str, str, int]]) -> list[dict]:
+    return [{"round": r, "client": c, "direction": d, "bytes": b} for r, c, d, b in records]

@@ -17,12 +17,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .aggregate import WeightedMean
-from .bounds import CAPPED, Screened, bound_update, cap_examples
+from .bounds import CAPPED, CLIPPED, Screened, bound_update, cap_examples
 from .codec import SCHEMES, Codec, Parts, PayloadError, UploadLayout, topk_count
 from .feedback import ErrorFeedback
 from .config import ConfigError, RunConfig
 from .model import DecomposedModel, decompose
 from .pretrained import load_init_weights
+from .privacy import mechanism, sample_round
 from .seeds import numpy_rng
 from .sync import FULL, ChainStore, Downlink, Link, SyncRecords, plan_downlink, state_digest
 from .task import Task, resolve_task
@@ -149,6 +150,7 @@ class ServerModel:
         self.link_bytes = 0  # downlink bytes per link and of the full model, measured by the app
         self.full_bytes = 0
         self._reference: tuple[tuple, np.ndarray] | None = None
+        self.dp = mechanism(run)  # client-level DP (off unless the config turns it on)
 
     @property
     def codec(self) -> Codec:
@@ -224,9 +226,15 @@ class ServerModel:
         bounds = self.run.bounds
         weight, capped = cap_examples(examples, bounds.max_examples)
         events, reasons = ((CAPPED,), (capped,)) if capped else ((), ())
-        needs_reference = self.codec.residual or bounds.update_norm_bound > 0
+        needs_reference = self.codec.residual or bounds.update_norm_bound > 0 or self.dp.on
         reference = self.reference(round_seed) if needs_reference else None
         values = self.codec.decode(parts, reference)
+        if self.dp.on:  # every client weighs 1, its update clipped again (an honest client clipped it)
+            weight, events, reasons = 1.0, (), ()
+            clipped, norm = self.dp.clip_update(values.astype(np.float64) - reference)
+            if norm > self.dp.clip * (1 + 1e-3):
+                events, reasons = (CLIPPED,), (f"update norm {norm:.4g} is above dp-clip {self.dp.clip:g}; scaled to it",)
+            values = (reference + clipped).astype(np.float32)
         if bounds.update_norm_bound > 0:
             update = self.codec.decode_vector(parts) if self.codec.residual else values.astype(np.float64) - reference
             bounded, event, reason = bound_update(update, bounds.update_norm_bound, bounds.update_norm_action)
@@ -235,12 +243,18 @@ class ServerModel:
                 values = None if bounded is None else (reference + bounded).astype(np.float32)
         return Screened(values, weight, events, reasons)
 
-    def apply_round(self, server_round: int, round_seed: int, uploads: Iterable[tuple[Parts, int | float]]) -> int:
-        """Screen validated uploads (parts, num-examples) with :meth:`screen`, then :meth:`merge_round`."""
+    def apply_round(
+        self, server_round: int, round_seed: int, uploads: Iterable[tuple[Parts, int | float]], population: int = 0
+    ) -> int:
+        """Screen validated uploads (parts, num-examples) with :meth:`screen`, then :meth:`merge_round`
+        (``population``: the nodes the round sampled from, for DP's release)."""
         screened = (self.screen(round_seed, parts, examples) for parts, examples in uploads)
-        return self.merge_round(server_round, round_seed, ((s.values, s.weight) for s in screened if not s.dropped))
+        kept = ((s.values, s.weight) for s in screened if not s.dropped)
+        return self.merge_round(server_round, round_seed, kept, population)
 
-    def merge_round(self, server_round: int, round_seed: int, uploads: Iterable[tuple[np.ndarray, float]]) -> int:
+    def merge_round(
+        self, server_round: int, round_seed: int, uploads: Iterable[tuple[np.ndarray, float]], population: int = 0
+    ) -> int:
         """Merge the weighted mean of decoded uploads (values, weight) into W; returns how many merged.
 
         With no upload the round is skipped: the model stays, and no link is recorded.
@@ -250,13 +264,42 @@ class ServerModel:
         mean = WeightedMean()
         for values, weight in uploads:
             mean.add(values, weight)
-        return self.merge_mean(server_round, round_seed, mean)
+        return self.merge_mean(server_round, round_seed, mean, population)
 
-    def merge_mean(self, server_round: int, round_seed: int, mean: WeightedMean) -> int:
+    def merge_mean(self, server_round: int, round_seed: int, mean: WeightedMean, population: int = 0) -> int:
         """:meth:`merge_round` for uploads already added to ``mean`` (the strategy adds each reply
-        as it arrives and keeps none); returns how many were merged."""
-        if mean.count:
-            link = self.code_link(server_round, round_seed, mean.result())
+        as it arrives and keeps none); returns how many were merged.
+
+        Under DP the model moves by the noisy sum of the (clipped, weight-1) updates over
+        ``fraction-train · population`` (:meth:`fedmud.privacy.Mechanism.release`).
+        """
+        values = None
+        if mean.count and self.dp.on:
+            reference = self.reference(round_seed).astype(np.float64)
+            released = self.dp.release(mean.total() - mean.count * reference, population)
+            values = (reference + released).astype(np.float32)
+        elif mean.count:
+            values = mean.result()
+        return self.merge_values(server_round, round_seed, values, mean.count)
+
+    def merge_secure(
+        self, server_round: int, round_seed: int, mean_update: np.ndarray | None, count: int, population: int = 0
+    ) -> int:
+        """Merge what secure aggregation gives: the weighted mean of ``count`` clients' updates
+        (under DP, weight 1 each: their sum over ``count``), never one client's; returns ``count``."""
+        values = None
+        if count:
+            reference = self.reference(round_seed).astype(np.float64)
+            update = np.asarray(mean_update, dtype=np.float64)
+            if self.dp.on:
+                update = self.dp.release(update * count, population)
+            values = (reference + update).astype(np.float32)
+        return self.merge_values(server_round, round_seed, values, count)
+
+    def merge_values(self, server_round: int, round_seed: int, values: np.ndarray | None, count: int) -> int:
+        """Merge the round's aggregated upload ``values`` (None: no reply, the round is skipped)."""
+        if values is not None:
+            link = self.code_link(server_round, round_seed, values)
             apply_link(self.model, self.link_codec, link)
             d = self.run.decomposition
             if d.init == "hrp" and server_round >= d.hrp_rounds and not self.model.hrp_ready:
@@ -268,7 +311,7 @@ class ServerModel:
                 self.chain.prune(keep=max(1, self.full_bytes // self.link_bytes))
         self.round = server_round
         self.digest = state_digest(self.global_state())
-        return mean.count
+        return count if values is not None else 0
 
     def state_dict(self) -> dict:
         """Everything a resumed server needs to continue bitwise (see :mod:`fedmud.checkpoint`)."""
@@ -312,6 +355,7 @@ class ClientModel:
         self.model = build_decomposed(run, device, model_fn)
         self._uplink = PerLayout(self.model, lambda m: _uplink_codecs(run, m))
         self._link = PerLayout(self.global_model, lambda m: build_link_codec(run, m))
+        self.dp = mechanism(run)
 
     @property
     def codec(self) -> Codec:
@@ -378,11 +422,15 @@ class ClientModel:
         """
         self.model.load_global_state(self.global_model.global_state())
         self.model.reset(round_seed)
-        reference = self.codec.flatten(self.model.uploaded_state()) if self.codec.residual else None
+        needs_reference = self.codec.residual or self.dp.on
+        reference = self.codec.flatten(self.model.uploaded_state()) if needs_reference else None
         loss = train_local(self.model, loader, self.run.train, self.device, self.task)
         values = self.codec.flatten(self.model.uploaded_state())
+        if self.dp.on:  # clipped, and with dp=client this client's share of the noise, before it is coded
+            update = self.dp.privatise(values.astype(np.float64) - reference)
+            values = (reference + update).astype(np.float32)
         rng = numpy_rng(round_seed, "rounding", str(client_id)) if self.run.uplink.stochastic_rounding else None
-        if reference is None:
+        if not self.codec.residual:
             return self.codec.encode(values), loss, None
         target = values - reference
         if self.feedback is None:
@@ -394,21 +442,36 @@ class ClientModel:
         return parts, loss, self.feedback.state()
 
 
+    def upload_update(self, round_seed: int, parts: Parts) -> np.ndarray:
+        """The update ``parts`` carries, as the server would decode it: the decoded upload minus the
+        round-start values (float64). What a client hands secure aggregation, which sums updates."""
+        self.model.load_global_state(self.global_model.global_state())
+        self.model.reset(round_seed)
+        reference = self.codec.flatten(self.model.uploaded_state())
+        self.model.clear()
+        values = self.codec.decode(self.codec.validate(parts), reference if self.codec.residual else None)
+        return values.astype(np.float64) - reference
+
+
 def simulate_in_process(
     run: RunConfig,
     rounds: int | None = None,
     model_fn: ModelFactory | None = None,
     on_round: Callable[[int, ServerModel], None] | None = None,
+    rng: np.random.Generator | None = None,
 ) -> tuple[ServerModel, list[float], list[int]]:
-    """The federated loop the Flower apps drive, in one process, every client every round.
+    """The federated loop the Flower apps drive, in one process.
 
     Chain sync with digests, seed-drawn factors, encoding, screening, exact aggregation
     and merges are the apps' own (:class:`ServerModel`, one :class:`ClientModel` serving
     every partition in turn); only the transport is left out, so studies run many
     configurations fast. A reply the strategy would reject (non-finite values, e.g. a client
     that diverged) is left out of the round the same way; a round without a valid reply is
-    skipped. Returns (server, held-out metric after rounds 0..R, payload bytes each client
-    uploaded in rounds 1..R). ``on_round(r, server)`` runs after each merge.
+    skipped. Each round's clients are sampled as the strategy samples nodes
+    (:func:`fedmud.privacy.sample_round`: every partition at ``fraction-train=1`` without DP;
+    Poisson sampling from ``rng`` under DP). Returns (server, held-out metric after rounds
+    0..R, payload bytes each client uploaded in rounds 1..R). ``on_round(r, server)`` runs
+    after each merge.
     """
     from .data import client_loader, test_loader
     from .seeds import round_seed
@@ -423,7 +486,8 @@ def simulate_in_process(
     for r in range(1, rounds + 1):
         seed = round_seed(run.seed, r)
         uploads = []
-        for pid in range(run.data.num_partitions):
+        picked = sample_round(run, r, range(run.data.num_partitions), rng)
+        for pid in picked:
             plan = server.plan(str(pid))
             state = client.sync(held.get(pid), plan.kind, server.digest, server.global_state(), plan.base_round, plan.links)
             held[pid] = (plan.target_round, state)
@@ -434,8 +498,8 @@ def simulate_in_process(
             except PayloadError:  # as the strategy's reply check: refused, the round goes on
                 continue
         uploaded.append(server.codec.payload_nbytes)
-        server.apply_round(r, seed, uploads)
-        for pid in range(run.data.num_partitions):
+        server.apply_round(r, seed, uploads, population=run.data.num_partitions)
+        for pid in picked:
             server.records.synced(str(pid), r - 1)
         history.append(server.evaluate(loader_test)[1])
         if on_round is not None:

@@ -247,3 +247,38 @@ def _finite_number(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int too large for a float
         return False
+
+
+# ---------------------------------------------------------------------------- secure aggregation
+# Under ``secure-aggregation=true`` a round is Flower's SecAgg+ protocol (server/secure.py, and
+# Flower's ``secaggplus_mod`` on the client). Its TRAIN messages carry a ``secaggplus`` config
+# record; the one of the collect stage also carries the downlink above. The client answers it
+# in Flower's FitRes layout, which the mod reads, masks and clears: the update (decoded upload
+# minus the round-start values) and the weight leave the client only inside the
+# masked vector. What stays readable is the client's seconds (``fitres.metrics``).
+def secure_upload_record(update: np.ndarray, weight: int, seconds: Mapping[str, float] | None = None) -> RecordDict:
+    """A client's collect-stage reply, for Flower's ``secaggplus_mod`` to mask."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    timings = {key: float(value) for key, value in (seconds or {}).items() if key in TIMINGS}
+    fitres = FitRes(
+        status=Status(code=Code.OK, message=""),
+        # float64: Flower quantises in the dtype it is given (the array itself never leaves the client)
+        parameters=ndarrays_to_parameters([np.asarray(update, dtype=np.float64)]),
+        num_examples=int(weight),
+        metrics=timings,
+    )
+    return fitres_to_recorddict(fitres, keep_input=False)
+
+
+def hide_weight(content: RecordDict) -> None:
+    """Blank the plaintext weight Flower's mod leaves in a masked reply (it is in the masked vector)."""
+    key = "fitres.num_examples"
+    if key in content.metric_records:
+        content.metric_records[key] = MetricRecord({"num_examples": 0})
+
+
+def secure_reply_seconds(metrics: Mapping[str, object]) -> dict[str, float]:
+    """The seconds a masked reply reports (see :func:`reply_seconds`)."""
+    return {key: float(metrics[key]) for key in TIMINGS if _finite_number(metrics.get(key)) and metrics[key] >= 0}

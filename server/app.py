@@ -22,7 +22,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedmud.checkpoint import load_checkpoint, restore
 from fedmud.config import ConfigError, parse_run_config
 from fedmud.data import test_loader
-from fedmud.ledger import DOWN, UP, Ledger
+from fedmud.ledger import DOWN, PROTOCOL, UP, Ledger
+from fedmud.privacy import mechanism
 from fedmud.rounds import ModelFactory, ServerModel
 from fedmud.task import Task
 from fedmud.sync import CHAIN, FULL, Downlink, Link
@@ -109,6 +110,10 @@ def run_server(
 
     for line in server.model.summary():
         log(INFO, "%s", line)
+    if server.dp.on:
+        log(INFO, "%s", server.dp.describe())
+    if run.privacy.secure_aggregation:
+        log(INFO, "secure aggregation: Flower's SecAgg+, shares %g, threshold %g of them", run.privacy.secagg_shares, run.privacy.secagg_threshold)
     log(INFO, "downlink: full model %d B, one chain link %d B", server.full_bytes, server.link_bytes)
     strategy = FedMUD(
         run,
@@ -139,7 +144,7 @@ def _qualified(obj) -> str:
 def report(
     run, ledger: Ledger, history: list[dict], run_dir: Path, metric_name: str = "accuracy", names: dict | None = None
 ) -> dict:
-    totals, dense = ledger.totals(), ledger.dense_equivalent()
+    totals, dense, protocol = ledger.totals(), ledger.dense_equivalent(), ledger.totals(PROTOCOL)
     final = history[-1]
     uploads = sum(1 for r in ledger.records if r[2] == UP)
     summary = {
@@ -161,6 +166,9 @@ def report(
         "down_ratio_vs_dense": totals[DOWN] / dense[DOWN] if dense[DOWN] else None,
         "up_bytes_per_client_round": totals[UP] / uploads if uploads else None,
         "dense_up_bytes_per_client_round": ledger.dense_up_bytes,
+        "privacy": privacy_summary(run, history),
+        "secagg_protocol_up_bytes": protocol[UP],
+        "secagg_protocol_down_bytes": protocol[DOWN],
         "wall_s": final["wall_s"],
         "seconds": time_split(history),
         "run_dir": str(run_dir),
@@ -177,6 +185,10 @@ def report(
         dense[DOWN] / 1e6,
         dense[DOWN] / max(totals[DOWN], 1),
     )
+    if summary["privacy"]["dp"] != "off":
+        p = summary["privacy"]
+        log(INFO, "FINAL privacy: ε = %.4g at δ = %g after %d rounds (σ = %.4g, clip %g, sampling rate %g)",
+            p["epsilon"], p["delta"], run.rounds, p["noise_multiplier"], p["clip"], p["sampling_rate"])
     split = summary["seconds"]
     log(
         INFO,
@@ -187,6 +199,21 @@ def report(
     )
     log(INFO, "FINAL results in %s", run_dir)
     return summary
+
+
+def privacy_summary(run, history: list[dict]) -> dict:
+    """Secure aggregation and DP as the run had them; ε after its last round (DP)."""
+    out = {"secure_aggregation": run.privacy.secure_aggregation, "dp": run.privacy.dp}
+    if run.privacy.dp != "off":
+        dp = mechanism(run)
+        out.update(
+            epsilon=history[-1].get("epsilon", dp.epsilon(history[-1]["round"])),
+            delta=dp.delta,
+            noise_multiplier=dp.noise_multiplier,
+            clip=dp.clip,
+            sampling_rate=dp.rate,
+        )
+    return out
 
 
 def time_split(history: list[dict]) -> dict:

@@ -38,9 +38,11 @@ from fedmud.codec import PayloadError
 from fedmud.config import RunConfig
 from fedmud.ledger import DOWN, UP, Ledger
 from fedmud.rounds import ServerModel
-from fedmud.seeds import round_seed, sample_clients
+from fedmud.privacy import sample_round
+from fedmud.seeds import round_seed
 from fedmud.sync import FULL, Downlink
 
+from .secure import secure_round
 from fedmud_wire import content_bytes, downlink_record, is_sync_error, read_upload, reply_seconds
 
 POLL_S = 0.05  # how often a round asks the SuperLink for replies (a pull is one small gRPC call)
@@ -95,6 +97,7 @@ class FedMUD(FedAvg):
         self._sent: dict[str, int] = {}  # this round: message id -> the node it was sent to
         self._resent: set[int] = set()  # this round: nodes sent the full model again after a sync error
         self._test_loader = test_data
+        self._population = 0  # nodes available when the round sampled
         self._started = time.monotonic() - (self.history[-1]["wall_s"] if self.history else 0.0)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -102,24 +105,30 @@ class FedMUD(FedAvg):
 
     # ------------------------------------------------------------------ sampling and downlink
     def _sample(self, server_round: int, grid: Grid) -> list[int]:
+        """The round's nodes (:func:`fedmud.privacy.sample_round`: Poisson sampling under DP); keeps
+        how many nodes there were to sample from (DP's release divides by rate × that)."""
         deadline = time.monotonic() + self.run.round_timeout
         node_ids = sorted(grid.get_node_ids())
         while len(node_ids) < self.min_available_nodes and time.monotonic() < deadline:
             time.sleep(1.0)
             node_ids = sorted(grid.get_node_ids())
-        return sample_clients(self.run.seed, server_round, node_ids, self.fraction_train, self.min_train_nodes)
+        self._population = len(node_ids)
+        return sample_round(self.run, server_round, node_ids)
+
+    def _plans(self, server_round: int, grid: Grid) -> list[tuple[int, Downlink]]:
+        """(node, downlink plan) for each node sampled this round."""
+        plans = [(node_id, self.server_model.plan(str(node_id))) for node_id in self._sample(server_round, grid)]
+        kinds = [kind for kind, _ in {(plan.kind, plan.base_round) for _, plan in plans}]
+        log(INFO, "configure_train: %d clients (%d chain, %d full plans)", len(plans), kinds.count("chain"), kinds.count(FULL))
+        return plans
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        plans = [(node_id, self.server_model.plan(str(node_id))) for node_id in self._sample(server_round, grid)]
-        messages = self._downlinks(server_round, plans)
-        kinds = [kind for kind, _ in {(plan.kind, plan.base_round) for _, plan in plans}]
-        log(INFO, "configure_train: %d clients (%d chain, %d full plans)", len(messages), kinds.count("chain"), kinds.count(FULL))
-        return messages
+        return self._downlinks(server_round, self._plans(server_round, grid))
 
-    def _downlinks(self, server_round: int, plans: list[tuple[int, Downlink]]) -> list[Message]:
-        """One TRAIN message per (node, plan), each recorded in the ledger as sent."""
+    def _downlinks(self, server_round: int, plans: list[tuple[int, Downlink]], record: bool = True) -> list[Message]:
+        """One TRAIN message per (node, plan), each recorded in the ledger as sent (``record``)."""
         server = self.server_model
         seed = round_seed(self.run.seed, server_round)
         full_state = server.global_state()
@@ -131,7 +140,8 @@ class FedMUD(FedAvg):
                 content = downlink_record(plan, server_round, seed, server.digest, full_state)
                 contents[key] = (content, content_bytes(content))
             content, nbytes = contents[key]
-            self.ledger.record(server_round, str(node_id), DOWN, nbytes)
+            if record:
+                self.ledger.record(server_round, str(node_id), DOWN, nbytes)
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
 
@@ -225,7 +235,7 @@ class FedMUD(FedAvg):
                 server_round, len(accepted), self.run.min_replies, counts["rejected"], counts["failed"], counts["resync"],
             )
             mean = WeightedMean()
-        merged = server.merge_mean(server_round, seed, mean)
+        merged = server.merge_mean(server_round, seed, mean, self._population)
         for node, *_ in accepted + dropped:
             server.records.synced(node, target)
         total = sum(weight for _, weight, _ in accepted)
@@ -286,6 +296,41 @@ class FedMUD(FedAvg):
         loss = float(reply.content.metric_records["metrics"]["train-loss"])
         return "accepted", node, screened.weight, loss
 
+    # ------------------------------------------------------------------ secure aggregation
+    def secure_train(self, grid: Grid, server_round: int, plans: list[tuple[int, Downlink]]) -> MetricRecord:
+        """The round as Flower's SecAgg+ (:mod:`server.secure`): the server gets the weighted mean
+        of the updates of the clients that answered, never one client's, and merges it.
+
+        What the server cannot check in a masked reply (finiteness, size, the weight) is bounded
+        by the protocol's clipping range and the weight cap the clients apply; a node that drops
+        out, or cannot sync, is left out of the mean and gets the full model next time.
+        """
+        server = self.server_model
+        seed = round_seed(self.run.seed, server_round)
+        downlinks = {m.metadata.dst_node_id: m.content for m in self._downlinks(server_round, plans, record=False)}
+        result, _ = secure_round(grid, self.ledger, self.run, server.dp, server_round, downlinks, self._population)
+        started = time.monotonic()
+        target = server.round  # what every client that answered holds now
+        nodes = result.merged_nodes if result.mean_update is not None else []
+        if result.error:
+            log(WARNING, "round %d skipped: %s", server_round, result.error)
+        elif len(nodes) < self.run.min_replies:
+            log(WARNING, "round %d skipped: %d clients in the sum, min-replies is %d", server_round, len(nodes), self.run.min_replies)
+        count = len(nodes) if len(nodes) >= self.run.min_replies else 0
+        merged = server.merge_secure(server_round, seed, result.mean_update if count else None, count, self._population)
+        for node in nodes:
+            server.records.synced(str(node), target)
+        for node in sorted(set(downlinks) - set(nodes)):
+            server.records.unknown(str(node))
+        for key, value in result.seconds.items():
+            self._round_seconds["client_train_s" if key == "train-s" else "client_s"] = value
+        metrics = MetricRecord(
+            {"accepted": merged, "failed": len(downlinks) - len(nodes), "rejected": 0, "resync": 0, **dict.fromkeys(EVENTS, 0)}
+        )
+        self._round_stats[server_round] = dict(metrics)
+        self._round_seconds["aggregate_s"] = time.monotonic() - started
+        return metrics
+
     # ------------------------------------------------------------------ the rounds
     def run_rounds(self, grid: Grid, first_round: int) -> None:
         """Rounds ``first_round`` .. ``run.rounds``: train, aggregate, evaluate, checkpoint.
@@ -308,9 +353,14 @@ class FedMUD(FedAvg):
                 self._round_seconds[part] = now - clock
                 clock = now
 
-            messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
-            lap("plan_s")
-            _, metrics = self.aggregate_train(server_round, self._exchange(grid, server_round, list(messages)))
+            if self.run.privacy.secure_aggregation:
+                plans = self._plans(server_round, grid)
+                lap("plan_s")
+                metrics = self.secure_train(grid, server_round, plans)
+            else:
+                messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+                lap("plan_s")
+                _, metrics = self.aggregate_train(server_round, self._exchange(grid, server_round, list(messages)))
             lap("clients_s")
             self._round_seconds["clients_s"] -= self._round_seconds["aggregate_s"]  # set by aggregate_train
             log(INFO, "\t└──> %s", dict(metrics))
@@ -348,10 +398,15 @@ class FedMUD(FedAvg):
             "wall_s": time.monotonic() - self._started,
             **self._round_stats.get(server_round, {}),
         }
+        if self.server_model.dp.on:  # every round sampled counts, merged or not
+            row["epsilon"] = self.server_model.dp.epsilon(server_round)
         self.history.append(row)
         for key in ("accuracy", "loss", "up_bytes", "down_bytes", "cum_up_bytes", "cum_down_bytes"):
             self.writer.add_scalar(key, row[key], server_round)
         self.writer.flush()
+        if "epsilon" in row:
+            self.writer.add_scalar("epsilon", row["epsilon"], server_round)
+            log(INFO, "round %d: ε = %.4g at δ = %g", server_round, row["epsilon"], self.server_model.dp.delta)
         log(
             INFO,
             "round %d: %s %.4f loss %.4f | up %s down %s | cumulative up %s down %s",

@@ -1,0 +1,210 @@
+"""A round under secure aggregation: Flower's own SecAgg+ workflow, fed FedMUD's downlinks.
+
+:class:`flwr.server.workflow.SecAggPlusWorkflow` runs the protocol (setup, share keys,
+collect masked vectors, unmask) over the Grid and hands the *unmasked weighted mean*
+to a legacy strategy's ``aggregate_fit``. Three seams adapt it, and nothing of the
+protocol is rewritten:
+
+- :class:`_Workflow` replaces the content of the collect stage's message to each node
+  with that node's FedMUD downlink (chain or full model, digest, round seed), so the
+  protocol's one training message is also the round's downlink;
+- :class:`_RoundStrategy` is the legacy strategy the workflow asks: it names the round's
+  nodes and takes the aggregate, which is all it ever receives (every result's
+  parameters are the same unmasked mean; each client's array records were cleared by
+  its mod);
+- :class:`MeteredGrid` puts every message of every stage in the ledger, by node and
+  direction: the collect stage as the model's exchange, the others as protocol traffic.
+
+Quantisation: the workflow maps each coordinate of ``weight/max_weight · update`` from
+[-clipping_range, clipping_range] onto ``QUANTIZATION_RANGE`` integer levels, by
+stochastic rounding; sums are taken modulo ``MODULUS_RANGE``. With 2^30 levels and a
+2^42 modulus (up to 4,096 clients a round) a coordinate's error is about
+``2·clipping_range/2^30`` over the mean weight ratio.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import FitIns, Parameters, log, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+from fedmud.config import RunConfig
+from fedmud.ledger import DOWN, MODEL, PROTOCOL, UP, Ledger
+from fedmud.privacy import Mechanism
+from fedmud_wire import content_bytes, secure_reply_seconds
+
+QUANTIZATION_RANGE = 1 << 30  # integer levels per coordinate (Flower's quantiser rounds into int32)
+MODULUS_RANGE = 1 << 42  # masks and sums modulo this: a round may sum up to 2^12 clients' 2^30 levels
+DEFAULT_CLIPPING_RANGE = 8.0  # Flower's default, for runs with neither a DP clip nor an update-norm bound
+
+
+def clipping_range(run: RunConfig, dp: Mechanism) -> float:
+    """The largest coordinate SecAgg+ carries: a privatised update's (clip plus client noise), or
+    the update-norm bound's, or Flower's default."""
+    if dp.on:
+        return float(dp.value_range())  # Flower's mod accepts a Python float only
+    if run.bounds.update_norm_bound > 0:
+        return float(run.bounds.update_norm_bound)
+    return DEFAULT_CLIPPING_RANGE
+
+
+def max_weight(run: RunConfig, dp: Mechanism) -> float:
+    """The weight the workflow scales by: 1 under DP (every client weighs 1), else ``max-examples``."""
+    return 1.0 if dp.on else float(run.bounds.max_examples)
+
+
+@dataclass
+class SecureResult:
+    """What one secure round gave the server: the mean, never one client's update."""
+
+    mean_update: np.ndarray | None  # the weighted mean of the clients' updates (None: the protocol halted)
+    merged_nodes: list[int] = field(default_factory=list)  # whose update is in the mean
+    seconds: dict[str, float] = field(default_factory=dict)  # the clients' reported seconds, summed
+    error: str = ""
+
+
+class MeteredGrid:
+    """The Grid, with every message the workflow sends and receives put in the ledger."""
+
+    def __init__(self, grid, ledger: Ledger, server_round: int) -> None:
+        self._grid, self._ledger, self._round = grid, ledger, server_round
+        self.replies: list[Message] = []  # every reply the workflow got (what reached the server)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        part = PROTOCOL
+        for message in messages:
+            stage = message.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
+            part = MODEL if stage == Stage.COLLECT_MASKED_VECTORS else PROTOCOL
+            self._ledger.record(self._round, str(message.metadata.dst_node_id), DOWN, content_bytes(message.content), part)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if not reply.has_error():
+                self._ledger.record(self._round, str(reply.metadata.src_node_id), UP, content_bytes(reply.content), part)
+        self.replies.extend(replies)
+        return replies
+
+
+@dataclass
+class _Node:
+    """What the workflow needs of a ClientProxy: the node id."""
+
+    node_id: int
+
+
+class _RoundStrategy(Strategy):
+    """The legacy strategy the workflow asks: this round's nodes in, the unmasked aggregate out."""
+
+    def __init__(self, nodes: Iterable[int]) -> None:
+        self.nodes = list(nodes)
+        self.results: list | None = None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return [(_Node(node), FitIns(Parameters(tensors=[], tensor_type=""), {})) for node in self.nodes]
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.results = list(results)
+        return None, {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class _Workflow(SecAggPlusWorkflow):
+    """SecAgg+ whose collect-stage message to each node is that node's FedMUD downlink."""
+
+    def __init__(self, downlinks: Mapping[int, RecordDict], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.downlinks = downlinks
+
+    def setup_stage(self, grid, context, state) -> bool:
+        ok = super().setup_stage(grid, context, state)
+        # the workflow writes each node's stage config into its content: one RecordDict per node
+        state.nid_to_fitins = {node: RecordDict(dict(self.downlinks[node])) for node in state.nid_to_fitins}
+        return ok
+
+
+class _Available(SimpleClientManager):
+    """The workflow logs how many nodes it sampled from; the Grid's nodes are not registered here."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+
+    def num_available(self) -> int:
+        return self.count
+
+
+def secure_round(
+    grid,
+    ledger: Ledger,
+    run: RunConfig,
+    dp: Mechanism,
+    server_round: int,
+    downlinks: Mapping[int, RecordDict],
+    population: int = 0,
+) -> tuple[SecureResult, MeteredGrid]:
+    """One round of SecAgg+ over ``grid`` with each node's downlink; the ledger gets every message."""
+    strategy = _RoundStrategy(sorted(downlinks))
+    state = RecordDict(
+        {
+            MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
+            MAIN_PARAMS_RECORD: ArrayRecord(),
+        }
+    )
+    context = LegacyContext(
+        Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
+        strategy=strategy,
+        client_manager=_Available(population),
+    )
+    workflow = _Workflow(
+        downlinks,
+        num_shares=float(run.privacy.secagg_shares),
+        reconstruction_threshold=float(run.privacy.secagg_threshold),
+        max_weight=max_weight(run, dp),
+        clipping_range=clipping_range(run, dp),
+        quantization_range=QUANTIZATION_RANGE,
+        modulus_range=MODULUS_RANGE,
+        timeout=run.round_timeout,
+    )
+    metered = MeteredGrid(grid, ledger, server_round)
+    started = time.monotonic()
+    try:
+        workflow(metered, context)
+    except Exception as err:  # a malformed masked vector (wrong shape) stops Flower's workflow mid-round
+        log(WARNING, "round %d: secure aggregation failed: %s: %s", server_round, type(err).__name__, err)
+        return SecureResult(None, error=f"{type(err).__name__}: {err}"), metered
+    if not strategy.results:
+        return SecureResult(None, error="the protocol halted (too few nodes answered a stage)"), metered
+    mean = parameters_to_ndarrays(strategy.results[0][1].parameters)[0]
+    seconds: dict[str, float] = {}
+    for _, fitres in strategy.results:
+        for key, value in secure_reply_seconds(fitres.metrics).items():
+            seconds[key] = seconds.get(key, 0.0) + value
+    nodes = sorted(proxy.node_id for proxy, _ in strategy.results)
+    log(INFO, "round %d: secure aggregation of %d clients in %.2f s", server_round, len(nodes), time.monotonic() - started)
+    return SecureResult(np.asarray(mean, dtype=np.float64), nodes, seconds), metered
