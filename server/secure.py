@@ -7,7 +7,8 @@ protocol is rewritten:
 
 - :class:`_Workflow` replaces the content of the collect stage's message to each node
   with that node's FedMUD downlink (chain or full model, digest, round seed), so the
-  protocol's one training message is also the round's downlink;
+  protocol's one training message is also the round's downlink; and it leaves a node
+  that never shared its keys out of unmasking (Flower 1.39 fails the round on one);
 - :class:`_RoundStrategy` is the legacy strategy the workflow asks: it names the round's
   nodes and takes the aggregate, which is all it ever receives (every result's
   parameters are the same unmasked mean; each client's array records were cleared by
@@ -146,6 +147,20 @@ class _Workflow(SecAggPlusWorkflow):
         # the workflow writes each node's stage config into its content: one RecordDict per node
         state.nid_to_fitins = {node: RecordDict(dict(self.downlinks[node])) for node in state.nid_to_fitins}
         return ok
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        """Flower's stage, then: a node that did not share its keys (lost before or during this
+        stage) is in no client's masks, so it leaves the round's sampled set and every neighbourhood.
+
+        Flower 1.39 keeps it sampled: unmasking then asks its neighbours for key shares it never
+        sent, every client fails, and one node lost between rounds costs the whole round. Nodes
+        lost later (no masked vector, or no unmasking shares) are Flower's own dropout handling.
+        """
+        super().share_keys_stage(grid, context, state)
+        shared = set(state.active_node_ids)
+        state.sampled_node_ids = shared
+        state.nid_to_neighbours = {node: neighbours & shared for node, neighbours in state.nid_to_neighbours.items()}
+        return self._check_threshold(state)
 
 
 class _Available(SimpleClientManager):

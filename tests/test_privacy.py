@@ -206,7 +206,7 @@ def _probe_run(env, run_dir, config: str) -> dict:
 
 # the protocol's quantisation: a coordinate of weight/max-examples · update is rounded to one of 2^30
 # levels over [-8, 8]; with ~1,000 examples a client of max-examples 100,000, the mean's error is
-# about 2·8/2^30 / 0.01 = 1.5e-6 (measured: 1.5e-6 with 3 clients); the bound leaves 10x
+# about 2·8/2^30 / 0.01 = 1.5e-6 (measured: 1.5e-6 to 2.7e-6 with 2 or 3 clients); the bound leaves ~10x
 SECAGG_TOLERANCE = 2e-5
 
 
@@ -214,16 +214,18 @@ SECAGG_TOLERANCE = 2e-5
 def test_secure_aggregation_survives_a_dropout_merges_to_the_plain_weights_and_the_server_sees_only_the_sum(
     simulation_superlink, tmp_path
 ):
-    """One round of 4 clients, partition 1 failing in training (after the key exchange), plainly
-    and under SecAgg+."""
-    base = 'downlink="full" probe-drop-partition=1'
+    """One round of 4 clients, plainly and under SecAgg+ (threshold: 2 of 4): partition 1 is lost
+    before the round (it fails at the first message: under SecAgg+ before it shares its keys, which
+    Flower 1.39's workflow alone cannot survive) and partition 3 drops out in training (after it
+    shared its keys, so the others' masks with it must be rebuilt from their shares)."""
+    base = 'downlink="full" probe-lost-partitions="1" probe-drop-partitions="3"'
     plain = _probe_run(simulation_superlink, tmp_path / "plain", base)
     secure = _probe_run(simulation_superlink, tmp_path / "secure", f"{base} secure-aggregation=true")
 
-    # the dropout is left out of both, and the two merges agree within the quantisation
+    # the two are left out of both, and the two merges agree within the quantisation
     for run in (plain, secure):
         row = run["results"][-1]
-        assert (row["accepted"], row["failed"]) == (3, 1), row
+        assert (row["accepted"], row["failed"]) == (2, 2), row
     diff = max((plain["state"][k].double() - secure["state"][k].double()).abs().max().item() for k in plain["state"])
     assert 0 < diff <= SECAGG_TOLERANCE, diff  # 0 would mean the secure run did not merge its own sum
     assert "Secure aggregation completed" in secure["output"]
@@ -231,20 +233,21 @@ def test_secure_aggregation_survives_a_dropout_merges_to_the_plain_weights_and_t
     # every reply that reached the server: no arrays (the mod cleared the update), only masked integers
     probe = secure["probe"]
     assert probe["replies"] and all(sum(r["array_bytes"].values()) == 0 for r in probe["replies"])
-    # what reached aggregation: the 3 survivors' results, each carrying the one unmasked mean, weights hidden
+    # what reached aggregation: the 2 survivors' results, each carrying the one unmasked mean, weights hidden
     (agg,) = probe["aggregate_fit"]
-    assert agg["results"] == 3 and agg["distinct_parameters"] == 1 and len(agg["digests"]) == 1
-    assert agg["num_examples"] == [0, 0, 0]
+    assert agg["results"] == 2 and agg["distinct_parameters"] == 1 and len(agg["digests"]) == 1
+    assert agg["num_examples"] == [0, 0]
 
-    # the ledger: SecAgg+'s own messages apart, every node in the key exchange (the dropout too)
+    # the ledger: SecAgg+'s own messages apart; all 4 nodes were sent the setup, 3 answered it
     ledger, summary = secure["ledger"], secure["summary"]
-    assert len({r["client"] for r in ledger["protocol"]}) == 4
+    assert len({r["client"] for r in ledger["protocol"] if r["direction"] == DOWN}) == 4
+    assert len({r["client"] for r in ledger["protocol"] if r["direction"] == UP}) == 3
     assert summary["secagg_protocol_up_bytes"] > 0 and summary["secagg_protocol_down_bytes"] > 0
     assert summary["up_bytes"] == sum(r["bytes"] for r in ledger["records"] + ledger["protocol"] if r["direction"] == UP)
     # a masked upload is int64 per coordinate: about twice the plain float32 upload
     masked = [r["bytes"] for r in ledger["records"] if r["direction"] == UP]
     clear = [r["bytes"] for r in plain["ledger"]["records"] if r["direction"] == UP]
-    assert len(masked) == 3 and 1.7 < min(masked) / max(clear) < 2.3
+    assert len(masked) == 2 and 1.7 < min(masked) / max(clear) < 2.3
     assert summary["privacy"] == {"secure_aggregation": True, "dp": "off"}
 
 
