@@ -14,7 +14,11 @@ Differences from FedAvg:
   writes the checkpoint;
 - each round pushes and pulls its messages itself: every reply is put down to the
   node its message went to (Flower's own error replies name the SuperLink), and a
-  node that could not sync is sent the full model and trains within the same round.
+  node that could not sync is sent the full model and trains within the same round;
+- under ``secure-aggregation=true`` a round is Flower's SecAgg+ instead
+  (:meth:`secure_train`, :mod:`server.secure`): the server gets only the sum; under
+  ``dp`` nodes are Poisson-sampled and ε is logged after every round
+  (:mod:`fedmud.privacy`).
 """
 
 from __future__ import annotations
