@@ -236,6 +236,7 @@ SLOW_FIRST = (
     "test_deployment.py",
     "test_bench.py",
     "test_simulation.py",
+    "test_privacy.py",
     "test_finetune.py",
     "test_full_downlink.py",
     "test_examples.py",

@@ -164,6 +164,24 @@ def test_a_dp_client_uploads_an_update_within_the_clip_and_the_server_releases_t
     assert np.allclose(merged, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("dp", ["off", "server"])
+def test_the_server_merges_what_secure_aggregation_gives_and_under_dp_releases_it_as_a_noisy_sum(dp):
+    cfg = {"secure-aggregation": True, "downlink": "full", "fraction-train": 0.5}
+    if dp != "off":
+        cfg.update({"dp": dp, "dp-noise-multiplier": 1e-9})
+    server = ServerModel(parse_run_config(cfg))
+    seed = round_seed(0, 1)
+    reference = server.reference(seed).astype(np.float64)
+    mean_update = np.random.default_rng(0).normal(0, 0.01, reference.shape)
+    assert server.merge_secure(1, seed, mean_update, count=3, population=12) == 3
+    merged = server.chain.links[-1].parts["payload"].astype(np.float64)
+    # without DP the weighted mean is the update; under DP the sum (3 × mean) over rate × population
+    expected = reference + (mean_update if dp == "off" else mean_update * 3 / (0.5 * 12))
+    assert np.allclose(merged, expected, atol=1e-6)
+    assert server.merge_secure(2, round_seed(0, 2), None, count=0, population=12) == 0  # the protocol halted
+    assert server.round == 2 and len(server.chain.links) == 1
+
+
 # ---------------------------------------------------------------------------- secure aggregation's settings
 def test_secure_aggregation_carries_the_privatised_range_and_weighs_one_under_dp():
     dp_run = parse_run_config(
