@@ -65,3 +65,19 @@ def bound_update(update: np.ndarray, bound: float, action: str) -> tuple[np.ndar
         return None, NORM_REJECTED, f"update norm {norm:.4g} is above update-norm-bound {bound:g}; dropped"
     scaled = update.astype(np.float64) * (bound / norm)
     return scaled, CLIPPED, f"update norm {norm:.4g} is above update-norm-bound {bound:g}; scaled to it"
+
+
+def check_mean_update(mean_update: np.ndarray, bound: float) -> str:
+    """Why a secure round's unmasked mean update cannot be merged ("" when it can).
+
+    Under secure aggregation no single reply can be checked, but the mean can: it must be
+    finite, and a mean of updates each within ``bound`` (the update-norm bound, or the DP
+    clip) has a norm within ``bound`` too; a larger one means some client sent more than
+    the bound allows (0: no bound).
+    """
+    if not np.isfinite(mean_update).all():
+        return "the unmasked mean update is not finite"
+    norm = update_norm(mean_update)
+    if bound > 0 and norm > bound * (1 + 1e-3):  # the tolerance covers the protocol's quantisation
+        return f"the unmasked mean update's norm {norm:.4g} is above the bound {bound:g} every client's update keeps"
+    return ""

@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmud.aggregate import WeightedMean
-from fedmud.bounds import EVENTS
+from fedmud.bounds import EVENTS, NORM_REJECTED, check_mean_update
 from fedmud.checkpoint import save_checkpoint
 from fedmud.codec import PayloadError
 from fedmud.config import RunConfig
@@ -316,8 +316,10 @@ class FedMUD(FedAvg):
         started = time.monotonic()
         target = server.round  # what every client that answered holds now
         nodes = result.merged_nodes if result.mean_update is not None else []
-        if result.error:
-            log(WARNING, "round %d skipped: %s", server_round, result.error)
+        refused = "" if result.error else check_mean_update(result.mean_update, self._secure_bound())
+        if result.error or refused:
+            log(WARNING, "round %d skipped: %s", server_round, result.error or refused)
+            nodes = []
         elif len(nodes) < self.run.min_replies:
             log(WARNING, "round %d skipped: %d clients in the sum, min-replies is %d", server_round, len(nodes), self.run.min_replies)
         count = len(nodes) if len(nodes) >= self.run.min_replies else 0
@@ -328,12 +330,22 @@ class FedMUD(FedAvg):
             server.records.unknown(str(node))
         for key, value in result.seconds.items():
             self._round_seconds["client_train_s" if key == "train-s" else "client_s"] = value
-        metrics = MetricRecord(
-            {"accepted": merged, "failed": len(downlinks) - len(nodes), "rejected": 0, "resync": 0, **dict.fromkeys(EVENTS, 0)}
-        )
+        counts = {**dict.fromkeys(EVENTS, 0), NORM_REJECTED: int(bool(refused))}
+        failed = len(downlinks) - len(result.merged_nodes)
+        metrics = MetricRecord({"accepted": merged, "failed": failed, "rejected": 0, "resync": 0, **counts})
         self._round_stats[server_round] = dict(metrics)
         self._round_seconds["aggregate_s"] = time.monotonic() - started
         return metrics
+
+    def _secure_bound(self) -> float:
+        """The norm every honest update keeps under secure aggregation, so the mean must too:
+        the update-norm bound, or the DP clip when no client adds noise (0: none)."""
+        bounds, dp = [], self.server_model.dp
+        if self.run.bounds.update_norm_bound > 0:
+            bounds.append(self.run.bounds.update_norm_bound)
+        if dp.on and dp.client_noise_std == 0:
+            bounds.append(dp.clip)
+        return min(bounds, default=0.0)
 
     # ------------------------------------------------------------------ the rounds
     def run_rounds(self, grid: Grid, first_round: int) -> None:

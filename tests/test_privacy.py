@@ -198,6 +198,15 @@ def test_the_server_merges_what_secure_aggregation_gives_and_under_dp_releases_i
     assert server.round == 2 and len(server.chain.links) == 1
 
 
+def test_a_secure_rounds_mean_update_must_be_finite_and_within_the_bound_every_update_keeps():
+    from fedmud.bounds import check_mean_update
+
+    mean = np.full(100, 0.1)  # norm 1
+    assert check_mean_update(mean, 0.0) == "" and check_mean_update(mean, 1.0) == ""
+    assert "norm 1 is above the bound 0.5" in check_mean_update(mean, 0.5)
+    assert "not finite" in check_mean_update(np.array([0.0, np.nan]), 0.0)
+
+
 # ---------------------------------------------------------------------------- secure aggregation's settings
 def test_secure_aggregation_carries_the_privatised_range_and_weighs_one_under_dp():
     dp_run = parse_run_config(
