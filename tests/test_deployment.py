@@ -65,6 +65,23 @@ def _finish(submit: subprocess.Popen, timeout: float = 30) -> str:
     return output
 
 
+def _finish_killing(submit: subprocess.Popen, run_dir: Path, node: subprocess.Popen) -> str:
+    """Kill ``node``'s SuperNode once round 1's results are written; the run's output when it ends."""
+    try:
+        deadline = time.monotonic() + 900
+        killed = False
+        while submit.poll() is None and time.monotonic() < deadline:
+            if not killed and _rounds_done(run_dir) >= 1:
+                stop_process_group(node)
+                killed = True
+            time.sleep(1)
+        output = _finish(submit)
+    finally:
+        stop_process_group(submit)
+    assert killed
+    return output
+
+
 def _written(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(results.json rows, ledger.json records) of the run."""
     run = next(run_dir.glob("*/results.json")).parent
@@ -80,18 +97,7 @@ def test_run_survives_a_supernode_killed_mid_run(deployment, tmp_path):
     ids = {pid: str(superlink.node_id(pid)) for pid in range(3)}
     run_dir = tmp_path / "runs"
     submit = _submit(superlink.env, f'num-server-rounds=4 local-epochs=1 round-timeout=300 min-train-nodes=2 run-dir="{run_dir}"')
-    try:
-        deadline = time.monotonic() + 900
-        killed = False
-        while submit.poll() is None and time.monotonic() < deadline:
-            if not killed and _rounds_done(run_dir) >= 1:
-                stop_process_group(nodes[2])  # partition 2 disappears in round 2, after it got its message
-                killed = True
-            time.sleep(1)
-        output = _finish(submit)
-    finally:
-        stop_process_group(submit)
-    assert killed
+    output = _finish_killing(submit, run_dir, nodes[2])  # partition 2 disappears in round 2, after it got its message
     rows, ledger = _written(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[1]["accepted"] == 3
@@ -168,18 +174,7 @@ def test_secure_aggregation_over_tls_goes_on_without_a_supernode_lost_between_ro
         superlink.env,
         f'num-server-rounds=3 local-epochs=1 round-timeout=300 min-train-nodes=2 secure-aggregation=true run-dir="{run_dir}"',
     )
-    try:
-        deadline = time.monotonic() + 900
-        killed = False
-        while submit.poll() is None and time.monotonic() < deadline:
-            if not killed and _rounds_done(run_dir) >= 1:
-                stop_process_group(nodes[2])
-                killed = True
-            time.sleep(1)
-        output = _finish(submit)
-    finally:
-        stop_process_group(submit)
-    assert killed
+    output = _finish_killing(submit, run_dir, nodes[2])
     rows, ledger = _written(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[1]["accepted"] == 3 and all(r["accepted"] == 2 for r in rows[2:])  # no round lost
