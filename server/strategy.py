@@ -326,6 +326,9 @@ class FedMUD(FedAvg):
         merged = server.merge_secure(server_round, seed, result.mean_update if count else None, count, self._population)
         for node in nodes:
             server.records.synced(str(node), target)
+        left_out = sorted(set(downlinks) - set(result.merged_nodes))
+        if left_out:
+            log(WARNING, "round %d: node(s) %s dropped out of secure aggregation", server_round, _ids(left_out))
         for node in sorted(set(downlinks) - set(nodes)):
             server.records.unknown(str(node))
         for key, value in result.seconds.items():
