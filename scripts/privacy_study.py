@@ -1,7 +1,7 @@
 """Privacy-utility study (issue 13): accuracy against ε at δ = 1e-5, FedMUD with client-level DP
 against FedAvg with client-level DP, on MNIST-5k.
 
-    python scripts/privacy_study.py --docs docs     # the committed study (~45 min on 2 cores)
+    python scripts/privacy_study.py --docs docs     # the committed study (59 runs, ~75 min on 2 idle cores)
     python scripts/privacy_study.py --quick         # a smoke run of every stage (< 1 min)
 
 The question: at equal (ε, δ), do decomposed updates buy accuracy? Under DP-FedAvg the server
