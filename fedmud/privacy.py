@@ -22,8 +22,8 @@ the trained factors' change, whose mean *is* the mean ΔW).
   number of replies.
 - **Accounting.** ``dp-accounting``'s Rényi-DP accountant (the one Opacus and TF
   Privacy use) composes one Poisson-subsampled Gaussian per round (add/remove one
-  client), and gives ε at ``dp-delta`` after every round. ``dp-epsilon`` asks for the σ that reaches that ε
-  after ``num-server-rounds`` rounds instead of stating σ.
+  client), and gives ε at ``dp-delta`` after every round. ``dp-epsilon`` asks for the
+  σ that reaches that ε after ``num-server-rounds`` rounds instead of stating σ.
 
 This module is plain numpy and ``dp-accounting``; it never imports Flower.
 """
@@ -38,6 +38,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from .bounds import update_norm
 from .config import DP_MODES, ConfigError, PrivacyConfig, RunConfig
 from .seeds import sample_clients
 
@@ -133,7 +134,7 @@ class Mechanism:
     def clip_update(self, update: np.ndarray) -> tuple[np.ndarray, float]:
         """(update scaled to norm ≤ C, its norm before): float64."""
         update = np.asarray(update, dtype=np.float64)
-        norm = float(np.linalg.norm(update))
+        norm = update_norm(update)
         if norm > self.clip:
             update = update * (self.clip / norm)
         return update, norm

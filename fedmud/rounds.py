@@ -441,7 +441,6 @@ class ClientModel:
         self.feedback.update(target, self.codec.decode_vector(parts))
         return parts, loss, self.feedback.state()
 
-
     def upload_update(self, round_seed: int, parts: Parts) -> np.ndarray:
         """The update ``parts`` carries, as the server would decode it: the decoded upload minus the
         round-start values (float64). What a client hands secure aggregation, which sums updates."""

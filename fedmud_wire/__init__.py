@@ -161,13 +161,7 @@ def reply_seconds(content: RecordDict) -> dict[str, float]:
 
     They only feed the run's time report, so a bad value is dropped rather than the reply.
     """
-    metrics = content.metric_records.get(METRICS_KEY)
-    out = {}
-    for key in TIMINGS:
-        value = None if metrics is None else metrics.get(key)
-        if _finite_number(value) and value >= 0:
-            out[key] = float(value)
-    return out
+    return secure_reply_seconds(content.metric_records.get(METRICS_KEY) or {})
 
 
 def sync_error_record(server_round: int, partition_id: int) -> RecordDict:
@@ -280,5 +274,6 @@ def hide_weight(content: RecordDict) -> None:
 
 
 def secure_reply_seconds(metrics: Mapping[str, object]) -> dict[str, float]:
-    """The seconds a masked reply reports (see :func:`reply_seconds`)."""
+    """The seconds in ``metrics`` (:data:`TIMINGS`) that are finite and >= 0: a masked reply's
+    ``fitres.metrics``, or a plain reply's metrics (:func:`reply_seconds`)."""
     return {key: float(metrics[key]) for key in TIMINGS if _finite_number(metrics.get(key)) and metrics[key] >= 0}

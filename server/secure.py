@@ -81,7 +81,6 @@ class MeteredGrid:
 
     def __init__(self, grid, ledger: Ledger, server_round: int) -> None:
         self._grid, self._ledger, self._round = grid, ledger, server_round
-        self.replies: list[Message] = []  # every reply the workflow got (what reached the server)
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
@@ -97,7 +96,6 @@ class MeteredGrid:
         for reply in replies:
             if not reply.has_error():
                 self._ledger.record(self._round, str(reply.metadata.src_node_id), UP, content_bytes(reply.content), part)
-        self.replies.extend(replies)
         return replies
 
 
@@ -182,7 +180,7 @@ def secure_round(
     server_round: int,
     downlinks: Mapping[int, RecordDict],
     population: int = 0,
-) -> tuple[SecureResult, MeteredGrid]:
+) -> SecureResult:
     """One round of SecAgg+ over ``grid`` with each node's downlink; the ledger gets every message."""
     strategy = _RoundStrategy(sorted(downlinks))
     state = RecordDict(
@@ -206,15 +204,14 @@ def secure_round(
         modulus_range=MODULUS_RANGE,
         timeout=run.round_timeout,
     )
-    metered = MeteredGrid(grid, ledger, server_round)
     started = time.monotonic()
     try:
-        workflow(metered, context)
+        workflow(MeteredGrid(grid, ledger, server_round), context)
     except Exception as err:  # a malformed masked vector (wrong shape) stops Flower's workflow mid-round
         log(WARNING, "round %d: secure aggregation failed: %s: %s", server_round, type(err).__name__, err)
-        return SecureResult(None, error=f"{type(err).__name__}: {err}"), metered
+        return SecureResult(None, error=f"{type(err).__name__}: {err}")
     if not strategy.results:
-        return SecureResult(None, error="the protocol halted (too few nodes answered a stage)"), metered
+        return SecureResult(None, error="the protocol halted (too few nodes answered a stage)")
     mean = parameters_to_ndarrays(strategy.results[0][1].parameters)[0]
     seconds: dict[str, float] = {}
     for _, fitres in strategy.results:
@@ -222,4 +219,4 @@ def secure_round(
             seconds[key] = seconds.get(key, 0.0) + value
     nodes = sorted(proxy.node_id for proxy, _ in strategy.results)
     log(INFO, "round %d: secure aggregation of %d clients in %.2f s", server_round, len(nodes), time.monotonic() - started)
-    return SecureResult(np.asarray(mean, dtype=np.float64), nodes, seconds), metered
+    return SecureResult(np.asarray(mean, dtype=np.float64), nodes, seconds)

@@ -312,7 +312,7 @@ class FedMUD(FedAvg):
         server = self.server_model
         seed = round_seed(self.run.seed, server_round)
         downlinks = {m.metadata.dst_node_id: m.content for m in self._downlinks(server_round, plans, record=False)}
-        result, _ = secure_round(grid, self.ledger, self.run, server.dp, server_round, downlinks, self._population)
+        result = secure_round(grid, self.ledger, self.run, server.dp, server_round, downlinks, self._population)
         started = time.monotonic()
         target = server.round  # what every client that answered holds now
         nodes = result.merged_nodes if result.mean_update is not None else []
