@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 import shlex
@@ -245,11 +246,16 @@ class Runner:
             )
 
     def _conclude(self, outcome: Outcome, watch: Watch, directory: Path) -> None:
-        """Status and error of a run that ended: a summary.json means it finished, whatever `flwr run` returned."""
-        results = sorted(directory.glob("*/summary.json"))
+        """Status and error of a run that ended: a completed summary.json means it finished, whatever
+        `flwr run` returned; a failed one says why."""
+        summaries = [(path, json.loads(path.read_text())) for path in sorted(directory.glob("*/summary.json"))]
+        results = [path for path, summary in summaries if summary.get("status", "completed") == "completed"]
+        failed = [summary for _, summary in summaries if summary.get("status") == "failed"]
         if watch.timed_out:
             outcome.error = f"timed out after {duration(self.run_timeout)} (--run-timeout); the SuperLink was restarted"
             self.superlink.restart()  # the run goes on inside the SuperLink otherwise
+        elif not results and failed:
+            outcome.error = f"the run failed: {failed[-1].get('error', 'no reason given')}"
         elif not results:
             configuration = [e for e in watch.errors if e.startswith("configuration error")]
             reason = (configuration or watch.errors or ["no error in the log"])[0]

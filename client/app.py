@@ -28,7 +28,14 @@ from fedmud.data import client_loader
 from fedmud.rounds import ClientModel, ModelFactory, SyncError
 from fedmud.task import Task
 from fedmud.training import describe_device
-from fedmud_wire import hide_weight, read_downlink, secure_upload_record, sync_error_record, upload_record
+from fedmud_wire import (
+    hide_weight,
+    identity_record,
+    read_downlink,
+    secure_upload_record,
+    sync_error_record,
+    upload_record,
+)
 
 app = ClientApp()
 HELD_MODEL, HELD_SYNC, HELD_FEEDBACK = "global-model", "global-sync", "error-feedback"
@@ -80,6 +87,18 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message
 @app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     return run_client_round(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return identify(msg, context)
+
+
+def identify(msg: Message, context: Context) -> Message:
+    """The answer to the server's partition query: this node's ``partition-id``. The server samples
+    partitions with the run's seed, so the same config and seed train the same clients whatever
+    node ids Flower gives. Register it in an app of your own with ``@app.query()``."""
+    return Message(content=identity_record(int(context.node_config.get("partition-id", 0))), reply_to=msg)
 
 
 def run_client_round(

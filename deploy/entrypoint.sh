@@ -89,9 +89,12 @@ run_until_done() {
   wait "$pid"
 }
 
+# The Fleet transport is named, not left to Flower's default: gRPC (request-response). Flower 1.40+
+# has no gRPC SuperNode (it refuses --grpc-rere), so a wrong Flower stops here instead of dialling
+# :9092 over HTTP; pyproject.toml pins 1.39 for this reason (README, "Flower version").
 superlink() {
   local args=(--isolation subprocess --disable-runtime-dependency-installation
-              --host 0.0.0.0 --port 9093 --fleet-api-address 0.0.0.0:9092)
+              --host 0.0.0.0 --port 9093 --fleet-api-type grpc-rere --fleet-api-address 0.0.0.0:9092)
   if [[ -n $TLS_DIR ]]; then
     args+=(--ssl-ca-certfile "$TLS_DIR/ca.crt" --ssl-certfile "$TLS_DIR/server.pem" --ssl-keyfile "$TLS_DIR/server.key")
   else
@@ -132,7 +135,7 @@ supernode() {
   preflight supernode
   partition=$(python deploy/fedmud_deploy.py partition-id "$partitions")
   log "partition-id=$partition num-partitions=$partitions"
-  local args=(--superlink "${SUPERLINK_FLEET:-superlink:9092}" --isolation subprocess
+  local args=(--grpc-rere --superlink "${SUPERLINK_FLEET:-superlink:9092}" --isolation subprocess
               --node-config "partition-id=$partition num-partitions=$partitions")
   if [[ -n $TLS_DIR ]]; then args+=(--root-certificates "$TLS_DIR/ca.crt"); else args+=(--insecure); fi
   [[ -n ${FEDMUD_NODE_KEY:-} ]] && args+=(--auth-supernode-private-key "$FEDMUD_NODE_KEY")

@@ -8,6 +8,13 @@ outweigh every other node. :func:`cap_examples` counts such a claim as
 sides know) can be as large as float32 allows; :func:`bound_update` keeps its L2 norm
 within ``update-norm-bound`` by scaling it down (``clip``) or dropping the reply
 (``reject``). Both are logged and counted by the server, so an operator sees them.
+
+Without a fixed bound an operator would have to guess a scale, so by default
+(``median-norm-bound``, 10) an update's norm is bounded relative to its peers':
+at most that multiple of the (lower) median update norm of the replies of the last
+round that had any, or of the round's own replies in a round with no such history.
+One reply cannot move the median of three or more, so no single client moves the
+model by more than the multiple times what an honest client moves it by.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ class Screened:
     weight: float
     events: tuple[str, ...] = ()  # among EVENTS
     reasons: tuple[str, ...] = ()  # one line per event, for the log
+    norm: float = 0.0  # the update's L2 norm after the fixed bounds (measured when the median bound is on)
 
     @property
     def dropped(self) -> bool:
@@ -50,11 +58,14 @@ def update_norm(update: np.ndarray) -> float:
     return float(np.linalg.norm(update.astype(np.float64, copy=False)))
 
 
-def bound_update(update: np.ndarray, bound: float, action: str) -> tuple[np.ndarray | None, str, str]:
+def bound_update(
+    update: np.ndarray, bound: float, action: str, what: str = "update-norm-bound"
+) -> tuple[np.ndarray | None, str, str]:
     """(update, event, reason) with the update's norm kept within ``bound`` (0: no bound).
 
     ``clip`` scales an update above the bound down to it (its direction is kept);
-    ``reject`` returns None for it. Event and reason are empty when nothing changed.
+    ``reject`` returns None for it. Event and reason are empty when nothing changed;
+    ``what`` names the bound in the reason.
     """
     if bound <= 0:
         return update, "", ""
@@ -62,21 +73,45 @@ def bound_update(update: np.ndarray, bound: float, action: str) -> tuple[np.ndar
     if norm <= bound:
         return update, "", ""
     if action == "reject":
-        return None, NORM_REJECTED, f"update norm {norm:.4g} is above update-norm-bound {bound:g}; dropped"
+        return None, NORM_REJECTED, f"update norm {norm:.4g} is above {what} {bound:.4g}; dropped"
     scaled = update.astype(np.float64) * (bound / norm)
-    return scaled, CLIPPED, f"update norm {norm:.4g} is above update-norm-bound {bound:g}; scaled to it"
+    return scaled, CLIPPED, f"update norm {norm:.4g} is above {what} {bound:.4g}; scaled to it"
 
 
-def check_mean_update(mean_update: np.ndarray, bound: float) -> str:
+def lower_median(norms: list[float]) -> float:
+    """The lower median of ``norms`` (the smaller middle value of an even count): with two
+    replies, one cannot raise it by sending a huge update."""
+    ordered = sorted(norms)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def check_mean_update(
+    mean_update: np.ndarray, bound: float, numel: int | None = None, value_range: float = 0.0
+) -> str:
     """Why a secure round's unmasked mean update cannot be merged ("" when it can).
 
-    Under secure aggregation no single reply can be checked, but the mean can: it must be
-    finite, and a mean of updates each within ``bound`` (the update-norm bound, or the DP
-    clip) has a norm within ``bound`` too; a larger one means some client sent more than
-    the bound allows (0: no bound).
+    Under secure aggregation no single reply can be checked, but the mean can. It must be a
+    vector of ``numel`` values (a node that sends a vector of another shape breaks the sum,
+    which numpy would broadcast); every coordinate must lie within ``value_range``, the
+    protocol's clipping range, which every honest client's coordinates keep (a vector whose
+    masks did not cancel, because a node sent a wrong-length, one-element or zero vector,
+    unmasks to values spread over the whole modulus); it must be finite; and a mean of
+    updates each within ``bound`` (the update-norm bound, or the DP clip) has a norm within
+    ``bound`` too, so a larger one means some client sent more than the bound allows
+    (0: no bound).
     """
+    mean_update = np.asarray(mean_update)
+    if numel is not None and mean_update.shape != (numel,):
+        return f"the unmasked mean update has shape {mean_update.shape}, expected ({numel},): a node sent a malformed vector"
     if not np.isfinite(mean_update).all():
         return "the unmasked mean update is not finite"
+    if value_range > 0 and mean_update.size:
+        peak = float(np.abs(mean_update).max())
+        if peak > value_range * (1 + 1e-3):  # the tolerance covers the protocol's quantisation
+            return (
+                f"the unmasked mean update has a coordinate of magnitude {peak:.4g}, outside the protocol's clipping "
+                f"range {value_range:g}: the masks did not cancel (a node sent a malformed vector)"
+            )
     norm = update_norm(mean_update)
     if bound > 0 and norm > bound * (1 + 1e-3):  # the tolerance covers the protocol's quantisation
         return f"the unmasked mean update's norm {norm:.4g} is above the bound {bound:g} every client's update keeps"

@@ -8,10 +8,11 @@ the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from .codec import SCHEMES
@@ -33,7 +34,12 @@ LOSSY_UPLINKS = tuple(name for name, scheme in SCHEMES.items() if scheme.residua
 LEVELLED_UPLINKS = tuple(n for n, scheme in SCHEMES.items() if scheme.residual and scheme.bits <= 8 and not scheme.sparse)
 CLIENT_STATES = ("keep", "none")
 OPTIMIZERS = ("sgd", "adam")
-DATASETS = ("mnist5k", "digits", "mnist", "fashionmnist", "svhn", "cifar10", "cifar100")
+# The built-in datasets and their number of classes (the labels are 0 .. n-1); fedmud.data.SPECS holds
+# the rest of each one's description (shape, normalisation) and takes the class count from here.
+DATASET_CLASSES = {
+    "mnist5k": 10, "digits": 10, "mnist": 10, "fashionmnist": 10, "svhn": 10, "cifar10": 10, "cifar100": 100
+}
+DATASETS = tuple(DATASET_CLASSES)
 PARTITIONS = ("iid", "dirichlet", "label-count")
 # Built-in names; `model` and `dataset` also take a user factory as 'package.module:factory'.
 MODELS = ("auto", "cnn-mnist", "cnn-cifar", "resnet18", "mobilenet-v3-small", "vit", "text-transformer", "lstm")
@@ -201,11 +207,19 @@ class BoundsConfig:
         round-start values), over the whole upload vector; 0 turns the bound off.
     update_norm_action: ``clip`` scales a larger update down to the bound; ``reject``
         drops the reply (the node still holds the round's model).
+    median_norm_bound: the bound in force by default: a reply's update norm is at most
+        this multiple of the (lower) median update norm of the last round's valid replies
+        (the round's own, in a round with no earlier replies), so one client cannot move
+        the model by orders of magnitude more than its peers; ``update-norm-action``
+        applies. 0 turns it off. Not under DP (``dp-clip`` bounds every update, and a bound
+        drawn from the others' norms would change the sensitivity the accountant assumes)
+        nor under secure aggregation (the server never sees one update).
     """
 
     max_examples: int = 100_000
     update_norm_bound: float = 0.0
     update_norm_action: str = "clip"
+    median_norm_bound: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -302,6 +316,59 @@ def run_config_key(path: tuple[str, ...]) -> str:
     return _KEY_NAMES.get(tuple(path), path[-1].replace("_", "-"))
 
 
+def _field_paths(cls: type, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every leaf field of a config dataclass as a path, e.g. ('rounds',), ('train', 'lr')."""
+    for f in fields(cls):
+        if isinstance(f.default_factory, type) and is_dataclass(f.default_factory):
+            yield from _field_paths(f.default_factory, (*prefix, f.name))
+        else:
+            yield (*prefix, f.name)
+
+
+# Every key :func:`parse_run_config` reads: one per RunConfig field (pyproject.toml declares the same set).
+RUN_CONFIG_KEYS = frozenset(run_config_key(path) for path in _field_paths(RunConfig))
+# What a misspelt key is matched against: the keys, and the field names people write instead
+# ('rounds' for num-server-rounds, 'codec' for uplink), both in the keys' spelling.
+_SPELLINGS = {
+    **{path[-1].replace("_", "-"): run_config_key(path) for path in _field_paths(RunConfig)},
+    **{key: key for key in RUN_CONFIG_KEYS},
+}
+APP_KEY_HINT = (
+    "an app's own keys go under a name of its own, as 'myapp.key' (a [tool.flwr.app.config.myapp] table in "
+    "pyproject.toml, or -c myapp.key=...), which FedMUD leaves to the app"
+)
+
+
+def _nearest_key(key: object) -> str | None:
+    """The known key ``key`` most likely misspells, or None."""
+    if not isinstance(key, str):
+        return None
+    spelt = key.strip().lower().replace("_", "-")
+    if spelt in _SPELLINGS:
+        return _SPELLINGS[spelt]
+    near = difflib.get_close_matches(spelt, _SPELLINGS, n=1, cutoff=0.6)
+    return _SPELLINGS[near[0]] if near else None
+
+
+def _check_keys(cfg: Mapping[str, Any]) -> None:
+    """Refuse a key FedMUD does not know (a misspelt one would silently keep its default); dotted
+    keys ('myapp.key', from a sub-table of the app's config) belong to the app and are left alone."""
+    unknown = [key for key in cfg if key not in RUN_CONFIG_KEYS and not (isinstance(key, str) and "." in key)]
+    if not unknown:
+        return
+    named = []
+    for key in unknown:
+        near = _nearest_key(key)
+        named.append((f"{key}={cfg[key]!r}" if isinstance(key, str) else f"key {key!r}", near))
+    known = f"Known keys: {', '.join(sorted(RUN_CONFIG_KEYS))}; {APP_KEY_HINT}"
+    if len(named) == 1:
+        (what, near), = named
+        guess = f"; did you mean {near}?" if near else "."
+        raise ConfigError(f"{what} is not allowed: there is no such key{guess} {known}")
+    listed = ", ".join(what + (f" (did you mean {near}?)" if near else "") for what, near in named)
+    raise ConfigError(f"{listed} are not allowed: there are no such keys. {known}")
+
+
 def _choice(cfg: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
     value = cfg.get(key, default)
     if value not in allowed:
@@ -325,6 +392,25 @@ def _builtin_or_factory(cfg: Mapping[str, Any], key: str, default: str, builtins
     return value
 
 
+INT64_MAX = 2**63 - 1  # a run config's integers are TOML's and Flower's: 64-bit
+# Bounds of the float keys whose values end up in float32 arithmetic, each orders of magnitude past any
+# setting that trains; inside them the round-0 model, every noise draw and every optimiser step stays
+# finite (far outside, a run fails or skips every round long after it started).
+SCALE_RANGE = (1e-3, 1e3)  # init-scale, frozen-scale, lora-init-scale: multiples of a natural std
+LORA_ALPHA_RANGE = (1e-3, 1e5)  # the adapter adds (α/r)·B·A, and init=nonzero divides B's std by α/r
+MAX_STEP = 1e6  # lr, weight-decay: PyTorch applies them as float32; a client that diverges is left out
+MAX_NORM = 1e6  # dp-clip, update-norm-bound: an update's L2 norm (SecAgg+ quantises within it)
+MAX_NOISE_MULTIPLIER = 1e4  # σ: ε is at the accountant's floor (~0.0035) by 1e3; near 1e155 it overflows
+MAX_ROUND_TIMEOUT = 43_200.0  # Flower's message TTL (flwr.app.DEFAULT_TTL, 12 h): no reply arrives later
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond every float
+        return False
+
+
 def _number(
     cfg: Mapping[str, Any],
     key: str,
@@ -340,11 +426,13 @@ def _number(
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         raise ConfigError(f"{key}={value!r} is not allowed; it must be {kind}")
-    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+    if not integer and not _finite(value):  # NaN passes every comparison below
         raise ConfigError(f"{key}={value!r} is not allowed; it must be a finite number")
     too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and value > high
+    cap = INT64_MAX if integer and high is None else high  # every integer key has one
+    too_high = cap is not None and value > cap
     if too_low or too_high:
+        high = cap if too_high else high  # an integer's implicit cap is named only when it bites
         lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
         hi = "" if high is None else f"<= {high}"
         rng = " and ".join(s for s in (lo, hi) if s)
@@ -385,8 +473,9 @@ def _init(cfg: Mapping[str, Any], method: str) -> str:
     return value
 
 
-def _classes(cfg: Mapping[str, Any]) -> tuple[int, ...]:
-    """``classes``: '' (all), '5-9', '0,2,4' or a mix ('0-2,7'); sorted, each once."""
+def _classes(cfg: Mapping[str, Any], dataset: str) -> tuple[int, ...]:
+    """``classes``: '' (all), '5-9', '0,2,4' or a mix ('0-2,7'); sorted, each once. Every label must
+    be one of the built-in ``dataset``'s, which is checked before a range is expanded."""
     value = cfg.get("classes", "")
     wrong = ConfigError(
         f"classes={value!r} is not allowed; give class labels >= 0 as a comma-separated list of labels "
@@ -394,23 +483,39 @@ def _classes(cfg: Mapping[str, Any]) -> tuple[int, ...]:
     )
     if not isinstance(value, str):
         raise wrong
-    out: set[int] = set()
+    ranges = []
     for item in (i.strip() for i in value.split(",")):
         if not item:
             continue
-        low, dash, high = item.partition("-")
-        if not low.strip().isdigit() or (dash and not high.strip().isdigit()):
+        low, dash, high = (part.strip() for part in item.partition("-"))
+        if not low.isdecimal() or (dash and not high.isdecimal()):
             raise wrong
-        first, last = int(low), int(high) if dash else int(low)
+        try:
+            first, last = int(low), int(high) if dash else int(low)
+        except ValueError:  # more digits than int() reads
+            raise wrong from None
         if last < first:
             raise wrong
-        out.update(range(first, last + 1))
-    if value.strip() and is_import_string(cfg.get("dataset", DataConfig.dataset)):
+        ranges.append((first, last))
+    if not ranges:
+        return ()
+    if is_import_string(dataset):
         raise ConfigError(
-            f"classes={value!r} is not allowed with dataset={cfg['dataset']!r}: it filters the built-in datasets; "
+            f"classes={value!r} is not allowed with dataset={dataset!r}: it filters the built-in datasets; "
             "return the classes you want from your dataset factory instead"
         )
-    return tuple(sorted(out))
+    count = DATASET_CLASSES[dataset]
+    if max(last for _, last in ranges) >= count:
+        raise ConfigError(f"classes={value!r} is not allowed with dataset={dataset!r}: its labels are 0-{count - 1}")
+    return tuple(sorted({label for first, last in ranges for label in range(first, last + 1)}))
+
+
+def _path(cfg: Mapping[str, Any], key: str, default: str, what: str, *, empty: bool = False) -> str:
+    """A path key: a string (``~`` is expanded where it is used); '' only where ``empty``."""
+    value = cfg.get(key, default)
+    if not isinstance(value, str) or not (empty or value.strip()):
+        raise ConfigError(f"{key}={value!r} is not allowed; give {what}" + ("" if empty else " (a non-empty path)"))
+    return value
 
 
 def _init_weights(cfg: Mapping[str, Any]) -> str:
@@ -489,10 +594,14 @@ def _task(cfg: Mapping[str, Any]) -> str:
 
 
 def _bounds(cfg: Mapping[str, Any]) -> BoundsConfig:
+    multiple = _number(cfg, "median-norm-bound", BoundsConfig.median_norm_bound, low=0.0)
+    if 0 < multiple < 1:  # below the median: half of the honest replies would be cut
+        raise ConfigError(f"median-norm-bound={multiple!r} is not allowed; it must be 0 (off) or a number >= 1")
     return BoundsConfig(
         max_examples=_number(cfg, "max-examples", BoundsConfig.max_examples, integer=True, low=1),
-        update_norm_bound=_number(cfg, "update-norm-bound", BoundsConfig.update_norm_bound, low=0.0),
+        update_norm_bound=_number(cfg, "update-norm-bound", BoundsConfig.update_norm_bound, low=0.0, high=MAX_NORM),
         update_norm_action=_choice(cfg, "update-norm-action", BoundsConfig.update_norm_action, NORM_ACTIONS),
+        median_norm_bound=multiple,
     )
 
 
@@ -507,8 +616,10 @@ def _privacy(cfg: Mapping[str, Any], uplink: UplinkConfig) -> PrivacyConfig:
             cfg, "secagg-threshold", PrivacyConfig.secagg_threshold, low=0.0, high=1.0, low_open=True
         ),
         dp=_choice(cfg, "dp", PrivacyConfig.dp, DP_MODES),
-        dp_clip=_number(cfg, "dp-clip", PrivacyConfig.dp_clip, low=0.0, low_open=True),
-        dp_noise_multiplier=_number(cfg, "dp-noise-multiplier", PrivacyConfig.dp_noise_multiplier, low=0.0),
+        dp_clip=_number(cfg, "dp-clip", PrivacyConfig.dp_clip, low=0.0, high=MAX_NORM, low_open=True),
+        dp_noise_multiplier=_number(
+            cfg, "dp-noise-multiplier", PrivacyConfig.dp_noise_multiplier, low=0.0, high=MAX_NOISE_MULTIPLIER
+        ),
         dp_epsilon=_number(cfg, "dp-epsilon", PrivacyConfig.dp_epsilon, low=0.0),
         dp_delta=_number(cfg, "dp-delta", PrivacyConfig.dp_delta, low=0.0, high=0.1, low_open=True),
     )
@@ -538,7 +649,12 @@ def _privacy(cfg: Mapping[str, Any], uplink: UplinkConfig) -> PrivacyConfig:
 
 
 def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
-    """Validate a flat Flower run config into a :class:`RunConfig`."""
+    """Validate a flat Flower run config into a :class:`RunConfig`.
+
+    Every key must be one of :data:`RUN_CONFIG_KEYS` or an app's own, dotted ('myapp.key'); a
+    misspelt key is refused with the nearest known one rather than left at its default.
+    """
+    _check_keys(cfg)
     dense = cfg.get("dense-layers", "auto")
     if not isinstance(dense, str) or not dense.strip():
         raise ConfigError(
@@ -552,12 +668,18 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         ratio=_parse_ratio(cfg),
         dense_layers=tuple(n.strip() for n in dense.split(",") if n.strip()),
         init=_init(cfg, cfg.get("method", "fedmud")),
-        init_scale=_number(cfg, "init-scale", DecompositionConfig.init_scale, low=0.0),
-        frozen_scale=_number(cfg, "frozen-scale", DecompositionConfig.frozen_scale, low=0.0, low_open=True),
+        init_scale=_number(cfg, "init-scale", DecompositionConfig.init_scale, low=0.0, high=SCALE_RANGE[1]),
+        frozen_scale=_number(
+            cfg, "frozen-scale", DecompositionConfig.frozen_scale, low=SCALE_RANGE[0], high=SCALE_RANGE[1]
+        ),
         hrp_rounds=_number(cfg, "hrp-rounds", DecompositionConfig.hrp_rounds, integer=True, low=1),
         lora_rank=_number(cfg, "lora-rank", DecompositionConfig.lora_rank, integer=True, low=1),
-        lora_alpha=_number(cfg, "lora-alpha", DecompositionConfig.lora_alpha, low=0.0, low_open=True),
-        lora_init_scale=_number(cfg, "lora-init-scale", DecompositionConfig.lora_init_scale, low=0.0),
+        lora_alpha=_number(
+            cfg, "lora-alpha", DecompositionConfig.lora_alpha, low=LORA_ALPHA_RANGE[0], high=LORA_ALPHA_RANGE[1]
+        ),
+        lora_init_scale=_number(
+            cfg, "lora-init-scale", DecompositionConfig.lora_init_scale, low=0.0, high=SCALE_RANGE[1]
+        ),
         hrp_rank=_number(cfg, "hrp-rank", DecompositionConfig.hrp_rank, integer=True, low=1),
     )
     uplink = UplinkConfig(
@@ -569,17 +691,18 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     _check_combinations(decomposition, uplink)
     train = TrainConfig(
         optimizer=_choice(cfg, "optimizer", TrainConfig.optimizer, OPTIMIZERS),
-        lr=_number(cfg, "lr", TrainConfig.lr, low=0.0, low_open=True),
+        lr=_number(cfg, "lr", TrainConfig.lr, low=0.0, high=MAX_STEP, low_open=True),
         momentum=_number(cfg, "momentum", TrainConfig.momentum, low=0.0, high=1.0),
-        weight_decay=_number(cfg, "weight-decay", TrainConfig.weight_decay, low=0.0),
+        weight_decay=_number(cfg, "weight-decay", TrainConfig.weight_decay, low=0.0, high=MAX_STEP),
         local_epochs=_number(cfg, "local-epochs", TrainConfig.local_epochs, integer=True, low=1),
         batch_size=_number(cfg, "batch-size", TrainConfig.batch_size, integer=True, low=1),
     )
     data_root = cfg.get("data-root", DataConfig.root)
     if not isinstance(data_root, str) or not data_root.strip():
         raise ConfigError(f"data-root={data_root!r} is not allowed; it must be a non-empty directory path")
+    dataset = _builtin_or_factory(cfg, "dataset", DataConfig.dataset, DATASETS)
     data = DataConfig(
-        dataset=_builtin_or_factory(cfg, "dataset", DataConfig.dataset, DATASETS),
+        dataset=dataset,
         partition=_choice(cfg, "partition", DataConfig.partition, PARTITIONS),
         alpha=_number(cfg, "alpha", DataConfig.alpha, low=0.0, low_open=True),
         num_partitions=_number(cfg, "num-partitions", DataConfig.num_partitions, integer=True, low=1),
@@ -589,7 +712,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         label_fraction=_number(
             cfg, "label-fraction", DataConfig.label_fraction, low=0.0, high=1.0, low_open=True
         ),
-        classes=_classes(cfg),
+        classes=_classes(cfg, dataset),
     )
     run = RunConfig(
         rounds=_number(cfg, "num-server-rounds", RunConfig.rounds, integer=True, low=1),
@@ -597,13 +720,15 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         min_train_nodes=_number(cfg, "min-train-nodes", RunConfig.min_train_nodes, integer=True, low=1),
         seed=_number(cfg, "seed", RunConfig.seed, integer=True, low=0),
         model=_builtin_or_factory(cfg, "model", RunConfig.model, MODELS),
-        run_dir=str(cfg.get("run-dir", RunConfig.run_dir)),
+        run_dir=_path(cfg, "run-dir", RunConfig.run_dir, "the directory runs are written under"),
         downlink=_choice(cfg, "downlink", RunConfig.downlink, DOWNLINKS),
         downlink_codec=_link_codec(cfg, decomposition),
         client_state=_choice(cfg, "client-state", RunConfig.client_state, CLIENT_STATES),
-        round_timeout=_number(cfg, "round-timeout", RunConfig.round_timeout, low=0.0, low_open=True),
+        round_timeout=_number(
+            cfg, "round-timeout", RunConfig.round_timeout, low=0.0, high=MAX_ROUND_TIMEOUT, low_open=True
+        ),
         min_replies=_number(cfg, "min-replies", RunConfig.min_replies, integer=True, low=1),
-        resume=str(cfg.get("resume", RunConfig.resume)),
+        resume=_path(cfg, "resume", RunConfig.resume, "a run directory to continue, or '' for a new run", empty=True),
         fault_corrupt_state_round=_number(
             cfg, "fault-corrupt-state-round", RunConfig.fault_corrupt_state_round, integer=True, low=0
         ),

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset, default_collate
 
-from .config import DATASETS, ConfigError, DataConfig
+from .config import DATASET_CLASSES, DATASETS, ConfigError, DataConfig
 from .factories import call_factory, load_factory, refusal, type_phrase
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -78,14 +78,17 @@ class DatasetSpec:
     augment: bool = False  # the paper's training augmentation: random crop (pad 4) + horizontal flip
 
 
-SPECS: dict[str, DatasetSpec] = {
-    "mnist5k": DatasetSpec(1, 28, 10, (MNIST_MEAN,), (MNIST_STD,)),
-    "digits": DatasetSpec(1, 28, 10, (0.3053,), (0.3247,)),
-    "mnist": DatasetSpec(1, 28, 10, (MNIST_MEAN,), (MNIST_STD,)),
-    "fashionmnist": DatasetSpec(1, 28, 10, (0.2860,), (0.3530,)),
-    "svhn": DatasetSpec(3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "cifar10": DatasetSpec(3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), augment=True),
-    "cifar100": DatasetSpec(3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), augment=True),
+SPECS: dict[str, DatasetSpec] = {  # the number of classes is fedmud.config.DATASET_CLASSES'
+    name: DatasetSpec(channels, size, DATASET_CLASSES[name], mean, std, augment)
+    for name, channels, size, mean, std, augment in (
+        ("mnist5k", 1, 28, (MNIST_MEAN,), (MNIST_STD,), False),
+        ("digits", 1, 28, (0.3053,), (0.3247,), False),
+        ("mnist", 1, 28, (MNIST_MEAN,), (MNIST_STD,), False),
+        ("fashionmnist", 1, 28, (0.2860,), (0.3530,), False),
+        ("svhn", 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False),
+        ("cifar10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+        ("cifar100", 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    )
 }
 assert set(SPECS) == set(DATASETS), "fedmud.config.DATASETS and fedmud.data.SPECS disagree"
 
@@ -160,8 +163,44 @@ def load_splits(dataset: str, test_fraction: float = 0.2, seed: int = 42, root: 
 
 
 def splits(config: DataConfig) -> tuple[Split, Split]:
-    """(train, test) of a built-in dataset, only ``config.classes`` when it names some."""
-    return _class_splits(config.dataset, config.test_fraction, config.seed, config.root, config.classes)
+    """(train, test) of a built-in dataset, only ``config.classes`` when it names some; a
+    ``num-partitions`` the train split cannot fill is refused here (:func:`check_partition_count`)."""
+    train, test = _class_splits(config.dataset, config.test_fraction, config.seed, config.root, config.classes)
+    check_partition_count(config, len(train.labels))
+    return train, test
+
+
+# The fewest train examples each partitioner gives a partition (dirichlet: its min_partition_size); a
+# client needs at least one to train.
+MIN_PARTITION_SIZE = {"iid": 1, "dirichlet": 2, "label-count": 1}
+
+
+def check_partition_count(config: DataConfig, train_examples: int) -> None:
+    """Refuse ``num-partitions`` above what ``train_examples`` can fill, naming the most allowed.
+
+    Called wherever a train split is loaded, the server's held-out data included, so a run stops
+    before its first round rather than on every client in flwr-datasets (an IndexError). ``label-count``
+    may need more examples per class than this counts; its partitioner says so when it assigns them.
+    """
+    size = MIN_PARTITION_SIZE.get(config.partition, 1)
+    most = train_examples // size
+    if config.num_partitions > most:
+        held = f"dataset={config.dataset!r}" + (f" and classes={labels_text(config.classes)!r}" if config.classes else "")
+        raise ConfigError(
+            f"num-partitions={config.num_partitions} is not allowed with {held}: its train split has {train_examples} "
+            f"examples and partition={config.partition!r} gives every partition at least {size}, so at most {most}"
+        )
+
+
+def labels_text(labels: tuple[int, ...]) -> str:
+    """Sorted labels as the ``classes`` key writes them, runs as ranges: (5, 6, 7, 9) -> '5-7,9'."""
+    runs: list[list[int]] = []
+    for label in labels:
+        if runs and label == runs[-1][1] + 1:
+            runs[-1][1] = label
+        else:
+            runs.append([label, label])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 @lru_cache(maxsize=4)
@@ -173,9 +212,8 @@ def _class_splits(
         return train, test
     num_classes = dataset_spec(dataset).num_classes
     if classes[-1] >= num_classes:
-        shown = ",".join(map(str, classes))
         raise ConfigError(
-            f"classes={shown!r} is not allowed with dataset={dataset!r}: its labels are 0-{num_classes - 1}"
+            f"classes={labels_text(classes)!r} is not allowed with dataset={dataset!r}: its labels are 0-{num_classes - 1}"
         )
     keep = np.asarray(classes, dtype=np.int64)
     return tuple(Split(s.images[np.isin(s.labels, keep)], s.labels[np.isin(s.labels, keep)]) for s in (train, test))
@@ -205,6 +243,11 @@ def _embedded_splits(dataset: str, test_fraction: float, seed: int) -> tuple[Spl
     labels = y.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(labels))
     n_test = int(round(test_fraction * len(labels)))
+    if n_test == 0:  # the held-out accuracy of nothing would read 0
+        raise ConfigError(
+            f"test-fraction={test_fraction!r} is not allowed with dataset={dataset!r}: it holds out none of its "
+            f"{len(labels)} examples; it must be at least {1 / len(labels):.3g}"
+        )
     test, train = order[:n_test], order[n_test:]
     return Split(images[train], labels[train]), Split(images[test], labels[test])
 
@@ -323,7 +366,7 @@ def partitioner_for(config: DataConfig):
             num_partitions=config.num_partitions,
             partition_by="label",
             alpha=config.alpha,
-            min_partition_size=2,
+            min_partition_size=MIN_PARTITION_SIZE["dirichlet"],
             self_balancing=True,
             seed=config.seed,
         )
@@ -464,8 +507,11 @@ class CustomData:
 
 
 def custom_data(config: DataConfig) -> CustomData:
-    """The user dataset ``config.dataset`` names, loaded once per process."""
-    return _custom_data(config.dataset, config.root, config.seed, config.test_fraction)
+    """The user dataset ``config.dataset`` names, loaded once per process; a ``num-partitions`` its
+    train set cannot fill is refused here (:func:`check_partition_count`)."""
+    data = _custom_data(config.dataset, config.root, config.seed, config.test_fraction)
+    check_partition_count(config, len(data.train_labels))
+    return data
 
 
 @lru_cache(maxsize=4)

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 UP, DOWN = "up", "down"
-MODEL, PROTOCOL = "model", "protocol"  # what a message carries: the model's exchange, or secure aggregation's keys
+MODEL, PROTOCOL, CONTROL = "model", "protocol", "control"
+# what a message carries: the model's exchange, secure aggregation's keys, or the run's own questions
+# (which partition a node holds)
 
 
 @dataclass
@@ -20,31 +22,39 @@ class Ledger:
 
     ``records`` holds the model's messages (downlinks, uploads: under secure aggregation the
     collect stage, which carries both); ``protocol`` the other messages of secure aggregation
-    (keys, shares). Totals count both; the dense equivalent counts the model's messages.
+    (keys, shares); ``control`` the partition queries. Totals count all three; the dense
+    equivalent counts the model's messages.
     """
 
     dense_up_bytes: int = 0
     dense_down_bytes: int = 0
     records: list[tuple[int, str, str, int]] = field(default_factory=list)
     protocol: list[tuple[int, str, str, int]] = field(default_factory=list)
+    control: list[tuple[int, str, str, int]] = field(default_factory=list)
 
     def record(self, server_round: int, client: str, direction: str, nbytes: int, part: str = MODEL) -> None:
         if direction not in (UP, DOWN):
             raise ValueError(f"direction must be {UP!r} or {DOWN!r}, got {direction!r}")
-        if part not in (MODEL, PROTOCOL):
-            raise ValueError(f"part must be {MODEL!r} or {PROTOCOL!r}, got {part!r}")
-        (self.records if part == MODEL else self.protocol).append((server_round, str(client), direction, int(nbytes)))
+        rows = {MODEL: self.records, PROTOCOL: self.protocol, CONTROL: self.control}.get(part)
+        if rows is None:
+            raise ValueError(f"part must be {MODEL!r}, {PROTOCOL!r} or {CONTROL!r}, got {part!r}")
+        rows.append((server_round, str(client), direction, int(nbytes)))
 
     def round_totals(self, server_round: int) -> dict[str, int]:
         totals = {UP: 0, DOWN: 0}
-        for r, _, direction, nbytes in self.records + self.protocol:
+        for r, _, direction, nbytes in self.records + self.protocol + self.control:
             if r == server_round:
                 totals[direction] += nbytes
         return totals
 
     def totals(self, part: str | None = None) -> dict[str, int]:
-        """Bytes each way: every message, or only ``part``'s (MODEL, PROTOCOL)."""
-        rows = {None: self.records + self.protocol, MODEL: self.records, PROTOCOL: self.protocol}[part]
+        """Bytes each way: every message, or only ``part``'s (MODEL, PROTOCOL, CONTROL)."""
+        rows = {
+            None: self.records + self.protocol + self.control,
+            MODEL: self.records,
+            PROTOCOL: self.protocol,
+            CONTROL: self.control,
+        }[part]
         totals = {UP: 0, DOWN: 0}
         for _, _, direction, nbytes in rows:
             totals[direction] += nbytes
@@ -65,12 +75,13 @@ class Ledger:
             "dense_equivalent": self.dense_equivalent(),
             "records": _rows(self.records),
             "protocol": _rows(self.protocol),
+            "control": _rows(self.control),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Ledger":
         rows = lambda key: [(r["round"], r["client"], r["direction"], r["bytes"]) for r in data.get(key, [])]  # noqa: E731
-        return cls(data["dense_up_bytes"], data["dense_down_bytes"], rows("records"), rows("protocol"))
+        return cls(data["dense_up_bytes"], data["dense_down_bytes"], rows("records"), rows("protocol"), rows("control"))
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")

@@ -81,16 +81,42 @@ def load_init_weights(model: nn.Module, path: str) -> None:
     """Copy the file's tensors into ``model`` (undecomposed), in the model's dtypes.
 
     Raises :class:`ConfigError` naming the file and the first mismatching tensor when the
-    file's names or shapes are not the model's.
+    file's names or shapes are not the model's, or the first tensor holding NaN or ±inf once
+    cast to the model's dtype.
     """
     given = read_state(path)
     own = model.state_dict()
     mismatch = first_mismatch(own, given)
     if mismatch is not None:
-        differ = sum(1 for n, t in own.items() if n not in given or tuple(given[n].shape) != tuple(t.shape))
+        differ = sum(
+            1 for n, t in own.items()
+            if n not in given or tuple(given[n].shape) != tuple(t.shape)
+            or given[n].is_floating_point() != t.is_floating_point()
+        )
         differ += sum(1 for n in given if n not in own)
         raise ConfigError(
             f"init-weights={path!r} does not match the model: {mismatch} ({differ} of the model's {len(own)} "
             f"tensors differ); allowed: a state_dict of this model, e.g. torch.save(model.state_dict(), path)"
         )
-    model.load_state_dict({n: given[n].to(t.dtype) for n, t in own.items()})
+    cast = {n: given[n].to(t.dtype) for n, t in own.items()}
+    bad = first_non_finite(cast)
+    if bad is not None:
+        raise ConfigError(f"init-weights={path!r} is not allowed: {bad}; allowed: finite weights")
+    model.load_state_dict(cast)
+
+
+def first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The first floating tensor of ``state`` holding NaN or ±inf, described; None when all are finite.
+
+    Checked in the model's dtypes: a float64 1e300 is finite in the file and inf in a float32 model.
+    """
+    for name, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(tensor).sum())
+                return (
+                    f"{name!r} holds {tensor.numel() - int(finite.sum())} non-finite of its {tensor.numel()} values "
+                    f"({nan} NaN) as {tensor.dtype}, the model's dtype"
+                )
+    return None

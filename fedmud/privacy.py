@@ -22,8 +22,15 @@ the trained factors' change, whose mean *is* the mean ΔW).
   number of replies.
 - **Accounting.** ``dp-accounting``'s Rényi-DP accountant (the one Opacus and TF
   Privacy use) composes one Poisson-subsampled Gaussian per round (add/remove one
-  client), and gives ε at ``dp-delta`` after every round. ``dp-epsilon`` asks for the
-  σ that reaches that ε after ``num-server-rounds`` rounds instead of stating σ.
+  client). Each results row of a training round records the (σ, q) it ran at, and ε
+  after it is the composition of every row's event (:func:`accounted_epsilon`), so a
+  run resumed any number of times, under other settings, states the ε of what ran.
+  ``dp-epsilon`` asks for the σ that reaches that ε after ``num-server-rounds`` rounds
+  instead of stating σ; a resume that would take the run past it is refused
+  (:func:`check_resume`).
+- **Utility.** The noise on the released mean must be small against the clipped
+  updates: :meth:`Mechanism.noise_warning` says at start when it is larger than the
+  privacy study saw any model learn through (:data:`CARRYABLE_NOISE`).
 
 This module is plain numpy and ``dp-accounting``; it never imports Flower.
 """
@@ -33,17 +40,27 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
 from .bounds import update_norm
-from .config import DP_MODES, ConfigError, PrivacyConfig, RunConfig
+from .config import DP_MODES, ConfigError, PrivacyConfig, RunConfig, run_config_key
 from .seeds import sample_clients
 
 OFF, SERVER, CLIENT = DP_MODES
 NOISE_WIDTH = 8.0  # client noise beyond this many standard deviations is clipped by SecAgg+'s range
+# results-row keys of a DP run: the (σ, q) a training round ran at, and ε after it
+NOISE_MULTIPLIER, SAMPLING_RATE, EPSILON = "noise_multiplier", "sampling_rate", "epsilon"
+# The largest noise the clipped updates can carry: the std per coordinate of the noise on the released
+# mean, over C (σ/(qN) under dp=server). The privacy study (docs/privacy.md; MNIST-5k, the paper CNN, 20
+# rounds, each method at its best clip; no DP: 0.94) measured, FedMUD (FedAvg) final accuracy against it:
+# 0.0047 -> 0.86 (0.75); 0.0097 -> 0.39 (0.37); 0.023 -> 0.21 (0.17); 0.097 -> 0.10 (0.09: chance).
+# Above 0.01 neither method learned much.
+CARRYABLE_NOISE = 0.01
+WITHIN = 1 + 1e-9  # ε of the same rounds composed in other groupings differs by float rounding only
 
 
 def _dp_accounting():
@@ -63,16 +80,59 @@ def _round_event(noise_multiplier: float, rate: float, rounds: int):
     return dp.SelfComposedDpEvent(one, rounds)
 
 
+class Rounds(NamedTuple):
+    """``rounds`` consecutive rounds of one Poisson-subsampled Gaussian: σ and q = ``sampling_rate``."""
+
+    noise_multiplier: float
+    sampling_rate: float
+    rounds: int
+
+
+def composed_epsilon(events: Sequence[Rounds], delta: float) -> float:
+    """ε at ``delta`` of ``events`` composed, add/remove one client (dp-accounting's RDP accountant)."""
+    events = [e for e in events if e.rounds > 0]
+    if not events:
+        return 0.0
+    if any(e.noise_multiplier <= 0 for e in events):
+        return float("inf")
+    accountant = _accountant()
+    for e in events:
+        accountant.compose(_round_event(*e))
+    return float(accountant.get_epsilon(delta))
+
+
 def epsilon(noise_multiplier: float, rate: float, rounds: int, delta: float) -> float:
     """ε at ``delta`` after ``rounds`` rounds of a Poisson-subsampled (``rate``) Gaussian
     mechanism with ``noise_multiplier`` (σ: noise std over the clip norm), add/remove one client."""
-    if rounds <= 0:
-        return 0.0
-    if noise_multiplier <= 0:
-        return float("inf")
-    accountant = _accountant()
-    accountant.compose(_round_event(noise_multiplier, rate, rounds))
-    return float(accountant.get_epsilon(delta))
+    return composed_epsilon([Rounds(noise_multiplier, rate, rounds)], delta)
+
+
+def round_events(history: Sequence[dict]) -> list[Rounds]:
+    """What the training rows of ``history`` (round ≥ 1; round 0 is the model before any) ran,
+    identical consecutive rounds grouped. Every round counts, merged or skipped: it was sampled.
+
+    Raises :class:`ConfigError` for a training row that does not say its (σ, q)."""
+    events: list[Rounds] = []
+    for row in history:
+        if row["round"] < 1:
+            continue
+        if row.get(NOISE_MULTIPLIER) is None or row.get(SAMPLING_RATE) is None:
+            raise ConfigError(
+                f"round {row['round']}'s results row does not record the {NOISE_MULTIPLIER} and {SAMPLING_RATE} it "
+                "ran at (it was written before rows recorded them), so the ε of the run cannot be stated; start a new run"
+            )
+        sigma, rate = float(row[NOISE_MULTIPLIER]), float(row[SAMPLING_RATE])
+        if events and events[-1][:2] == (sigma, rate):
+            events[-1] = events[-1]._replace(rounds=events[-1].rounds + 1)
+        else:
+            events.append(Rounds(sigma, rate, 1))
+    return events
+
+
+def accounted_epsilon(history: Sequence[dict], delta: float) -> float:
+    """ε at ``delta`` after the rows of ``history``: the composition of the rounds that ran, each at
+    the (σ, q) its row records, whatever resumes and settings came between them."""
+    return composed_epsilon(round_events(history), delta)
 
 
 def _accountant():
@@ -128,7 +188,8 @@ class Mechanism:
         return self.noise_multiplier * self.clip if self.mode == SERVER else 0.0
 
     def epsilon(self, rounds: int) -> float:
-        """ε at ``delta`` after ``rounds`` rounds (every round sampled, merged or not, counts)."""
+        """ε at ``delta`` after ``rounds`` rounds of this mechanism alone (every round sampled, merged
+        or not, counts); a run's ε is :func:`accounted_epsilon` of its rows."""
         return epsilon(self.noise_multiplier, self.rate, rounds, self.delta)
 
     def clip_update(self, update: np.ndarray) -> tuple[np.ndarray, float]:
@@ -165,6 +226,76 @@ class Mechanism:
             f"Poisson sampling rate {self.rate:g}, δ={self.delta:g}"
         )
 
+    def round_record(self) -> dict[str, float]:
+        """What a training round's results row records of it: the (σ, q) the round ran at."""
+        return {NOISE_MULTIPLIER: self.noise_multiplier, SAMPLING_RATE: self.rate}
+
+    def report(self, history: Sequence[dict]) -> dict:
+        """The summary's figures after the rows of ``history``: ε (their composition), δ, this
+        run's σ, C and q, and ``accounted``: each stretch of rounds at one (σ, q) that ran."""
+        events = round_events(history)
+        return {
+            EPSILON: composed_epsilon(events, self.delta),
+            "delta": self.delta,
+            NOISE_MULTIPLIER: self.noise_multiplier,
+            "clip": self.clip,
+            SAMPLING_RATE: self.rate,
+            "accounted": [e._asdict() for e in events],
+        }
+
+    def mean_noise(self, population: int) -> float:
+        """Std per coordinate of the noise on the released mean, over C, with ``population`` nodes.
+
+        σ/(qN) under ``dp=server``. Under ``dp=client`` each of the ~qN replies adds σC/√m
+        (m = ``min-replies``), so the sum carries σC·√(qN/m) when qN > m: σ/√(qN·m).
+        """
+        replies = self.rate * population
+        if replies <= 0:
+            return float("inf")
+        extra = math.sqrt(max(replies / self.min_replies, 1.0)) if self.mode == CLIENT else 1.0
+        return self.noise_multiplier * extra / replies
+
+    def noise_warning(self, population: int) -> str | None:
+        """Why the noise is more than the clipped updates can carry with ``population`` nodes
+        (:data:`CARRYABLE_NOISE`), and the population at which it would not be; None if it is not."""
+        noise = self.mean_noise(population)
+        if not self.on or noise <= CARRYABLE_NOISE:
+            return None
+        replies = self.rate * population
+        nodes, min_replies = self.population_needed()
+        split = advice = ""
+        if self.mode == CLIENT:
+            advice = f", min-replies={min_replies}: about 2% of rounds have fewer and are skipped"
+            if replies > self.min_replies:
+                split = (
+                    f"; under dp=client each reply adds σC/√{self.min_replies} (min-replies={self.min_replies}), so the sum "
+                    f"of ~{replies:.3g} carries {math.sqrt(replies / self.min_replies):.3g}× the noise accounted for"
+                )
+        return (
+            f"dp: the noise is more than the clipped updates can carry: the released mean update's noise has std "
+            f"{noise:.3g}·dp-clip per coordinate (σ = {self.noise_multiplier:.4g} over ~{replies:.3g} replies a round: "
+            f"num-partitions={population} at fraction-train={self.rate:g}{split}). In the privacy study "
+            f"(docs/privacy.md) no model learned much above {CARRYABLE_NOISE:g}·dp-clip, and this one may diverge. "
+            f"At this σ and fraction-train it needs about {nodes} nodes (~{self.rate * nodes:.0f} replies a round"
+            f"{advice}), or a larger dp-epsilon"
+        )
+
+    def population_needed(self) -> tuple[int, int]:
+        """(nodes, min-replies) at which this σ and q give noise the clipped updates can carry.
+
+        Under ``dp=client``, min-replies two standard deviations below the expected replies
+        (Poisson sampling: about 2% of rounds fall short and are skipped), whose extra noise
+        the population must also carry."""
+        nodes = math.ceil(self.noise_multiplier / (self.rate * CARRYABLE_NOISE))
+        if self.mode != CLIENT:
+            return nodes, self.min_replies
+        while True:
+            expected = self.rate * nodes
+            min_replies = max(1, math.floor(expected - 2 * math.sqrt(expected * (1 - self.rate))))
+            if replace(self, min_replies=min_replies).mean_noise(nodes) <= CARRYABLE_NOISE:
+                return nodes, min_replies
+            nodes += max(1, nodes // 100)
+
 
 def _secret_rng(rng: np.random.Generator | None) -> np.random.Generator:
     # fresh OS entropy: noise the server could regenerate from a seed would protect nothing
@@ -178,6 +309,61 @@ def mechanism(run: RunConfig) -> Mechanism:
     if p.dp != OFF and p.dp_epsilon > 0:
         sigma = calibrate(p.dp_epsilon, run.fraction_train, run.rounds, p.dp_delta)
     return Mechanism(p.dp, p.dp_clip, sigma, p.dp_delta, run.fraction_train, run.min_replies)
+
+
+def check_resume(run: RunConfig, history: Sequence[dict]) -> None:
+    """Refuse a resumed DP run (``history``: the checkpoint's rows) whose ε could not be stated, or
+    that would take a ``dp-epsilon`` run past its ε.
+
+    σ and q are the configuration's, on every side: under ``dp=client`` the clients add the
+    noise, from their own copy of the configuration; they cannot read the server's checkpoint,
+    and a σ the server sent them could be lowered by the server the noise guards against. The
+    rows record the (σ, q) each round ran at, so ε is always their composition
+    (:func:`accounted_epsilon`): a run given ``dp-noise-multiplier`` may resume with any
+    ``num-server-rounds`` or ``fraction-train``, and its ε counts what ran. A run given
+    ``dp-epsilon`` promised that ε after ``num-server-rounds``: resumed with the settings it
+    started with, its σ is the same and it ends at that ε; a resume whose rounds so far and the
+    rounds left, at this configuration's (σ, q), would compose to more is refused with the
+    rounds that fit.
+    """
+    p = run.privacy
+    ran = round_events(history) if p.dp != OFF else []
+    if p.dp_epsilon <= 0 or not ran:
+        return
+    dp, done = mechanism(run), int(history[-1]["round"])
+    total = composed_epsilon([*ran, Rounds(dp.noise_multiplier, dp.rate, run.rounds - done)], dp.delta)
+    if total <= p.dp_epsilon * WITHIN:
+        return
+    last = ran[-1]
+    fit = _rounds_that_fit(ran, last, p.dp_epsilon, dp.delta, done, run.rounds)
+    rounds_key, rate_key = run_config_key(("rounds",)), run_config_key(("fraction_train",))
+    ran_at = ", ".join(f"{e.rounds} at σ = {e.noise_multiplier:.4g}, q = {e.sampling_rate:g}" for e in ran)
+    allowed = (
+        f"{rounds_key} from {done} to {fit} with {rate_key}={last.sampling_rate:g}, what its rounds ran at"
+        if fit > done
+        else f"nothing more: ε = {p.dp_epsilon:g} is spent after round {done}"
+    )
+    raise ConfigError(
+        f"{rounds_key}={run.rounds} {rate_key}={run.fraction_train:g} is not allowed when resuming this "
+        f"dp-epsilon={p.dp_epsilon:g} run: its {done} rounds ran ({ran_at}: ε = {composed_epsilon(ran, dp.delta):.4g} "
+        f"at δ = {dp.delta:g}), and rounds {done + 1}-{run.rounds} at this configuration's σ = {dp.noise_multiplier:.4g}, "
+        f"q = {dp.rate:g} would bring ε to {total:.4g}. σ comes from the configuration on every side (under dp=client the "
+        f"clients add the noise and cannot read the checkpoint), so a dp-epsilon run cannot spread what is left of its "
+        f"ε over other rounds; allowed: {allowed}; or start a new run"
+    )
+
+
+def _rounds_that_fit(ran: list[Rounds], last: Rounds, target: float, delta: float, done: int, asked: int) -> int:
+    """The most rounds the run may have (``done`` at least) with the rounds after ``done`` at
+    ``last``'s (σ, q) and ε within ``target``: ε grows with the rounds, so a doubling, then a bisection."""
+    fits = lambda rounds: composed_epsilon([*ran, last._replace(rounds=rounds - done)], delta) <= target * WITHIN  # noqa: E731
+    low, high = done, max(asked, done + 1)  # low fits (or is all there is), high does not
+    while fits(high) and high < 2**31:
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def sample_round(run: RunConfig, server_round: int, node_ids: Sequence[int], rng: np.random.Generator | None = None) -> list[int]:

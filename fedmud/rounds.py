@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .aggregate import WeightedMean
-from .bounds import CAPPED, CLIPPED, Screened, bound_update, cap_examples
+from .bounds import CAPPED, CLIPPED, Screened, bound_update, cap_examples, lower_median, update_norm
 from .codec import SCHEMES, Codec, Parts, PayloadError, UploadLayout, topk_count
 from .feedback import ErrorFeedback
 from .config import ConfigError, RunConfig
@@ -151,6 +151,10 @@ class ServerModel:
         self.full_bytes = 0
         self._reference: tuple[tuple, np.ndarray] | None = None
         self.dp = mechanism(run)  # client-level DP (off unless the config turns it on)
+        # the update norms of the valid replies of the last NORM_WINDOW rounds that had any: the
+        # median norm bound's reference (see :class:`RoundTally`)
+        self.recent_norms: list[list[float]] = []
+        self.refused = ""  # why the last merge was refused ("" when it was not)
 
     @property
     def codec(self) -> Codec:
@@ -217,16 +221,30 @@ class ServerModel:
             self._reference = (key, values)
         return self._reference[1]
 
+    @property
+    def median_bound_on(self) -> bool:
+        """Whether replies are bounded by a multiple of their peers' median norm (``median-norm-bound``)."""
+        return self.run.bounds.median_norm_bound > 0 and not self.dp.on
+
+    def median_bound(self) -> float:
+        """This round's median norm bound: the multiple times the lower median of the recent rounds'
+        update norms (0: off, or no round has had valid replies yet)."""
+        pooled = [norm for norms in self.recent_norms for norm in norms]
+        if not self.median_bound_on or not pooled:
+            return 0.0
+        return self.run.bounds.median_norm_bound * lower_median(pooled)
+
     def screen(self, round_seed: int, parts: Parts, examples: int) -> Screened:
         """Decode one validated upload and apply the bounds (``max-examples``, ``update-norm-bound``).
 
         The update is the decoded upload minus :meth:`reference`: for lossy codecs that is
         the residual as sent; for float32 the reference is rebuilt only when a bound is on.
+        With the median bound on, the update's norm is measured for :class:`RoundTally`.
         """
         bounds = self.run.bounds
         weight, capped = cap_examples(examples, bounds.max_examples)
         events, reasons = ((CAPPED,), (capped,)) if capped else ((), ())
-        needs_reference = self.codec.residual or bounds.update_norm_bound > 0 or self.dp.on
+        needs_reference = self.codec.residual or bounds.update_norm_bound > 0 or self.dp.on or self.median_bound_on
         reference = self.reference(round_seed) if needs_reference else None
         values = self.codec.decode(parts, reference)
         if self.dp.on:  # every client weighs 1, its update clipped again (an honest client clipped it)
@@ -241,16 +259,33 @@ class ServerModel:
             if event:
                 events, reasons = events + (event,), reasons + (reason,)
                 values = None if bounded is None else (reference + bounded).astype(np.float32)
-        return Screened(values, weight, events, reasons)
+        norm = update_norm(values.astype(np.float64) - reference) if self.median_bound_on and values is not None else 0.0
+        return Screened(values, weight, events, reasons, norm)
+
+    def bound_by_median(self, round_seed: int, screened: Screened, bound: float) -> Screened:
+        """``screened`` with its update kept within ``bound`` (:meth:`median_bound`), clipped or
+        dropped as ``update-norm-action`` says."""
+        if screened.dropped or bound <= 0 or screened.norm <= bound:
+            return screened
+        reference = self.reference(round_seed)
+        update = screened.values.astype(np.float64) - reference
+        what = f"median-norm-bound ({self.run.bounds.median_norm_bound:g} x the median update norm)"
+        bounded, event, reason = bound_update(update, bound, self.run.bounds.update_norm_action, what)
+        values = None if bounded is None else (reference + bounded).astype(np.float32)
+        return Screened(values, screened.weight, screened.events + (event,), screened.reasons + (reason,), screened.norm)
 
     def apply_round(
         self, server_round: int, round_seed: int, uploads: Iterable[tuple[Parts, int | float]], population: int = 0
     ) -> int:
-        """Screen validated uploads (parts, num-examples) with :meth:`screen`, then :meth:`merge_round`
-        (``population``: the nodes the round sampled from, for DP's release)."""
-        screened = (self.screen(round_seed, parts, examples) for parts, examples in uploads)
-        kept = ((s.values, s.weight) for s in screened if not s.dropped)
-        return self.merge_round(server_round, round_seed, kept, population)
+        """Screen validated uploads (parts, num-examples) with :meth:`screen`, tally them
+        (:class:`RoundTally`: the median norm bound) and merge their mean if at least
+        ``min-replies`` are kept, else skip the round (``population``: the nodes the round
+        sampled from, for DP's release). Returns how many were merged."""
+        tally = RoundTally(self, round_seed)
+        for index, (parts, examples) in enumerate(uploads):
+            tally.add(index, self.screen(round_seed, parts, examples))
+        tally.close()
+        return self.merge_mean(server_round, round_seed, tally.mean_to_merge(), population)
 
     def merge_round(
         self, server_round: int, round_seed: int, uploads: Iterable[tuple[np.ndarray, float]], population: int = 0
@@ -297,10 +332,18 @@ class ServerModel:
         return self.merge_values(server_round, round_seed, values, count)
 
     def merge_values(self, server_round: int, round_seed: int, values: np.ndarray | None, count: int) -> int:
-        """Merge the round's aggregated upload ``values`` (None: no reply, the round is skipped)."""
+        """Merge the round's aggregated upload ``values`` (None: no reply, the round is skipped).
+
+        A merge that would leave the global model non-finite, or whose link does not code
+        (values beyond what the link code can carry), is refused: the model, the link
+        code's carried error and the chain stay as they were, :attr:`refused` says why, and
+        the round is skipped. Whatever the bounds, no round makes the model non-finite.
+        """
+        self.refused = ""
         if values is not None:
-            link = self.code_link(server_round, round_seed, values)
-            apply_link(self.model, self.link_codec, link)
+            link = self._guarded_link(server_round, round_seed, values)
+            values = None if link is None else values
+        if values is not None:
             d = self.run.decomposition
             if d.init == "hrp" and server_round >= d.hrp_rounds and not self.model.hrp_ready:
                 self.model.set_hrp_directions(self.initial_state)
@@ -313,6 +356,30 @@ class ServerModel:
         self.digest = state_digest(self.global_state())
         return count if values is not None else 0
 
+    def _guarded_link(self, server_round: int, round_seed: int, values: np.ndarray) -> Link | None:
+        """Code ``values`` as the round's link and merge it, or refuse (None, :attr:`refused` set)
+        and put everything back."""
+        if not np.isfinite(values).all():
+            self.refused = "the aggregated upload is not finite"
+            return None
+        weights = {n: t.clone() for n, t in self.global_state().items()}
+        carried = None if self.link_feedback is None else self.link_feedback.state()
+        try:
+            link = self.code_link(server_round, round_seed, values)
+            apply_link(self.model, self.link_codec, link)
+        except PayloadError as err:
+            self.refused = f"the aggregated upload cannot be coded as a link: {err}"
+        else:
+            bad = [n for n, t in self.global_state().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+            if not bad:
+                return link
+            self.refused = f"merging it would make the model non-finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        self.model.clear()
+        self.model.load_global_state(weights)
+        if self.link_feedback is not None:
+            self.link_feedback.load_state(carried)
+        return None
+
     def state_dict(self) -> dict:
         """Everything a resumed server needs to continue bitwise (see :mod:`fedmud.checkpoint`)."""
         return {
@@ -322,6 +389,7 @@ class ServerModel:
             "chain_oldest_kept": self.chain.oldest_kept,
             "records": dict(self.records.held),
             "link_feedback": None if self.link_feedback is None else self.link_feedback.state(),
+            "recent_norms": [list(norms) for norms in self.recent_norms],
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -330,10 +398,69 @@ class ServerModel:
         self.records.held = dict(state["records"])
         if self.link_feedback is not None:
             self.link_feedback.load_state(state.get("link_feedback"))
+        self.recent_norms = [list(norms) for norms in state.get("recent_norms", [])]
 
     def evaluate(self, loader: DataLoader) -> tuple[float, float]:
         """(mean loss, mean metric) of the global model on ``loader`` (CPU)."""
         return evaluate(self.model, loader, torch.device("cpu"), self.task)
+
+
+NORM_WINDOW = 3  # rounds whose update norms the median norm bound pools
+
+
+class RoundTally:
+    """A round's screened replies, bounded by their peers' median norm and added to the mean.
+
+    With ``median-norm-bound`` on, every valid update's norm is at most that multiple of
+    the lower median of the update norms of the last :data:`NORM_WINDOW` rounds that had
+    valid replies (their norms pooled: one client is at most one value a round in the pool).
+    Once such a round exists each reply is bounded and added as it comes, and none is held;
+    in a round without one (the first, or after a checkpoint made before any merge) the
+    replies' decoded values are held until the round's own median is known. ``close``
+    bounds what was held, adds this round's norms to the window and returns every
+    outcome, keyed as given to ``add``.
+    """
+
+    def __init__(self, server: ServerModel, round_seed: int) -> None:
+        self.server, self.round_seed = server, round_seed
+        self.mean = WeightedMean()
+        self.bound = server.median_bound()
+        self._hold = server.median_bound_on and self.bound == 0
+        self._norms: list[float] = []
+        self._held: list[tuple[object, Screened]] = []
+        self.outcomes: list[tuple[object, Screened]] = []
+
+    def add(self, key: object, screened: Screened) -> None:
+        if not screened.dropped and self.server.median_bound_on:
+            self._norms.append(screened.norm)
+            if self._hold:
+                self._held.append((key, screened))
+                return
+        self._admit(key, screened)
+
+    def _admit(self, key: object, screened: Screened) -> None:
+        screened = self.server.bound_by_median(self.round_seed, screened, self.bound)
+        if not screened.dropped:
+            self.mean.add(screened.values, screened.weight)
+        self.outcomes.append((key, screened))
+
+    def close(self) -> list[tuple[object, Screened]]:
+        if self._held:
+            self.bound = self.server.run.bounds.median_norm_bound * lower_median(self._norms)
+            held, self._held = self._held, []
+            for key, screened in held:
+                self._admit(key, screened)
+        if self._norms:
+            self.server.recent_norms = (self.server.recent_norms + [self._norms])[-NORM_WINDOW:]
+        return self.outcomes
+
+    def kept(self) -> int:
+        """How many replies are in the mean."""
+        return self.mean.count
+
+    def mean_to_merge(self) -> WeightedMean:
+        """The mean, or an empty one (the round is skipped) with fewer than ``min-replies`` in it."""
+        return self.mean if self.mean.count >= self.server.run.min_replies else WeightedMean()
 
 
 class SyncError(RuntimeError):
@@ -389,7 +516,10 @@ class ClientModel:
         if kind == FULL:
             if full_state is None:
                 raise SyncError("a full downlink without the model")
-            self.global_model.load_global_state(full_state)
+            try:  # a damaged full model is resynced like a damaged chain, not an error reply
+                self.global_model.load_global_state(full_state)
+            except (KeyError, ValueError, RuntimeError, TypeError) as err:
+                raise SyncError(f"the full model does not load: {err}") from None
         else:
             held_round, held_state = held if held is not None else (0, self.initial_state)
             if held_round != base_round:

@@ -18,6 +18,10 @@ send several parts packed into one uint8 ``packed`` array, which saves Flower's 
 ``train-s`` in local training, ``client-s`` in its whole round), or, when the client
 could not sync, only ``metrics`` with ``sync-error`` set.
 
+Partition query (server -> client, once per node, before the node is first sampled): a QUERY
+message with ``config`` holding ``identify``; the reply's ``metrics`` hold the node's
+``partition-id``, so rounds sample partitions, not Flower's node ids, which change every run.
+
 Bytes are counted as Flower 1.39 moves them: a message's content is deflated into
 content-addressed objects (RecordDict, records, Arrays, ArrayChunks) that are pushed
 and pulled over gRPC; we sum the serialised size of each distinct object.
@@ -122,6 +126,24 @@ def _link_parts(chain: ArrayRecord, round_: int) -> dict[str, np.ndarray]:
     """The coded arrays of round ``round_``'s link (the client's link codec validates them)."""
     prefix = f"link-{round_}-"
     return {key[len(prefix) :]: chain[key].numpy() for key in chain.keys() if key.startswith(prefix)}
+
+
+# ---------------------------------------------------------------------------- partition query
+def identify_record() -> RecordDict:
+    """The server's question to a node it has not sampled yet: which partition is yours?"""
+    return RecordDict({CONFIG_KEY: ConfigRecord({"identify": 1})})
+
+
+def identity_record(partition_id: int) -> RecordDict:
+    """A node's answer to :func:`identify_record`."""
+    return RecordDict({METRICS_KEY: MetricRecord({"partition-id": int(partition_id)})})
+
+
+def read_identity(content: RecordDict) -> int | None:
+    """The partition a node's answer names; None for an answer that is not a non-negative integer."""
+    metrics = content.metric_records.get(METRICS_KEY)
+    value = None if metrics is None else metrics.get("partition-id")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 # ---------------------------------------------------------------------------- uplink

@@ -44,18 +44,21 @@ HEAD=${tag}-head WORKER=${tag}-worker
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/fedmud-ray.XXXXXX")
 T0=$SECONDS
 say() { printf '[ray-cluster-smoke %3ds] %s\n' "$((SECONDS - T0))" "$*"; }
+# ns_exists NAME: the namespace exists. grep reads a here-string, not a pipe: under pipefail
+# `ip netns list | grep -q` fails when grep stops at the first match and `ip` gets SIGPIPE.
+ns_exists() { grep -qw -- "$1" <<<"$(ip netns list)"; }
 
 cleanup() {
   local status=$?
   for ns in "$HEAD" "$WORKER"; do
-    if ip netns list | grep -qw -- "$ns"; then
+    if ns_exists "$ns"; then
       pids=$(ip netns pids "$ns" || true)
       [[ -z $pids ]] || kill -TERM $pids 2>/dev/null || true
     fi
   done
   sleep 2
   for ns in "$HEAD" "$WORKER"; do
-    if ip netns list | grep -qw -- "$ns"; then
+    if ns_exists "$ns"; then
       pids=$(ip netns pids "$ns" || true)
       [[ -z $pids ]] || kill -KILL $pids 2>/dev/null || true
       ip netns delete "$ns" 2>/dev/null || true
@@ -119,7 +122,9 @@ in_ns "$HEAD" env FLWR_HOME="$WORK/flwr-home" timeout "$TIMEOUT" flwr run . clus
 rc=$?
 set -e
 grep -a "FINAL" "$WORK/run.log" || true
-[[ $rc == 0 && -n $(ls "$WORK"/runs/*/summary.json 2>/dev/null) ]] || { tail -40 "$WORK/run.log"; say "FAIL: the run did not finish (rc $rc)"; exit 1; }
+# `flwr run` exits 0 whatever the run's status, and a failed run writes a summary too: read its status
+completed=$(grep -l '"status": "completed"' "$WORK"/runs/*/summary.json 2>/dev/null || true)
+[[ $rc == 0 && -n $completed ]] || { tail -40 "$WORK/run.log"; say "FAIL: the run did not complete (rc $rc)"; exit 1; }
 head_lines=$(grep -ac "ClientAppActor pid=[0-9]*)" "$WORK/run.log" || true)
 worker_lines=$(grep -ac "ClientAppActor pid=[0-9]*, ip=$WORKER_IP)" "$WORK/run.log" || true)
 say "ClientApp log lines: $head_lines from the head node, $worker_lines from the worker node ($WORKER_IP)"

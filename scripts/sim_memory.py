@@ -81,7 +81,8 @@ def one_case(clients: int, state: str, rounds: int) -> dict:
     finally:
         superlink.close()
     summaries = list((work / "runs").glob("*/summary.json"))
-    if result.returncode != 0 or not summaries:
+    completed = [path for path in summaries if json.loads(path.read_text()).get("status", "completed") == "completed"]
+    if result.returncode != 0 or not completed:
         raise SystemExit(f"sim_memory: the run failed:\n{(result.stdout + result.stderr)[-3000:]}")
     run_dir = summaries[0].parent
     rows = json.loads((run_dir / "results.json").read_text())

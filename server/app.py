@@ -8,8 +8,9 @@ and task (see ``examples/custom-app``).
 from __future__ import annotations
 
 import json
+import math
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +20,17 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedmud.checkpoint import load_checkpoint, restore
+from fedmud.checkpoint import load_checkpoint, new_run_dir, restore
 from fedmud.config import ConfigError, parse_run_config
 from fedmud.data import test_loader
 from fedmud.ledger import DOWN, PROTOCOL, UP, Ledger
-from fedmud.privacy import mechanism
+from fedmud.divergence import divergence
+from fedmud.privacy import check_resume, mechanism
 from fedmud.rounds import ModelFactory, ServerModel
 from fedmud.task import Task
 from fedmud.sync import CHAIN, FULL, Downlink, Link
 
-from .strategy import FedMUD, server_seconds
+from .strategy import ROUND_PARTS, FedMUD, server_seconds
 from fedmud_wire import TIMINGS, content_bytes, downlink_record, upload_record
 
 app = ServerApp()
@@ -71,16 +73,65 @@ def _start(run, server: ServerModel) -> tuple[Path, Ledger, list[dict], int]:
         run_dir = Path(run.resume).expanduser()
         state = load_checkpoint(run_dir, run)
         ledger, history = restore(state, server)
+        history = _with_round_timings(history, run_dir)
         log(INFO, "resuming %s after round %d", run_dir, server.round)
+        if server.round == run.rounds:
+            log(INFO, "round %d was its last: no round to run, its results are reported again", server.round)
         return run_dir, ledger, history, server.round + 1
-    run_dir = Path(run.run_dir).expanduser() / time.strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = new_run_dir(Path(run.run_dir).expanduser(), time.strftime("%Y%m%d-%H%M%S"))
     return run_dir, Ledger(dense_up_bytes=dense_up, dense_down_bytes=dense_down), [], 1
+
+
+# What the strategy adds to a round's row after the round's checkpoint is written (it times the checkpoint too).
+_ROUND_TIMINGS = ("round_s", "wall_s", "client_train_s", "client_s", *ROUND_PARTS)
+
+
+def _with_round_timings(history: list[dict], run_dir: Path) -> list[dict]:
+    """``history`` as the checkpoint holds it, with the timings ``results.json`` holds for its rows.
+
+    A round's checkpoint is written before the round is timed, and ``results.json`` after, so
+    the checkpoint's last row lacks its timings. They are taken from the ``results.json`` row
+    of that round when every other field agrees (the same row, written later) and are finite
+    seconds; otherwise the row stays untimed.
+    """
+    try:
+        rows = json.loads((run_dir / "results.json").read_text())
+        written = {row["round"]: row for row in rows if isinstance(row, dict) and "round" in row}
+    except (OSError, ValueError, TypeError):
+        return history
+    out = []
+    for row in history:
+        later = written.get(row.get("round"))
+        if "round_s" not in row and isinstance(later, dict) and _untimed(row) == _untimed(later):
+            row = {**row, **{key: later[key] for key in _ROUND_TIMINGS if _seconds(later.get(key))}}
+        out.append(row)
+    return out
+
+
+def _untimed(row: dict) -> str:
+    """``row`` without its timings, as ``results.json`` writes it (non-finite numbers as null)."""
+    plain = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+    return json.dumps({k: plain(v) for k, v in row.items() if k not in _ROUND_TIMINGS}, sort_keys=True, default=str)
+
+
+def _seconds(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """The ServerApp. A run that stops on an error raises :class:`RunFailed`: Flower 1.39 then
+    marks the run ``finished:failed`` with the reason as its status details (``flwr ls``) and the
+    ServerApp's process exits non-zero. ``flwr run --stream`` itself exits 0 whatever the run's
+    status; ``scripts/flwr-run.sh`` runs it and exits with the run's status."""
     run_server(grid, context.run_config)
+
+
+class RunFailed(RuntimeError):
+    """The run stopped on an error; the message is the reason its ``summary.json`` gives.
+
+    An ``Exception``, not ``SystemExit``: Flower's simulation catches only ``Exception`` from the
+    ServerApp's thread, and recorded a run that raised ``SystemExit`` as ``finished:completed``."""
 
 
 def run_server(
@@ -98,20 +149,84 @@ def run_server(
     ``dataset``); ``task``: loss and metric (default: the config's ``task``). Every
     configuration error, the user's factories' included, stops the run here, before
     any round, with one message naming the key, the value and what is allowed.
+
+    A run that stops on an error, before or during the rounds, writes ``summary.json`` with
+    ``"status": "failed"`` and the reason (in a new run directory when it had none yet) and
+    raises :class:`RunFailed`.
     """
+    attempt = _Attempt(run_config)
     try:
-        run = parse_run_config(run_config)
-        server = ServerModel(run, model_fn=model_fn, task=task)
-        held_out = test_data if test_data is not None else test_loader(run.data)
-        run_dir, ledger, history, first_round = _start(run, server)
-    except ConfigError as err:
-        log(ERROR, "configuration error: %s", err)
-        raise SystemExit(f"configuration error: {err}") from None
+        return _run_server(attempt, grid, run_config, model_fn, test_data, task)
+    except Exception as err:
+        raise attempt.failed(err) from (None if isinstance(err, ConfigError) else err)
+
+
+class _Attempt:
+    """What a failed run's summary needs: the run config, and the run's directory once it has one."""
+
+    def __init__(self, run_config: dict) -> None:
+        self.run_config = run_config
+        self.run_dir: Path | None = None
+
+    def failed(self, err: Exception) -> RunFailed:
+        """Log why the run stopped, write its ``summary.json`` (``"status": "failed"``, the reason,
+        the last round in ``results.json``) and return the error to raise."""
+        reason = f"configuration error: {err}" if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+        log(ERROR, "%s", reason)
+        run_dir = self.run_dir or _failure_dir(self.run_config.get("run-dir"))
+        if run_dir is None:
+            return RunFailed(reason)
+        try:  # nothing here may hide the error being reported
+            results = run_dir / "results.json"
+            rows = json.loads(results.read_text()) if results.exists() else []
+            summary = {
+                "status": "failed",
+                "error": reason,
+                "last_round": rows[-1]["round"] if rows else None,
+                "rounds": self.run_config.get("num-server-rounds"),
+                "run_dir": str(run_dir),
+            }
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            log(ERROR, "FAILED: summary in %s", run_dir / "summary.json")
+        except (OSError, ValueError, LookupError, TypeError) as write_err:
+            log(ERROR, "FAILED: could not write %s: %s", run_dir / "summary.json", write_err)
+        return RunFailed(reason)
+
+
+def _failure_dir(base) -> Path | None:
+    """A new directory under ``run-dir`` for a run that failed before it had one (None if there
+    is no usable ``run-dir``): never another run's directory."""
+    if not isinstance(base, str) or not base:
+        return None
+    try:
+        return new_run_dir(Path(base).expanduser(), time.strftime("%Y%m%d-%H%M%S"))
+    except OSError:
+        return None
+
+
+def _run_server(
+    attempt: _Attempt,
+    grid: Grid,
+    run_config: dict,
+    model_fn: ModelFactory | None,
+    test_data: DataLoader | None,
+    task: Task | None,
+) -> dict:
+    """:func:`run_server`'s work; ``attempt.run_dir`` is set as soon as the run has a directory."""
+    run = parse_run_config(run_config)
+    server = ServerModel(run, model_fn=model_fn, task=task)
+    held_out = test_data if test_data is not None else test_loader(run.data)
+    run_dir, ledger, history, first_round = _start(run, server)
+    check_resume(run, history)  # a resumed DP run states the ε of what ran, and keeps to its dp-epsilon
+    attempt.run_dir = run_dir
 
     for line in server.model.summary():
         log(INFO, "%s", line)
     if server.dp.on:
         log(INFO, "%s", server.dp.describe())
+        too_noisy = server.dp.noise_warning(run.data.num_partitions)  # one node per partition
+        if too_noisy:
+            log(WARNING, "%s", too_noisy)
     if run.privacy.secure_aggregation:
         log(INFO, "secure aggregation: Flower's SecAgg+, shares %g, threshold %g of them", run.privacy.secagg_shares, run.privacy.secagg_threshold)
     log(INFO, "downlink: full model %d B, one chain link %d B", server.full_bytes, server.link_bytes)
@@ -148,6 +263,7 @@ def report(
     final = history[-1]
     uploads = sum(1 for r in ledger.records if r[2] == UP)
     summary = {
+        "status": "completed",
         "method": run.decomposition.method,
         "kind": run.decomposition.kind,
         "pattern": run.decomposition.pattern,
@@ -167,6 +283,7 @@ def report(
         "up_bytes_per_client_round": totals[UP] / uploads if uploads else None,
         "dense_up_bytes_per_client_round": ledger.dense_up_bytes,
         "privacy": privacy_summary(run, history),
+        "diverged": divergence(history),
         "secagg_protocol_up_bytes": protocol[UP],
         "secagg_protocol_down_bytes": protocol[DOWN],
         "wall_s": final["wall_s"],
@@ -189,6 +306,8 @@ def report(
         p = summary["privacy"]
         log(INFO, "FINAL privacy: ε = %.4g at δ = %g after %d rounds (σ = %.4g, clip %g, sampling rate %g)",
             p["epsilon"], p["delta"], run.rounds, p["noise_multiplier"], p["clip"], p["sampling_rate"])
+    if summary["diverged"]:
+        log(WARNING, "FINAL the model diverged: %s", summary["diverged"]["reason"])
     split = summary["seconds"]
     log(
         INFO,
@@ -202,17 +321,11 @@ def report(
 
 
 def privacy_summary(run, history: list[dict]) -> dict:
-    """Secure aggregation and DP as the run had them; ε after its last round (DP)."""
+    """Secure aggregation and DP as the run had them; under DP, ε composed over the rounds that ran
+    (:meth:`fedmud.privacy.Mechanism.report`: across resumes, each at its own σ and q)."""
     out = {"secure_aggregation": run.privacy.secure_aggregation, "dp": run.privacy.dp}
     if run.privacy.dp != "off":
-        dp = mechanism(run)
-        out.update(
-            epsilon=history[-1].get("epsilon", dp.epsilon(history[-1]["round"])),
-            delta=dp.delta,
-            noise_multiplier=dp.noise_multiplier,
-            clip=dp.clip,
-            sampling_rate=dp.rate,
-        )
+        out.update(mechanism(run).report(history))
     return out
 
 

@@ -24,6 +24,7 @@ Differences from FedAvg:
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Iterator
 from logging import INFO, WARNING
@@ -35,24 +36,34 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedmud.aggregate import WeightedMean
-from fedmud.bounds import EVENTS, NORM_REJECTED, check_mean_update
+from fedmud.bounds import EVENTS, NORM_REJECTED, Screened, check_mean_update
 from fedmud.checkpoint import save_checkpoint
 from fedmud.codec import PayloadError
 from fedmud.config import RunConfig
-from fedmud.ledger import DOWN, UP, Ledger
-from fedmud.rounds import ServerModel
-from fedmud.privacy import sample_round
+from fedmud.divergence import divergence
+from fedmud.ledger import CONTROL, DOWN, UP, Ledger
+from fedmud.rounds import RoundTally, ServerModel
+from fedmud.privacy import accounted_epsilon, sample_round
 from fedmud.seeds import round_seed
 from fedmud.sync import FULL, Downlink
 
-from .secure import secure_round
-from fedmud_wire import content_bytes, downlink_record, is_sync_error, read_upload, reply_seconds
+from .secure import clipping_range, secure_round
+from fedmud_wire import (
+    content_bytes,
+    downlink_record,
+    identify_record,
+    is_sync_error,
+    read_identity,
+    read_upload,
+    reply_seconds,
+)
 
 POLL_S = 0.05  # how often a round asks the SuperLink for replies (a pull is one small gRPC call)
+IDENTIFY_TIMEOUT_S = 60.0  # how long the partition query waits for nodes' answers (at most round-timeout)
 # where a round's time goes, in the order it is spent (results.json rows, the summary)
 ROUND_PARTS = ("plan_s", "clients_s", "aggregate_s", "evaluate_s", "checkpoint_s")
 SERVER_PARTS = ("plan_s", "aggregate_s", "checkpoint_s")  # the server's own work among them
+MERGE_REFUSED = "merge-refused"  # a round whose merge would have made the model non-finite
 
 
 class FedMUD(FedAvg):
@@ -102,6 +113,7 @@ class FedMUD(FedAvg):
         self._resent: set[int] = set()  # this round: nodes sent the full model again after a sync error
         self._test_loader = test_data
         self._population = 0  # nodes available when the round sampled
+        self._partitions: dict[int, int | None] = {}  # node -> the partition it said it holds (None: no answer)
         self._started = time.monotonic() - (self.history[-1]["wall_s"] if self.history else 0.0)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -110,14 +122,59 @@ class FedMUD(FedAvg):
     # ------------------------------------------------------------------ sampling and downlink
     def _sample(self, server_round: int, grid: Grid) -> list[int]:
         """The round's nodes (:func:`fedmud.privacy.sample_round`: Poisson sampling under DP); keeps
-        how many nodes there were to sample from (DP's release divides by rate × that)."""
+        how many nodes there were to sample from (DP's release divides by rate × that).
+
+        Nodes are sampled in the order of the partitions they hold (:meth:`_identify`), so the
+        same seed trains the same partitions whatever node ids Flower gives them, as
+        :func:`fedmud.rounds.simulate_in_process` does.
+        """
         deadline = time.monotonic() + self.run.round_timeout
         node_ids = sorted(grid.get_node_ids())
         while len(node_ids) < self.min_available_nodes and time.monotonic() < deadline:
             time.sleep(1.0)
             node_ids = sorted(grid.get_node_ids())
         self._population = len(node_ids)
-        return sample_round(self.run, server_round, node_ids)
+        self._identify(grid, server_round, [node for node in node_ids if node not in self._partitions])
+        known = sorted((self._partitions[n], n) for n in node_ids if self._partitions[n] is not None)
+        candidates = [node for _, node in known] + [n for n in node_ids if self._partitions[n] is None]
+        return sorted(candidates[i] for i in sample_round(self.run, server_round, range(len(candidates))))
+
+    def _identify(self, grid: Grid, server_round: int, nodes: list[int]) -> None:
+        """Ask ``nodes`` (once each) which partition they hold; the bytes go to the ledger's control part.
+
+        A node that does not answer in time, or whose app has no query function (an app of
+        the user's without ``@app.query()`` calling :func:`client.app.identify`), is sampled
+        after the identified ones, by node id, which differs between runs: logged.
+        """
+        if not nodes:
+            return
+        messages = [Message(content=identify_record(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        for message in messages:
+            self.ledger.record(server_round, str(message.metadata.dst_node_id), DOWN, content_bytes(message.content), CONTROL)
+        returned = list(grid.push_messages(messages))
+        asked = {
+            _pushed_id(message, {i for i in returned if i}, by_position): message.metadata.dst_node_id
+            for message, by_position in zip(messages, returned if len(returned) == len(messages) else [None] * len(messages))
+        }
+        asked.pop(None, None)
+        self._partitions.update(dict.fromkeys(nodes))
+        deadline = time.monotonic() + min(self.run.round_timeout, IDENTIFY_TIMEOUT_S)
+        while asked and time.monotonic() < deadline:
+            for reply in grid.pull_messages(sorted(asked)):
+                node = asked.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None and not reply.has_error():
+                    self.ledger.record(server_round, str(node), UP, content_bytes(reply.content), CONTROL)
+                    self._partitions[node] = read_identity(reply.content)
+            if asked:
+                time.sleep(POLL_S)
+        unknown = [n for n in nodes if self._partitions[n] is None]
+        if unknown:
+            log(
+                WARNING,
+                "node(s) %s did not say which partition they hold (a ClientApp without fedmud's query function, "
+                "or no answer within %gs): they are sampled by node id, which differs between runs",
+                _ids(unknown), min(self.run.round_timeout, IDENTIFY_TIMEOUT_S),
+            )
 
     def _plans(self, server_round: int, grid: Grid) -> list[tuple[int, Downlink]]:
         """(node, downlink plan) for each node sampled this round."""
@@ -214,23 +271,34 @@ class FedMUD(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, screen and add each reply to the round's weighted mean as it comes; merge it.
+        """Validate, screen and tally each reply as it comes (:class:`fedmud.rounds.RoundTally`); merge the mean.
 
-        No reply is kept: what is left of one after it is added is its partition, node, weight
-        and loss. The merged model is the server model's; no ArrayRecord of it is built.
+        No reply is kept once the median norm bound is known (in a round without history the
+        valid replies' decoded values wait for the round's own median): what is left of one is
+        its node and loss. The merged model is the server model's; no ArrayRecord of it is built.
         """
         server = self.server_model
-        accepted, counts = [], {"rejected": 0, "failed": 0, "resync": 0, **dict.fromkeys(EVENTS, 0)}
-        seed, dropped = round_seed(self.run.seed, server_round), []  # dropped: by the update-norm bound
+        counts = {"rejected": 0, "failed": 0, "resync": 0, **dict.fromkeys(EVENTS, 0), MERGE_REFUSED: 0}
+        seed = round_seed(self.run.seed, server_round)
+        tally, losses = RoundTally(server, seed), {}
         uploaded: set[str] = set()  # a node's first upload is the one that counts, once a round
-        mean, busy = WeightedMean(), 0.0  # busy: seconds spent here, not waiting for replies
+        busy = 0.0  # seconds spent here, not waiting for replies
         for reply in replies:
             started = time.monotonic()
-            outcome = self._add_reply(server_round, seed, reply, mean, counts, uploaded)
-            if outcome is not None:
-                (accepted if outcome[0] == "accepted" else dropped).append(outcome[1:])
+            valid = self._read_reply(server_round, seed, reply, counts, uploaded)
+            if valid is not None:
+                node, screened, losses[node] = valid
+                tally.add(node, screened)
             busy += time.monotonic() - started
         started = time.monotonic()
+        accepted, weights = [], {}
+        for node, screened in tally.close():
+            for event, reason in zip(screened.events, screened.reasons):
+                counts[event] += 1
+                log(WARNING, "round %d: node %s: %s", server_round, node, reason)
+            if not screened.dropped:
+                accepted.append(node)
+                weights[node] = screened.weight
         target = server.round  # what every replying client now holds
         if len(accepted) < self.run.min_replies:
             log(
@@ -238,30 +306,29 @@ class FedMUD(FedAvg):
                 "round %d skipped: %d valid replies, min-replies is %d (rejected %d, failed %d, resync %d)",
                 server_round, len(accepted), self.run.min_replies, counts["rejected"], counts["failed"], counts["resync"],
             )
-            mean = WeightedMean()
-        merged = server.merge_mean(server_round, seed, mean, self._population)
-        for node, *_ in accepted + dropped:
+        merged = server.merge_mean(server_round, seed, tally.mean_to_merge(), self._population)
+        if server.refused:
+            counts[MERGE_REFUSED] = 1
+            log(WARNING, "round %d skipped: %s; the model stays as it was", server_round, server.refused)
+        for node, _ in tally.outcomes:  # a dropped reply's node did receive this round's model
             server.records.synced(node, target)
-        total = sum(weight for _, weight, _ in accepted)
+        total = sum(weights.values())
         metrics = MetricRecord(
             {
                 "accepted": merged,
                 **counts,
-                "train-loss": sum(loss * weight for _, weight, loss in accepted) / total if total else float("nan"),
+                "train-loss": sum(losses[n] * w for n, w in weights.items()) / total if total else float("nan"),
             }
         )
         self._round_stats[server_round] = dict(metrics)
         self._round_seconds["aggregate_s"] = busy + time.monotonic() - started
         return None, metrics
 
-    def _add_reply(
-        self, server_round: int, seed: int, reply: Message, mean: WeightedMean, counts: dict, uploaded: set[str]
-    ) -> tuple[str, str, float, float] | None:
-        """One reply: counted, validated, screened and, if it passes, added to ``mean``.
-
-        Returns ("accepted" | "dropped", node, weight, train-loss) for a node that holds this
-        round's model, None for a reply that is left out (its count says why).
-        """
+    def _read_reply(
+        self, server_round: int, seed: int, reply: Message, counts: dict, uploaded: set[str]
+    ) -> tuple[str, Screened, float] | None:
+        """One reply: counted, validated and screened; (node, screened, train-loss) for a valid
+        one, None for a reply that is left out (its count says why)."""
         server, node = self.server_model, str(self._node_of(reply))
         if reply.has_error():
             counts["failed"] += 1
@@ -269,9 +336,7 @@ class FedMUD(FedAvg):
             log(WARNING, "round %d: node %s failed: %s", server_round, node, reply.error.reason)
             return None
         self.ledger.record(server_round, node, UP, content_bytes(reply.content))
-        for key, value in reply_seconds(reply.content).items():  # summed over the round's replies
-            name = "client_train_s" if key == "train-s" else "client_s"
-            self._round_seconds[name] = self._round_seconds.get(name, 0.0) + value
+        self._add_seconds(reply_seconds(reply.content))
         if is_sync_error(reply.content):
             counts["resync"] += 1
             server.records.unknown(node)
@@ -291,14 +356,15 @@ class FedMUD(FedAvg):
             server.records.unknown(node)
             log(WARNING, "round %d: rejected reply from node %s: %s", server_round, node, err)
             return None
-        for event, reason in zip(screened.events, screened.reasons):
-            counts[event] += 1
-            log(WARNING, "round %d: node %s: %s", server_round, node, reason)
-        if screened.dropped:  # it did receive this round's model; only its update is left out
-            return "dropped", node, 0.0, 0.0
-        mean.add(screened.values, screened.weight)
-        loss = float(reply.content.metric_records["metrics"]["train-loss"])
-        return "accepted", node, screened.weight, loss
+        return node, screened, float(reply.content.metric_records["metrics"]["train-loss"])
+
+    def _add_seconds(self, seconds: dict[str, float]) -> None:
+        """Add a reply's reported seconds to the round's sums; a value above ``round-timeout``
+        (no client of this round took longer) is left out, so the sums stay finite."""
+        for key, value in seconds.items():
+            if value <= self.run.round_timeout:
+                name = "client_train_s" if key == "train-s" else "client_s"
+                self._round_seconds[name] = self._round_seconds.get(name, 0.0) + value
 
     # ------------------------------------------------------------------ secure aggregation
     def secure_train(self, grid: Grid, server_round: int, plans: list[tuple[int, Downlink]]) -> MetricRecord:
@@ -316,7 +382,9 @@ class FedMUD(FedAvg):
         started = time.monotonic()
         target = server.round  # what every client that answered holds now
         nodes = result.merged_nodes if result.mean_update is not None else []
-        refused = "" if result.error else check_mean_update(result.mean_update, self._secure_bound())
+        refused = "" if result.error else check_mean_update(
+            result.mean_update, self._secure_bound(), server.codec.layout.numel, clipping_range(self.run, server.dp)
+        )
         if result.error or refused:
             log(WARNING, "round %d skipped: %s", server_round, result.error or refused)
             nodes = []
@@ -324,6 +392,8 @@ class FedMUD(FedAvg):
             log(WARNING, "round %d skipped: %d clients in the sum, min-replies is %d", server_round, len(nodes), self.run.min_replies)
         count = len(nodes) if len(nodes) >= self.run.min_replies else 0
         merged = server.merge_secure(server_round, seed, result.mean_update if count else None, count, self._population)
+        if server.refused:
+            log(WARNING, "round %d skipped: %s; the model stays as it was", server_round, server.refused)
         for node in nodes:
             server.records.synced(str(node), target)
         left_out = sorted(set(downlinks) - set(result.merged_nodes))
@@ -331,9 +401,8 @@ class FedMUD(FedAvg):
             log(WARNING, "round %d: node(s) %s dropped out of secure aggregation", server_round, _ids(left_out))
         for node in sorted(set(downlinks) - set(nodes)):
             server.records.unknown(str(node))
-        for key, value in result.seconds.items():
-            self._round_seconds["client_train_s" if key == "train-s" else "client_s"] = value
-        counts = {**dict.fromkeys(EVENTS, 0), NORM_REJECTED: int(bool(refused))}
+        self._add_seconds(result.seconds)
+        counts = {**dict.fromkeys(EVENTS, 0), NORM_REJECTED: int(bool(refused)), MERGE_REFUSED: int(bool(server.refused))}
         failed = len(downlinks) - len(result.merged_nodes)
         metrics = MetricRecord({"accepted": merged, "failed": failed, "rejected": 0, "resync": 0, **counts})
         self._round_stats[server_round] = dict(metrics)
@@ -394,7 +463,7 @@ class FedMUD(FedAvg):
             log(INFO, "round %d took %s", server_round, describe_round_time(row))
 
     def _write_results(self) -> None:
-        (self.run_dir / "results.json").write_text(json.dumps(self.history, indent=1))
+        (self.run_dir / "results.json").write_text(json.dumps(json_safe(self.history), indent=1, allow_nan=False))
         self.ledger.save(self.run_dir / "ledger.json")
 
     def evaluate(self, server_round: int) -> MetricRecord:
@@ -417,8 +486,10 @@ class FedMUD(FedAvg):
             "wall_s": time.monotonic() - self._started,
             **self._round_stats.get(server_round, {}),
         }
-        if self.server_model.dp.on:  # every round sampled counts, merged or not
-            row["epsilon"] = self.server_model.dp.epsilon(server_round)
+        dp = self.server_model.dp
+        if dp.on:  # every round sampled counts, merged or not, at the (σ, q) it ran at: ε survives any resume
+            row.update(dp.round_record() if server_round > 0 else {})
+            row["epsilon"] = accounted_epsilon([*self.history, row], dp.delta)
         self.history.append(row)
         for key in ("accuracy", "loss", "up_bytes", "down_bytes", "cum_up_bytes", "cum_down_bytes"):
             self.writer.add_scalar(key, row[key], server_round)
@@ -438,7 +509,21 @@ class FedMUD(FedAvg):
             _mb(total[UP]),
             _mb(total[DOWN]),
         )
+        diverged = divergence(self.history)
+        if diverged:
+            log(WARNING, "round %d: the model is %s", server_round, diverged["reason"])
         return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (a skipped round's NaN train-loss) as None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def server_seconds(row: dict) -> float:

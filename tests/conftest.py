@@ -207,9 +207,11 @@ def finished_run(env: dict, run_dir: Path, run_config: str, supernodes: int = 3,
     summaries = list(run_dir.glob("*/summary.json"))
     assert result.returncode == 0 and summaries, output[-4000:]
     run = summaries[0].parent
+    summary = json.loads(summaries[0].read_text())
+    assert summary["status"] == "completed", summary
     return {
         "output": output,
-        "summary": json.loads(summaries[0].read_text()),
+        "summary": summary,
         "results": json.loads((run / "results.json").read_text()),
         "ledger": json.loads((run / "ledger.json").read_text()),
         "dir": run,

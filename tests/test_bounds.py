@@ -77,16 +77,22 @@ def test_an_update_within_the_norm_bound_merges_bitwise_as_without_the_bound():
     assert free.digest == bounded.digest
 
 
-def test_with_a_norm_bound_a_huge_finite_upload_cannot_make_the_model_non_finite():
-    """Without a bound, finite values near float32's limit merge into inf; clipped, they cannot."""
-    def finite(server: ServerModel) -> bool:
-        return all(torch.isfinite(t).all() for t in server.global_state().values() if t.is_floating_point())
+def test_a_merge_that_would_make_the_model_non_finite_is_refused_and_the_model_kept_with_every_bound_off():
+    """Finite values near float32's limit would merge into inf: the round is refused, nothing moves."""
+    server = _server(**{"median-norm-bound": 0.0})
+    before = {n: t.clone() for n, t in server.global_state().items()}
+    huge = np.full(server.codec.layout.numel, 3e38, dtype=np.float32)
+    merged = server.apply_round(ROUND, SEED, [({"payload": huge}, 40)])
+    assert merged == 0 and "non-finite" in server.refused
+    assert all(torch.equal(before[n], t) for n, t in server.global_state().items())
+    assert server.round == ROUND and not server.chain.links  # the round is over; no link was recorded
 
-    free, bounded = _server(), _server(**{"update-norm-bound": 10.0})
-    huge = np.full(free.codec.layout.numel, 3e38, dtype=np.float32)
-    free.apply_round(ROUND, SEED, [({"payload": huge}, 40)])
-    bounded.apply_round(ROUND, SEED, [({"payload": huge}, 40)])
-    assert not finite(free) and finite(bounded)
+
+def test_with_a_norm_bound_a_huge_finite_upload_merges_clipped_and_finite():
+    bounded = _server(**{"update-norm-bound": 10.0, "median-norm-bound": 0.0})
+    huge = np.full(bounded.codec.layout.numel, 3e38, dtype=np.float32)
+    assert bounded.apply_round(ROUND, SEED, [({"payload": huge}, 40)]) == 1
+    assert all(torch.isfinite(t).all() for t in bounded.global_state().values() if t.is_floating_point())
 
 
 # ------------------------------------------------------------------------- in the strategy

@@ -1,8 +1,20 @@
 """Bad configuration stops with one message naming the key, the value and what is allowed."""
 
+import math
+from dataclasses import asdict
+
 import pytest
 
-from fedmud.config import ConfigError, parse_run_config
+from fedmud.config import (
+    INT64_MAX,
+    LORA_ALPHA_RANGE,
+    MAX_NOISE_MULTIPLIER,
+    RUN_CONFIG_KEYS,
+    SCALE_RANGE,
+    ConfigError,
+    RunConfig,
+    parse_run_config,
+)
 from fedmud.model import decompose
 from fedmud.models import CNN
 
@@ -32,6 +44,27 @@ from fedmud.models import CNN
         ("update-norm-bound", "10", "a number"),
         ("update-norm-bound", float("nan"), "a finite number"),
         ("update-norm-action", "drop", "choose one of reject, clip"),
+        # values that used to pass and crash later (issue 24, point 11)
+        ("classes", "0-1000000000000", "its labels are 0-9"),
+        ("dp-noise-multiplier", 1e300, "<= 10000.0"),
+        ("lora-alpha", 1e300, "<= 100000.0"),
+        ("lora-alpha", 1e-300, ">= 0.001"),
+        ("lora-init-scale", 1e300, "<= 1000.0"),
+        ("init-scale", 1e300, "<= 1000.0"),
+        ("frozen-scale", 1e300, "<= 1000.0"),
+        ("frozen-scale", 1e-300, ">= 0.001"),
+        ("lr", 1e300, "<= 1000000.0"),
+        ("weight-decay", 1e300, "<= 1000000.0"),
+        ("dp-clip", 1e300, "<= 1000000.0"),
+        ("update-norm-bound", 1e300, "<= 1000000.0"),
+        ("round-timeout", 1e300, "<= 43200.0"),
+        ("seed", 2**64, "an integer >= 0 and <= 9223372036854775807"),
+        ("data-seed", 2**64, "<= 9223372036854775807"),
+        ("num-server-rounds", 2**64, "<= 9223372036854775807"),
+        ("alpha", 10**400, "a finite number"),
+        ("run-dir", 3, "give the directory runs are written under (a non-empty path)"),
+        ("run-dir", "", "a non-empty path"),
+        ("resume", None, "give a run directory to continue, or '' for a new run"),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(key, value, allowed):
@@ -119,3 +152,135 @@ def test_the_pyproject_defaults_are_the_parsers_defaults():
     config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     # only the rounds differ: the app runs 10, a RunConfig built in code 20
     assert parse_run_config(config) == parse_run_config({"num-server-rounds": config["num-server-rounds"]})
+
+
+# --- keys: a misspelt key is refused, not left at its default (issue 24, point 10) -----------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "meant"),
+    [
+        ("secure-aggregaton", True, "secure-aggregation"),
+        ("update-norm-bnd", 25, "update-norm-bound"),
+        ("update_norm_bound", 25, "update-norm-bound"),  # the field's spelling
+        ("rounds", 5, "num-server-rounds"),  # the field's name
+    ],
+)
+def test_a_misspelt_key_is_refused_naming_the_key_it_is_nearest(key, value, meant):
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({key: value})
+    message = str(err.value)
+    assert message.startswith(f"{key}={value!r} is not allowed: there is no such key; did you mean {meant}? Known keys: ")
+    assert "alpha, batch-size, classes" in message and "'myapp.key'" in message
+
+
+def test_every_unknown_key_is_named_in_one_message():
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"secure-aggregaton": True, "lr": 0.1, "zzz": 1})
+    assert str(err.value).startswith(
+        "secure-aggregaton=True (did you mean secure-aggregation?), zzz=1 are not allowed: there are no such keys. Known keys: "
+    )
+
+
+def test_an_apps_own_dotted_keys_are_left_to_the_app():
+    # [tool.flwr.app.config.myapp] in pyproject.toml reaches the apps as 'myapp.<key>'
+    assert parse_run_config({"myapp.schedule": "cosine", "myapp.warmup": 3}) == parse_run_config({})
+
+
+def test_the_known_keys_are_the_config_fields_and_exactly_what_pyproject_declares():
+    import tomllib
+    from pathlib import Path
+
+    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(config) == RUN_CONFIG_KEYS
+    assert len(RUN_CONFIG_KEYS) == len(_leaves(asdict(RunConfig())))  # one key per field
+
+
+def test_every_app_in_the_repository_passes_only_keys_fedmud_knows_or_its_own_dotted_ones():
+    """What reaches parse_run_config from an app: its [tool.flwr.app.config], flattened as Flower does."""
+    import tomllib
+    from pathlib import Path
+
+    from flwr.common.config import flatten_dict
+
+    root = Path(__file__).parents[1]
+    for app in ("pyproject.toml", "examples/custom-app/pyproject.toml", "tests/apps/secure_probe/pyproject.toml"):
+        declared = tomllib.loads((root / app).read_text())["tool"]["flwr"]["app"]["config"]
+        parse_run_config(flatten_dict(declared))  # raises ConfigError on a key FedMUD does not know
+
+
+def test_run_server_refuses_a_misspelt_key_before_any_round(tmp_path):
+    from server.app import RunFailed, run_server
+
+    with pytest.raises(RunFailed, match="secure-aggregaton=True is not allowed: .* did you mean secure-aggregation"):
+        run_server(None, {"secure-aggregaton": True, "run-dir": str(tmp_path)})  # no grid: no round can start
+
+
+# --- values: no number a run config can hold crashes a run later (issue 24, point 11) ------------
+
+
+def _leaves(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    out = {}
+    for name, value in tree.items():
+        out.update(_leaves(value, (*prefix, name)) if isinstance(value, dict) else {(*prefix, name): value})
+    return out
+
+
+def _numeric_keys() -> list[str]:
+    from fedmud.config import run_config_key
+
+    leaves = _leaves(asdict(RunConfig()))
+    return sorted(run_config_key(p) for p, v in leaves.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+@pytest.mark.parametrize("key", _numeric_keys())
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 10**400, -(10**400)])
+def test_every_numeric_key_refuses_non_finite_and_unbounded_values(key, value):
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({key: value})
+    assert str(err.value).startswith(f"{key}={value!r} is not allowed")
+
+
+def test_the_largest_run_config_integer_is_a_valid_seed():
+    run = parse_run_config({"seed": INT64_MAX, "data-seed": INT64_MAX})
+    assert (run.seed, run.data.seed) == (INT64_MAX, INT64_MAX)
+
+
+def test_a_huge_class_range_is_refused_at_once_in_a_short_message():
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"classes": "0-1000000"})  # used to expand to a million labels, then a 6.9 MB message
+    assert time.monotonic() - started < 1 and len(str(err.value)) < 100
+    assert parse_run_config({"classes": "99", "dataset": "cifar100"}).data.classes == (99,)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"init-scale": SCALE_RANGE[1], "frozen-scale": SCALE_RANGE[0]},
+        {"init-scale": SCALE_RANGE[1], "frozen-scale": SCALE_RANGE[1], "kind": "mat"},
+        {"method": "lora", "lora-alpha": LORA_ALPHA_RANGE[0], "lora-init-scale": SCALE_RANGE[1]},
+        {"method": "lora", "lora-alpha": LORA_ALPHA_RANGE[1], "lora-init-scale": SCALE_RANGE[1]},
+        {"method": "ffa-lora", "init": "nonzero", "lora-alpha": LORA_ALPHA_RANGE[0], "lora-init-scale": SCALE_RANGE[1]},
+    ],
+)
+def test_the_round_0_model_is_finite_at_the_ends_of_the_scale_ranges(cfg):
+    import torch
+
+    from fedmud.rounds import build_decomposed
+    from fedmud.seeds import round_seed
+
+    run = parse_run_config(cfg)
+    model = build_decomposed(run)
+    model.reset(round_seed(run.seed, 1))
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("rate", "rounds"), [(1.0, 1), (0.2, 1000), (0.001, 1)])
+def test_the_accountant_states_an_epsilon_at_the_largest_noise_multiplier(rate, rounds):
+    from fedmud.privacy import epsilon
+
+    assert 0 <= epsilon(MAX_NOISE_MULTIPLIER, rate, rounds, 1e-5) < 1  # 1e300 raised OverflowError at the first log

@@ -431,3 +431,56 @@ def test_an_unusable_dataset_factory_names_key_value_reason_and_what_is_expected
 
 def test_config_accepts_a_dataset_factory_import_string():
     assert parse_run_config({"dataset": "my_pkg.data:load"}).data.dataset == "my_pkg.data:load"
+
+
+# --- what the data decides: partitions and the held-out split (issue 24, point 11) ---------------
+
+
+@pytest.mark.parametrize(("partition", "most"), [("iid", 1438), ("dirichlet", 719)])
+def test_more_partitions_than_the_train_split_can_fill_are_refused_where_the_data_is_loaded(partition, most):
+    """digits: 1,438 train examples; a dirichlet partition holds at least 2. Used to be an IndexError
+    on every client; now the server's held-out loader stops the run before its first round."""
+    config = parse_run_config({"dataset": "digits", "partition": partition, "num-partitions": most + 1}).data
+    message = (
+        f"num-partitions={most + 1} is not allowed with dataset='digits': its train split has 1438 examples "
+        f"and partition={partition!r} gives every partition at least {1 if partition == 'iid' else 2}, so at most {most}"
+    )
+    with pytest.raises(ConfigError) as err:
+        eval_loader(config)
+    assert str(err.value) == message
+    with pytest.raises(ConfigError, match="so at most"):
+        client_loader(config, most, batch_size=32, seed=0)
+
+
+def test_the_server_stops_a_run_with_too_many_partitions_before_its_first_round(tmp_path):
+    from server.app import RunFailed, run_server
+
+    cfg = {"dataset": "digits", "num-partitions": 2000, "run-dir": str(tmp_path)}
+    with pytest.raises(RunFailed, match="num-partitions=2000 is not allowed with dataset='digits': .* so at most 1438"):
+        run_server(None, cfg)  # no grid: it fails before it could send anything
+
+
+def test_the_most_partitions_allowed_each_hold_an_example():
+    config = parse_run_config({"dataset": "digits", "num-partitions": 1438}).data
+    assert min(len(p) for p in partition_indices(config)) == 1
+
+
+def test_the_partition_count_is_checked_against_the_classes_kept_and_user_data():
+    with pytest.raises(ConfigError, match=r"with dataset='digits' and classes='0-1,7': its train split has \d+ examples"):
+        eval_loader(parse_run_config({"dataset": "digits", "classes": "0-1,7", "num-partitions": 1000}).data)
+    with pytest.raises(ConfigError, match="num-partitions=193 is not allowed with dataset='tests.factories:image_tensors'.* at most 192"):
+        dataset_info(user("image_tensors", num_partitions=193))
+
+
+def test_a_test_fraction_that_holds_out_nothing_is_refused_naming_the_smallest():
+    config = parse_run_config({"dataset": "digits", "test-fraction": 1e-9}).data  # used to evaluate on nothing: accuracy 0
+    with pytest.raises(ConfigError, match=r"test-fraction=1e-09 is not allowed with dataset='digits': it holds out none of its 1797 examples; it must be at least 0.000556"):
+        eval_loader(config)
+
+
+def test_a_class_list_built_in_code_is_refused_in_a_short_message():
+    from fedmud.data import splits
+
+    with pytest.raises(ConfigError) as err:
+        splits(DataConfig(classes=(*range(5), *range(7, 1_000_000))))  # a million labels: used to be a 6.9 MB message
+    assert str(err.value) == "classes='0-4,7-999999' is not allowed with dataset='mnist5k': its labels are 0-9"

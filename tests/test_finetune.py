@@ -247,7 +247,7 @@ def test_hrp_lora_switches_rank_after_the_preheat_and_a_client_that_missed_it_sy
         ({"method": "ffa-lora", "init": "hrp"}, "init='hrp' is not allowed with method='ffa-lora'; choose one of auto, zero, nonzero"),
         ({"method": "lora", "init": "hrp", "hrp-rank": 8}, "hrp-rank=8 is not allowed with lora-rank=8"),
         ({"method": "lora", "lora-rank": 0}, "lora-rank=0 is not allowed; it must be an integer >= 1"),
-        ({"method": "lora", "lora-alpha": 0}, "lora-alpha=0 is not allowed; it must be a number > 0"),
+        ({"method": "lora", "lora-alpha": 0}, "lora-alpha=0 is not allowed; it must be a number >= 0.001"),
         ({"classes": "9-5"}, "classes='9-5' is not allowed"),
         ({"classes": "a"}, "classes='a' is not allowed"),
     ],

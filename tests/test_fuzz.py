@@ -11,6 +11,7 @@ fractional partition-id), each as it could arrive over the wire. Run with ``-s``
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -25,7 +26,8 @@ from fedmud.ledger import Ledger
 from fedmud.rounds import ServerModel
 from fedmud.seeds import round_seed
 from server.strategy import FedMUD
-from fedmud_wire import read_upload
+from fedmud_wire import read_upload, upload_record
+from .federation import reply_from
 
 PAYLOADS_PER_CODEC = 400
 ROUND = 3
@@ -267,3 +269,73 @@ def test_a_round_fed_every_fuzzed_reply_completes_with_a_finite_model(scheme, ta
     assert metrics["accepted"] + metrics["rejected"] + metrics["norm-rejected"] == len(replies)
     assert metrics["accepted"] > 0 and metrics["rejected"] > 0
     assert all(torch.isfinite(t).all() for t in server.global_state().values() if t.is_floating_point())
+
+
+# ------------------------------------------------------------------------- with the shipped defaults
+# Every codec and method shipped, each with every other key at its default (median-norm-bound 10,
+# int4 chain links with server error feedback, max-examples 100,000, no fixed norm bound).
+DEFAULT_RUNS = {
+    **{scheme: {"uplink": scheme} for scheme in SCHEMES},
+    "int4-stochastic": {"uplink": "int4", "stochastic-rounding": True},
+    "int2-stochastic-ef": {"uplink": "int2", "stochastic-rounding": True, "error-feedback": True},
+    "sign-ef": {"uplink": "sign", "error-feedback": True},
+    "fedpara": {"method": "fedpara"},
+    "fedlmt": {"method": "fedlmt"},
+    "fedavg": {"method": "fedavg"},
+    "lora": {"method": "lora"},
+    "ffa-lora": {"method": "ffa-lora"},
+}
+HONEST, TRIALS = 4, 12
+LINK_SLACK = 1.5  # what the int4 link code may add to a merged update's norm (measured: below 1.1)
+
+
+def _honest_reply(rng, server: ServerModel, node: int) -> Message:
+    """A client's upload whose update (decoded upload minus the round-start values) has norm 1."""
+    update = rng.standard_normal(server.codec.layout.numel)
+    update /= np.linalg.norm(update)
+    reference = server.reference(SEED)
+    values = update if server.codec.residual else reference + update
+    parts = server.codec.encode(values.astype(np.float32))
+    return reply_from(node, upload_record(server.codec.pack(parts), 100, 0.5, ROUND, node))
+
+
+def _merged_update(server: ServerModel) -> np.ndarray:
+    """What the round's link moved the upload's values by (zeros when nothing merged)."""
+    links = [link for link in server.chain.links if link.round == ROUND]
+    reference = server.reference(SEED).astype(np.float64)
+    if not links:
+        return np.zeros_like(reference)
+    codec = server.link_codec
+    values = codec.decode(codec.validate(dict(links[0].parts)), reference.astype(np.float32) if codec.residual else None)
+    return values.astype(np.float64) - reference
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_RUNS))
+def test_with_the_defaults_no_single_reply_crashes_a_round_or_moves_the_model_beyond_the_median_bound(
+    name, task_identity, tmp_path
+):
+    """Four honest replies (updates of norm 1) and one fuzzed reply a round, with and without norm
+    history: no exception escapes, the model stays finite, and the merged update's norm stays within
+    median-norm-bound times an honest update's (plus the link code's slack)."""
+    run = parse_run_config(DEFAULT_RUNS[name])
+    server = ServerModel(run)
+    server.round = ROUND - 1
+    start = copy.deepcopy(server.state_dict())
+    strategy = FedMUD(run, server, Ledger(), tmp_path, test_data=[])
+    rng = np.random.default_rng(2024 + sorted(DEFAULT_RUNS).index(name))
+    worst, outcomes = 0.0, {"accepted": 0, "rejected": 0}
+    try:
+        for trial in range(TRIALS):
+            server.load_state_dict(copy.deepcopy(start))
+            server.recent_norms = [[1.0] * HONEST] if trial % 2 else []  # known median, or the round's own
+            replies = [_honest_reply(rng, server, node) for node in range(1, HONEST + 1)]
+            replies.insert(int(rng.integers(0, HONEST + 1)), reply_from(99, fuzzed_reply(rng, server.codec)))
+            _, metrics = strategy.aggregate_train(ROUND, replies)
+            outcomes["accepted" if metrics["accepted"] == HONEST + 1 else "rejected"] += 1
+            assert all(torch.isfinite(t).all() for t in server.global_state().values() if t.is_floating_point())
+            worst = max(worst, float(np.linalg.norm(_merged_update(server))))
+    finally:
+        strategy.writer.close()
+    print(f"\n{name}: {outcomes}, largest merged update norm {worst:.3f} (honest updates: 1)")
+    assert worst <= run.bounds.median_norm_bound * LINK_SLACK, worst
+    assert min(outcomes.values()) > 0  # the fuzz reaches both sides

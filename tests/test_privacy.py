@@ -261,7 +261,7 @@ def test_secure_aggregation_survives_a_dropout_merges_to_the_plain_weights_and_t
     before the round (it fails at the first message: under SecAgg+ before it shares its keys, which
     Flower 1.39's workflow alone cannot survive) and partition 3 drops out in training (after it
     shared its keys, so the others' masks with it must be rebuilt from their shares)."""
-    base = 'downlink="full" probe-lost-partitions="1" probe-drop-partitions="3"'
+    base = 'downlink="full" probe.lost-partitions="1" probe.drop-partitions="3"'
     plain = _probe_run(simulation_superlink, tmp_path / "plain", base)
     secure = _probe_run(simulation_superlink, tmp_path / "secure", f"{base} secure-aggregation=true")
 
@@ -286,7 +286,8 @@ def test_secure_aggregation_survives_a_dropout_merges_to_the_plain_weights_and_t
     assert len({r["client"] for r in ledger["protocol"] if r["direction"] == DOWN}) == 4
     assert len({r["client"] for r in ledger["protocol"] if r["direction"] == UP}) == 3
     assert summary["secagg_protocol_up_bytes"] > 0 and summary["secagg_protocol_down_bytes"] > 0
-    assert summary["up_bytes"] == sum(r["bytes"] for r in ledger["records"] + ledger["protocol"] if r["direction"] == UP)
+    every = ledger["records"] + ledger["protocol"] + ledger["control"]  # control: the partition queries
+    assert summary["up_bytes"] == sum(r["bytes"] for r in every if r["direction"] == UP)
     # a masked upload is int64 per coordinate: about twice the plain float32 upload
     masked = [r["bytes"] for r in ledger["records"] if r["direction"] == UP]
     clear = [r["bytes"] for r in plain["ledger"]["records"] if r["direction"] == UP]

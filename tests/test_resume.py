@@ -14,6 +14,7 @@ from fedmud.sync import CHAIN
 
 from .conftest import flwr_run
 from .federation import Node, nodes_for, run_rounds, server_for
+from .test_round_exchange import RUN_CONFIG, LoopbackGrid
 
 FEDERATION = ("--federation-config", "num-supernodes=3 client-resources-num-cpus=1")
 
@@ -36,11 +37,11 @@ def test_a_resumed_run_ends_with_exactly_the_weights_of_the_uninterrupted_run(si
     _run(simulation_superlink, whole, "num-server-rounds=4")
     _run(simulation_superlink, parts, "num-server-rounds=2")  # stops after round 2
     stopped = _only_run(parts)
-    assert torch.load(stopped / "checkpoint.pt", weights_only=False)["server"]["round"] == 2
+    assert torch.load(stopped / "checkpoint.pt", weights_only=True)["server"]["round"] == 2
     _run(simulation_superlink, parts, f'num-server-rounds=4 resume="{stopped}"')
 
-    expected = torch.load(_only_run(whole) / "checkpoint.pt", weights_only=False)["server"]
-    resumed = torch.load(stopped / "checkpoint.pt", weights_only=False)["server"]
+    expected = torch.load(_only_run(whole) / "checkpoint.pt", weights_only=True)["server"]
+    resumed = torch.load(stopped / "checkpoint.pt", weights_only=True)["server"]
     assert resumed["round"] == expected["round"] == 4
     for name, tensor in expected["global_state"].items():
         assert torch.equal(resumed["global_state"][name], tensor), name
@@ -123,3 +124,34 @@ def test_a_server_restarted_from_its_checkpoint_ends_bitwise_as_the_uninterrupte
     assert resumed.digest == whole.digest
     if run.decomposition.init == "hrp":
         assert resumed.model.hrp_ready and whole.model.hrp_ready
+
+
+def test_a_resume_that_would_end_before_its_checkpoints_round_is_refused_naming_the_smallest_allowed(tmp_path):
+    server = ServerModel(parse_run_config({}))
+    server.load(3, server.global_state())  # a run stopped after round 3
+    save_checkpoint(tmp_path, server, Ledger(), [])
+    with pytest.raises(ConfigError) as err:
+        load_checkpoint(tmp_path, parse_run_config({"num-server-rounds": 2}))
+    assert str(err.value) == (
+        f"num-server-rounds=2 is not allowed with resume={str(tmp_path)!r}: its checkpoint is after round 3, "
+        "and a run cannot end before it; allowed: 3 or more"
+    )
+    load_checkpoint(tmp_path, parse_run_config({"num-server-rounds": 3}))
+
+
+def test_a_resumed_run_keeps_every_row_of_its_results_as_the_stopped_run_wrote_it(task_identity, tmp_path):
+    """The whole ServerApp side (``run_server``) over real ClientApp rounds in this process: the
+    last round before the stop keeps its timings, though its checkpoint was written before them."""
+    from server.app import run_server
+
+    config = {**RUN_CONFIG, "run-dir": str(tmp_path)}
+    run_server(LoopbackGrid(events={}), {**config, "num-server-rounds": 1})
+    stopped = _only_run(tmp_path)
+    before = json.loads((stopped / "results.json").read_text())
+    assert "round_s" in before[1] and "checkpoint_s" in before[1]
+
+    run_server(LoopbackGrid(events={}), {**config, "num-server-rounds": 2, "resume": str(stopped)})
+    rows = json.loads((stopped / "results.json").read_text())
+    assert rows[:2] == before
+    assert [r["round"] for r in rows] == [0, 1, 2] and "round_s" in rows[2]
+    assert json.loads((stopped / "summary.json").read_text())["seconds"]["timed_rounds"] == 2

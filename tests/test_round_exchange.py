@@ -11,11 +11,11 @@ with real processes.
 import uuid
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 
-from client.app import run_client_round
+from client.app import identify, run_client_round
 from fedmud.config import parse_run_config
 from fedmud.data import test_loader as held_out_loader
 from fedmud.ledger import DOWN, UP, Ledger
@@ -47,7 +47,8 @@ class LoopbackGrid(Grid):
     def push_messages(self, messages):
         ids = []
         for message in messages:
-            self._happen(int(message.content.config_records["config"]["server-round"]))
+            if message.metadata.message_type == MessageType.TRAIN:
+                self._happen(int(message.content.config_records["config"]["server-round"]))
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do
             ids.append(message.metadata.message_id)
             self.replies[message.metadata.message_id] = self._answer(message)
@@ -64,6 +65,8 @@ class LoopbackGrid(Grid):
         node = message.metadata.dst_node_id
         if node in self.dead:
             return create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+        if message.metadata.message_type == MessageType.QUERY:  # which partition: the ClientApp's @app.query()
+            return identify(message, self.contexts[node])
         return run_client_round(message, self.contexts[node])
 
     def pull_messages(self, message_ids):

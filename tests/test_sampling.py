@@ -3,6 +3,7 @@
 import pytest
 
 from fedmud.seeds import sample_clients
+from .conftest import finished_run
 
 NODES = [9_000_000_000 + 37 * i for i in range(100)]  # Flower node ids are large integers, not 0..n-1
 ROUNDS = range(1, 6)
@@ -44,3 +45,17 @@ def test_the_picks_are_those_of_earlier_releases_so_old_checkpoints_resume_on_th
     assert sample_clients(0, 1, list(range(10)), 0.3, 2) == [0, 5, 6]
     assert sample_clients(0, 2, list(range(10)), 0.3, 2) == [3, 6, 8]
     assert sample_clients(7, 1, list(range(100)), 0.05, 2) == [3, 8, 46, 59, 66]
+
+
+@pytest.mark.integration
+def test_two_flower_runs_of_one_config_and_seed_train_the_same_partitions(simulation_superlink, tmp_path):
+    """Flower gives the nodes new random ids every run; the server asks each node its partition
+    once and samples partitions, so at fraction-train < 1 both runs are the same run."""
+    config = "num-server-rounds=2 local-epochs=1 fraction-train=0.5 min-train-nodes=2 num-partitions=4"
+    first, second = (finished_run(simulation_superlink, tmp_path / name, config, supernodes=4) for name in "ab")
+    rows = lambda run: [(r["round"], r["accuracy"], r["loss"], r.get("train-loss")) for r in run["results"]]  # noqa: E731
+    assert rows(first) == rows(second)
+    assert {r["client"] for r in first["ledger"]["records"]} != {r["client"] for r in second["ledger"]["records"]}
+    asked = [r for r in first["ledger"]["control"] if r["direction"] == "down"]
+    answered = [r for r in first["ledger"]["control"] if r["direction"] == "up"]
+    assert len(asked) == len(answered) == 4  # each node is asked once

@@ -1,12 +1,13 @@
 """End to end on Flower's real simulation runtime: a SuperLink process, `flwr run`, three clients."""
 
 import json
+import subprocess
 
 import pytest
 
 from server.strategy import ROUND_PARTS
 
-from .conftest import finished_run, flwr_run
+from .conftest import ROOT, finished_run, flwr_run
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +80,7 @@ def test_bad_config_stops_the_run_before_any_round_naming_key_value_and_allowed(
     result = flwr_run(simulation_superlink, "-c", f'{overrides} run-dir="{tmp_path}"', timeout=300)
     output = result.stdout + result.stderr
     assert message in output
-    assert "[ROUND 1" not in output and not list(tmp_path.glob("*/summary.json"))
+    assert "[ROUND 1" not in output and not list(tmp_path.glob("*/results.json"))  # its summary.json: "failed"
 
 
 def test_a_vision_transformer_trains_through_the_simulation_within_the_ratio(simulation_superlink, tmp_path):
@@ -134,3 +135,25 @@ def test_returning_clients_download_the_int4_links_they_lack_at_partial_particip
 def ledger_link_bound(run: dict) -> float:
     """An int4 link: an eighth of the float32 upload (1/32 of dense), plus scales and framing."""
     return 1.2 * run["ledger"]["dense_up_bytes"] / 32 / 8
+
+
+def test_a_completed_run_says_so_in_its_summary(two_round_run):
+    assert two_round_run["summary"]["status"] == "completed"
+
+
+def test_a_failed_run_is_marked_failed_and_flwr_run_sh_exits_1_with_the_reason(simulation_superlink, tmp_path):
+    """`flwr run --stream` exits 0 whatever the run's status (Flower 1.39), and a ServerApp that
+    raised SystemExit was even recorded as `finished:completed`; scripts/flwr-run.sh asks the SuperLink."""
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "flwr-run.sh"), ".", "test", "-c", f'pattern="xyz" run-dir="{tmp_path}"'],
+        cwd=ROOT,
+        env=simulation_superlink,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, (result.stdout + result.stderr)[-4000:]
+    assert "finished:failed: " in result.stderr
+    assert "configuration error: pattern='xyz' is not allowed; choose one of ab, fab, aad" in result.stderr
+    summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("configuration error: pattern='xyz'")

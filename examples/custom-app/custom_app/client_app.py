@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client.app import run_client_round
+from client.app import identify, run_client_round
 from fedmud.config import RunConfig
 from fedmud.task import CLASSIFICATION
 
@@ -22,3 +22,10 @@ def train(msg: Message, context: Context) -> Message:
     # load, make_model and CLASSIFICATION are module-level objects, the same every round:
     # FedMUD builds this process's models once and keeps them.
     return run_client_round(msg, context, loader_fn=load, model_fn=make_model, task=CLASSIFICATION)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    # the server asks each node once which partition it holds, and samples partitions with the
+    # run's seed: the same config and seed train the same clients in every run
+    return identify(msg, context)

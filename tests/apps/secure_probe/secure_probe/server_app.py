@@ -44,5 +44,5 @@ def main(grid: Grid, context: Context) -> None:
 
     secure.MeteredGrid.send_and_receive = probe_send
     secure._RoundStrategy.aggregate_fit = probe_aggregate
-    summary = run_server(grid, context.run_config)
+    summary = run_server(grid, context.run_config)  # the probe's own keys are dotted: FedMUD leaves them
     (Path(summary["run_dir"]) / "probe.json").write_text(json.dumps(seen))
