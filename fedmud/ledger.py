@@ -23,7 +23,7 @@ class Ledger:
     ``records`` holds the model's messages (downlinks, uploads: under secure aggregation the
     collect stage, which carries both); ``protocol`` the other messages of secure aggregation
     (keys, shares); ``control`` the partition queries. Totals count all three; the dense
-    equivalent counts the model's messages.
+    equivalent counts the model's messages as dense ones, and the control messages as they are.
     """
 
     dense_up_bytes: int = 0
@@ -61,11 +61,13 @@ class Ledger:
         return totals
 
     def dense_equivalent(self) -> dict[str, int]:
-        """What dense FedAvg would have sent for the same messages."""
+        """What dense FedAvg would have sent for the same messages: a dense message for each of the
+        model's, and the partition queries as they were (dense FedAvg through these apps asks too)."""
         counts = {UP: 0, DOWN: 0}
         for _, _, direction, _ in self.records:
             counts[direction] += 1
-        return {UP: counts[UP] * self.dense_up_bytes, DOWN: counts[DOWN] * self.dense_down_bytes}
+        control = self.totals(CONTROL)
+        return {UP: counts[UP] * self.dense_up_bytes + control[UP], DOWN: counts[DOWN] * self.dense_down_bytes + control[DOWN]}
 
     def to_dict(self) -> dict:
         return {
