@@ -1,5 +1,7 @@
 """A valid reply cannot take over the model: its weight is capped and its update can be norm-bounded."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +130,41 @@ def test_norm_rejected_replies_do_not_count_towards_min_replies(task_identity, t
     metrics = _aggregate(server, tmp_path, [(1, _update(server, 1.0, 1), 40), (2, _update(server, 500.0, 2), 40)])
     assert (metrics["accepted"], metrics["norm-rejected"]) == (0, 1)
     assert server.digest == digest and not server.chain.links
+
+
+def test_huge_reported_seconds_are_left_out_and_results_json_stays_strict_json(task_identity, tmp_path):
+    """Two replies claiming train-s=1e308 would sum to inf and write `Infinity` (not JSON); a
+    skipped round's NaN train-loss too. Seconds above round-timeout are left out; NaN is null."""
+    server = _server()
+    strategy = FedMUD(server.run, server, Ledger(), tmp_path, test_data=[])
+    update = _update(server, 0.5, 1)
+    replies = [
+        reply_from(node, upload_record(_upload(server, update), 10, 0.1, ROUND, node, {"train-s": 1e308, "client-s": 1e308}))
+        for node in (1, 2)
+    ]
+    try:
+        strategy.aggregate_train(ROUND, replies)
+        assert all(v <= server.run.round_timeout for v in strategy._round_seconds.values())
+        strategy.history = [{"round": ROUND, "train-loss": float("nan"), **strategy._round_seconds}]
+        strategy._write_results()
+    finally:
+        strategy.writer.close()
+    rows = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+    assert rows[0]["train-loss"] is None
+
+
+@pytest.mark.parametrize("method", ["fedmud", "fedpara", "lora", "ffa-lora"])
+def test_a_float32_max_reply_with_every_bound_off_skips_the_round_instead_of_stopping_the_server(method, task_identity, tmp_path):
+    """All ±3.4028235e38: valid float32, but the round's int4 link cannot code it. The server used
+    to die on the PayloadError; now the merge is refused and the model kept."""
+    server = ServerModel(parse_run_config({"method": method, "median-norm-bound": 0.0}))
+    server.round = ROUND - 1
+    before = {n: t.clone() for n, t in server.global_state().items()}
+    extreme = np.float32(np.finfo(np.float32).max) * np.where(np.arange(server.codec.layout.numel) % 2, 1, -1)
+    strategy = FedMUD(server.run, server, Ledger(), tmp_path, test_data=[])
+    try:
+        _, metrics = strategy.aggregate_train(ROUND, [reply_from(1, upload_record(extreme.astype(np.float32), 10, 0.1, ROUND, 1))])
+    finally:
+        strategy.writer.close()
+    assert metrics["accepted"] == 0 and metrics["merge-refused"] == 1
+    assert all(torch.equal(before[n], t) for n, t in server.global_state().items())

@@ -212,3 +212,22 @@ def test_stateless_clients_are_planned_from_round_0():
     assert plan.kind == CHAIN and plan.base_round == 0 and [link.round for link in plan.links] == [1, 2, 3]
     state = ClientModel(run, torch.device("cpu")).sync(None, CHAIN, server.digest, base_round=0, links=plan.links)
     assert state_digest(state) == server.digest
+
+
+@pytest.mark.parametrize("damage", ["missing", "extra", "wrong-shape"])
+def test_a_damaged_full_model_is_a_sync_error_like_a_damaged_chain(damage):
+    """The client answers 'cannot sync' (and is sent the full model again within the round) instead
+    of failing the round with an error reply."""
+    run = parse_run_config({})
+    server, client = ServerModel(run), ClientModel(run, torch.device("cpu"))
+    state = dict(server.global_state())
+    name = next(iter(state))
+    if damage == "missing":
+        del state[name]
+    elif damage == "extra":
+        state["not.in.the.model"] = torch.zeros(3)
+    else:
+        state[name] = torch.zeros(tuple(state[name].shape) + (2,))
+    with pytest.raises(SyncError, match="the full model does not load"):
+        client.sync(None, FULL, server.digest, full_state=state)
+    assert client.sync(None, FULL, server.digest, full_state=server.global_state())  # the resend syncs
