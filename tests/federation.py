@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from flwr.serverapp import Grid
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmud.rounds import ClientModel, ServerModel
@@ -68,3 +69,28 @@ def reply_from(node_id: int, content) -> "Message":
 
     request = Message(content=RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
     return Message(content=content, reply_to=request)
+
+
+
+class InProcessGrid(Grid):
+    """A base for Flower Grids whose nodes live in this process: a subclass's ``push_messages``
+    answers each message at once into ``self.replies`` (message id -> reply) and lists its nodes in
+    ``get_node_ids``; pulling, and sending and receiving, are the same for every such grid."""
+
+    replies: dict
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def set_run(self, run) -> None:
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))

@@ -20,7 +20,6 @@ import pytest
 from dp_accounting import rdp
 from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
-from flwr.serverapp import Grid
 
 from client.app import app as client_app
 from fedmud.config import ConfigError, parse_run_config
@@ -29,13 +28,14 @@ from fedmud.privacy import CARRYABLE_NOISE, Mechanism, accounted_epsilon, calibr
 from server.app import RunFailed, run_server
 
 from .conftest import ROOT
+from .federation import InProcessGrid
 
 DELTA = 1e-5
 # a small federation: 3 nodes, each one partition of 100 of scikit-learn's digits (~14 images), one local epoch
 BASE = {"dataset": "digits", "num-partitions": 100, "local-epochs": 1, "min-train-nodes": 1, "dp": "server", "dp-clip": 1.0}
 
 
-class LoopbackGrid(Grid):
+class LoopbackGrid(InProcessGrid):
     """Flower's Grid over the ClientApp in this process. Node 100 + p holds partition p and keeps
     its state from run to run, as a SuperNode does; each run's config reaches every node, as Flower
     gives it to each ClientApp. ``crash_at``: pushing that round's messages fails (the server stops)."""
@@ -66,24 +66,10 @@ class LoopbackGrid(Grid):
             self.replies[message.metadata.message_id] = client_app(message, self.contexts[message.metadata.dst_node_id])
         return ids
 
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def set_run(self, run) -> None:
-        pass
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import uuid
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
-from flwr.serverapp import Grid
 
 from client.app import identify, run_client_round
 from fedmud.config import parse_run_config
@@ -24,12 +23,13 @@ from server import strategy as strategy_module
 from server.app import measure_message_sizes
 from server.strategy import FedMUD
 from fedmud_wire import upload_record
+from .federation import InProcessGrid
 
 RUN_CONFIG = {"num-server-rounds": 3, "local-epochs": 1, "min-train-nodes": 2, "round-timeout": 600}
 NODES = {101: 0, 202: 1, 303: 2}  # node id -> partition id (of 10: small, quick rounds)
 
 
-class LoopbackGrid(Grid):
+class LoopbackGrid(InProcessGrid):
     """Flower's Grid over nodes in this process. ``events[round]``: what happens to which node
     just before that round's first message is delivered: ``restart`` (fresh state) or ``die``."""
 
@@ -69,24 +69,10 @@ class LoopbackGrid(Grid):
             return identify(message, self.contexts[node])
         return run_client_round(message, self.contexts[node])
 
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     def get_node_ids(self):
         return list(NODES)
 
-    def set_run(self, run) -> None:
-        pass
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
 
 
 @pytest.fixture
