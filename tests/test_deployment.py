@@ -113,21 +113,22 @@ def test_run_survives_a_supernode_killed_mid_run(deployment, tmp_path):
     assert ids[2] in _clients(ledger, 2, DOWN) and all(ids[2] not in _clients(ledger, r, UP) for r in (2, 3, 4))
 
 
-def _restart_plan(node_ids: list[int], fraction: float, minimum: int) -> tuple[int, int]:
-    """(run seed, node): a seed with which the server picks the node in rounds 2 and 4 but not in 3."""
+def _restart_plan(partitions: int, fraction: float, minimum: int) -> tuple[int, int]:
+    """(run seed, partition): a seed with which the server picks the partition in rounds 2 and 4 but
+    not in 3 (rounds sample partitions, in the order of the partition ids the nodes report)."""
     for seed in range(1000):
-        picked = {r: sample_clients(seed, r, node_ids, fraction, minimum) for r in (2, 3, 4)}
-        for node in node_ids:
-            if node in picked[2] and node not in picked[3] and node in picked[4]:
-                return seed, node
-    raise AssertionError(f"no seed picks one of {node_ids} in rounds 2 and 4 but not 3")
+        picked = {r: sample_clients(seed, r, range(partitions), fraction, minimum) for r in (2, 3, 4)}
+        for partition in range(partitions):
+            if partition in picked[2] and partition not in picked[3] and partition in picked[4]:
+                return seed, partition
+    raise AssertionError(f"no seed picks one of {partitions} partitions in rounds 2 and 4 but not 3")
 
 
 def test_a_restarted_supernode_trains_in_its_first_round_back(authenticated_deployment, tmp_path):
     superlink, nodes = authenticated_deployment
     ids = {pid: superlink.node_id(pid) for pid in range(3)}
-    seed, node = _restart_plan(list(ids.values()), 0.5, 2)  # two of the three nodes a round
-    pid = next(p for p, i in ids.items() if i == node)
+    seed, pid = _restart_plan(len(ids), 0.5, 2)  # two of the three nodes a round
+    node = ids[pid]
     run_dir = tmp_path / "runs"
     submit = _submit(
         superlink.env,
