@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import platform
 import shutil
 import time
 from pathlib import Path
+
+from fedmud.ledger import strict_json
 
 from .metrics import COLUMNS, comm_seconds, enrich, mean_std, over_seeds, pareto_front, run_summary
 from .runner import Outcome
@@ -54,12 +55,7 @@ def write_run(run: dict, out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(run["rows"])
-    (runs / f"seed-{run['seed']}.json").write_text(_json(_portable(run)))
-
-
-def _json(value) -> str:
-    """Strict JSON: NaN/Inf (e.g. round 0's train loss) become null."""
-    return json.dumps(_finite(value), indent=1, allow_nan=False)
+    (runs / f"seed-{run['seed']}.json").write_text(strict_json(_portable(run)))
 
 
 def _portable(value, root: str | None = None):
@@ -72,16 +68,6 @@ def _portable(value, root: str | None = None):
         return {k: _portable(v, root) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_portable(v, root) for v in value]
-    return value
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
     return value
 
 
@@ -188,7 +174,7 @@ def summarise(
     }
     summary = _portable(summary)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(_json(summary))
+    (out / "summary.json").write_text(strict_json(summary))
     (out / "summary.md").write_text(markdown(summary))
     return summary
 

@@ -7,6 +7,7 @@ receive; the ledger only adds them up and compares with dense FedAvg.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,3 +94,19 @@ class Ledger:
 
 def _rows(records: list[tuple[int, str, str, int]]) -> list[dict]:
     return [{"round": r, "client": c, "direction": d, "bytes": b} for r, c, d, b in records]
+
+
+def strict_json(value) -> str:
+    """``value`` as strict JSON (indented), every non-finite float (a skipped round's NaN train-loss)
+    written as null: ``json.dumps`` would write ``NaN``/``Infinity``, which JSON readers refuse."""
+    return json.dumps(_finite(value), indent=1, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

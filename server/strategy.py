@@ -23,8 +23,6 @@ Differences from FedAvg:
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Iterable, Iterator
 from logging import INFO, WARNING
@@ -41,7 +39,7 @@ from fedmud.checkpoint import save_checkpoint
 from fedmud.codec import PayloadError
 from fedmud.config import RunConfig
 from fedmud.divergence import divergence
-from fedmud.ledger import CONTROL, DOWN, UP, Ledger
+from fedmud.ledger import CONTROL, DOWN, UP, Ledger, strict_json
 from fedmud.rounds import RoundTally, ServerModel
 from fedmud.privacy import accounted_epsilon, sample_round
 from fedmud.seeds import round_seed
@@ -463,7 +461,7 @@ class FedMUD(FedAvg):
             log(INFO, "round %d took %s", server_round, describe_round_time(row))
 
     def _write_results(self) -> None:
-        (self.run_dir / "results.json").write_text(json.dumps(json_safe(self.history), indent=1, allow_nan=False))
+        (self.run_dir / "results.json").write_text(strict_json(self.history))
         self.ledger.save(self.run_dir / "ledger.json")
 
     def evaluate(self, server_round: int) -> MetricRecord:
@@ -513,17 +511,6 @@ class FedMUD(FedAvg):
         if diverged:
             log(WARNING, "round %d: the model is %s", server_round, diverged["reason"])
         return MetricRecord({"accuracy": accuracy, "loss": loss})
-
-
-def json_safe(value):
-    """``value`` with every non-finite float (a skipped round's NaN train-loss) as None: strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
 
 
 def server_seconds(row: dict) -> float:
