@@ -454,10 +454,6 @@ class RoundTally:
             self.server.recent_norms = (self.server.recent_norms + [self._norms])[-NORM_WINDOW:]
         return self.outcomes
 
-    def kept(self) -> int:
-        """How many replies are in the mean."""
-        return self.mean.count
-
     def mean_to_merge(self) -> WeightedMean:
         """The mean, or an empty one (the round is skipped) with fewer than ``min-replies`` in it."""
         return self.mean if self.mean.count >= self.server.run.min_replies else WeightedMean()
