@@ -9,10 +9,11 @@ the key, the value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import Field, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from .codec import SCHEMES
@@ -46,350 +47,12 @@ MODELS = ("auto", "cnn-mnist", "cnn-cifar", "resnet18", "mobilenet-v3-small", "v
 DOWNLINKS = ("chain", "full")
 TASKS = ("classification", "regression")
 NORM_ACTIONS = ("reject", "clip")
+DP_MODES = ("off", "server", "client")
 IMPORT_STRING = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 class ConfigError(ValueError):
     """A configuration value is not allowed; the message names key, value and what is allowed."""
-
-
-@dataclass(frozen=True)
-class DecompositionConfig:
-    """How each round's model update is parameterised.
-
-    method: ``fedmud`` trains a decomposed update of every layer not kept dense;
-        ``fedavg`` keeps every layer dense (the baseline, same code path);
-        ``fedlmt`` factorises the model itself (W = U·V, both trained and averaged,
-        no MUD), the FedLMT-style baseline, sized by ``ratio``;
-        ``fedpara`` parameterises the model itself as FedPara's low-rank Hadamard
-        product W = (X1·Y1ᵀ) ⊙ (X2·Y2ᵀ) (all four trained and averaged, no MUD;
-        rank up to r² from 2r(m+n) values), sized by ``ratio``.
-        ``lora`` fine-tunes with persistent LoRA adapters W0 + (α/r)·B·A on every
-        tensor not kept dense, both trained and averaged (FedIT; inexact:
-        mean(B)·mean(A) ≠ mean(B·A)); ``ffa-lora`` freezes A (drawn from the seed,
-        part of the global model) and trains B only, so aggregation is exact.
-        ``kind`` and ``pattern`` apply to ``fedmud`` only; ``ratio`` does not apply to
-        the LoRA methods (their size is ``lora_rank``).
-    kind: ``kron`` block-wise Kronecker factors (BKD) or ``mat`` low-rank matrix.
-    pattern: ``ab`` both factors trained; ``fab`` one frozen seed-drawn factor and
-        one trained; ``aad`` aggregation-aware, two branches each linear in its
-        trained factor (F1·T1 + T2·F2), so aggregation is exact.
-    ratio: target for everything uploaded (dense layers and BatchNorm included)
-        relative to dense FedAvg's upload, in (0, 1].
-    dense_layers: tensors trained densely (see :mod:`fedmud.plan`): ``auto`` the
-        paper's first and last layers when they fit the ratio; ``first``/``last``
-        those layers always; a tensor name (``conv1.weight``) or a module name (every
-        weight tensor under it).
-    init: ``zero`` trained factors start at 0 (for ``ab``: the right factor),
-        ``nonzero`` trained factors drawn too and the round-start update kept,
-        ``nonzero-compensated`` drawn too and ΔW(T0) subtracted exactly,
-        ``hrp`` high-rank preheating: the first ``hrp_rounds`` rounds run as
-        ``nonzero-compensated``; the SVD (mat) or nearest Kronecker product per
-        block (kron) of their merged update then gives the frozen factors'
-        directions for the remaining rounds (trained factors start at 0).
-        For ``lora``/``ffa-lora``: ``zero`` is Init[A] (A drawn, B = 0), ``nonzero``
-        Init[AB] (B drawn too, the initial product kept), ``hrp`` (``lora`` only)
-        ``hrp_rounds`` rounds of rank-``hrp_rank`` LoRA, whose adapters' top-``lora_rank``
-        SVD then initialises the rank-``lora_rank`` adapters.
-    hrp_rounds: preheat length in rounds (``init=hrp`` only).
-    lora_rank: rank r of every LoRA adapter (at most min(m, n) of the tensor's matrix view).
-    lora_alpha: LoRA's scale numerator: the adapter adds (lora_alpha / r)·B·A.
-    lora_init_scale: ``init=nonzero`` for the LoRA methods: the initial (α/r)·B·A has this
-        times the std of PyTorch's default init of the weight (1: as large as a fresh weight).
-    hrp_rank: the preheat adapters' rank (``lora`` with ``init=hrp``); above ``lora_rank``.
-    init_scale: std of trained factors at init, in units of 1/sqrt(fan_in).
-    frozen_scale: std of frozen factors, in units of the std that makes T -> ΔW
-        an isometry in expectation; the subspace's effective learning rate grows
-        with its square.
-    """
-
-    method: str = "fedmud"
-    kind: str = "kron"
-    pattern: str = "aad"
-    ratio: float = 1 / 32
-    dense_layers: tuple[str, ...] = ("auto",)
-    init: str = "nonzero-compensated"
-    init_scale: float = 0.1
-    frozen_scale: float = 4.0
-    hrp_rounds: int = 1
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_init_scale: float = 1.0
-    hrp_rank: int = 32
-
-
-@dataclass(frozen=True)
-class UplinkConfig:
-    """How a client's upload is encoded (see :mod:`fedmud.codec`).
-
-    codec: a scheme of :data:`fedmud.codec.SCHEMES`: ``float32`` (lossless), ``float16``,
-        ``int8``, ``int4``, ``int2`` (a float32 scale per chunk of one tensor), ``sign`` (one
-        bit a value and a scale a chunk) or ``topk`` (the largest-magnitude values with their
-        indices); the lossy codecs encode the residual against the round-start values both
-        parties know.
-    error_feedback: keep what the codec lost and add it to the next upload; for
-        decomposed layers the error is kept as a weight update and projected onto the
-        next round's trainable factors (``aad``/``fab``).
-    topk_ratio: ``topk`` sends this fraction of the dense float32 bytes (8 bytes per
-        kept value: float32 value + int32 index).
-    stochastic_rounding: the ``int*`` and ``sign`` codes round up or down at random
-        (unbiased: their levels then span each chunk's largest magnitude) instead of to
-        the nearest level; each client draws from its own generator, seeded by the round
-        seed and its partition id.
-    """
-
-    codec: str = "float32"
-    error_feedback: bool = False
-    topk_ratio: float = 1 / 32
-    stochastic_rounding: bool = False
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Local training on each client: plain SGD, as in the paper, or Adam.
-
-    optimizer: ``sgd`` (with ``momentum``) or ``adam`` (PyTorch's defaults, betas (0.9, 0.999);
-        ``momentum`` does not apply), created afresh every round: a client keeps no optimiser
-        state between rounds. Adam is what LoRA fine-tuning usually runs with, and the setting
-        the non-zero initialisation paper analyses.
-    """
-
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    local_epochs: int = 2
-    batch_size: int = 32
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Dataset, held-out split and partitioning over clients (see :mod:`fedmud.data`).
-
-    dataset: ``mnist5k`` and ``digits`` are embedded (no files, no network) and split
-        into train/test with ``test_fraction`` and ``seed``; ``mnist``,
-        ``fashionmnist``, ``svhn``, ``cifar10``, ``cifar100`` are read from ``root``
-        in torchvision's layout (downloaded when missing) with their official
-        train/test splits (``test_fraction`` does not apply); ``package.module:factory``
-        is the user's own data (see :mod:`fedmud.data`).
-    partition: ``iid``; ``dirichlet`` (label proportions ~ Dir(``alpha``)); or
-        ``label-count``: each client holds max(1, round(``label_fraction`` ·
-        classes)) classes.
-    root: directory of the torchvision datasets; ``~`` is expanded and a relative
-        path is resolved against the current directory of the process loading it.
-    seed: the embedded sets' train/test split and the partitioners' draws.
-    classes: keep only these class labels in train and test (built-in datasets; empty:
-        all). Labels keep their values, so a model pretrained on 0-4 and fine-tuned on
-        5-9 has one 10-way head.
-    """
-
-    dataset: str = "mnist5k"
-    partition: str = "iid"
-    alpha: float = 0.3
-    num_partitions: int = 10
-    test_fraction: float = 0.2
-    seed: int = 42
-    root: str = "data"
-    label_fraction: float = 0.3
-    classes: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class BoundsConfig:
-    """What one valid reply may do to the global model (see :mod:`fedmud.bounds`).
-
-    max_examples: a reply's ``num-examples`` above this counts as this. The server
-        cannot check the claim, and it is the reply's weight in the mean. The default,
-        100,000, is above every built-in training set (SVHN's 73,257 is the largest),
-        so no honest client of a built-in dataset is ever capped, and a claim of 10^15
-        weighs 100,000 instead; set it to your largest partition for a tighter bound.
-    update_norm_bound: largest L2 norm of a reply's update (decoded upload minus the
-        round-start values), over the whole upload vector; 0 turns the bound off.
-    update_norm_action: ``clip`` scales a larger update down to the bound; ``reject``
-        drops the reply (the node still holds the round's model).
-    median_norm_bound: the bound in force by default: a reply's update norm is at most
-        this multiple of the (lower) median update norm of the last round's valid replies
-        (the round's own, in a round with no earlier replies), so one client cannot move
-        the model by orders of magnitude more than its peers; ``update-norm-action``
-        applies. 0 turns it off. Not under DP (``dp-clip`` bounds every update, and a bound
-        drawn from the others' norms would change the sensitivity the accountant assumes)
-        nor under secure aggregation (the server never sees one update).
-    """
-
-    max_examples: int = 100_000
-    update_norm_bound: float = 0.0
-    update_norm_action: str = "clip"
-    median_norm_bound: float = 10.0
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """Secure aggregation and client-level differential privacy (see :mod:`fedmud.privacy`).
-
-    secure_aggregation: the server learns only the sum of the clients' updates (and of
-        their weights), through Flower's SecAgg+ protocol.
-    secagg_shares: each client secret-shares its keys with this fraction of the
-        round's clients (1.0: all of them; SecAgg+ uses fewer to scale).
-    secagg_threshold: the fraction of a client's shares needed to rebuild its keys:
-        a round survives as long as that many of each client's neighbours answer,
-        and fewer than that learn nothing.
-    dp: ``off``; ``server``: the server adds Gaussian noise to the sum of clipped
-        updates; ``client``: each client adds its share of it (with secure aggregation).
-    dp_clip: the L2 norm each client's update is clipped to (factor space).
-    dp_noise_multiplier: σ, the noise std over ``dp_clip``; or give ``dp_epsilon``.
-    dp_epsilon: the ε to reach after ``num-server-rounds`` rounds; σ is calibrated.
-    dp_delta: the δ ε is stated at.
-    """
-
-    secure_aggregation: bool = False
-    secagg_shares: float = 1.0
-    secagg_threshold: float = 0.5
-    dp: str = "off"
-    dp_clip: float = 1.0
-    dp_noise_multiplier: float = 0.0
-    dp_epsilon: float = 0.0
-    dp_delta: float = 1e-5
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything one federated run needs.
-
-    downlink: ``chain`` sends each client the aggregated updates it missed (or the
-        full model when that is cheaper or its state is unknown); ``full`` always
-        sends the full model.
-    downlink_codec: how each chain link is coded (see :mod:`fedmud.codec`); ``auto``
-        (the run-config default) is ``int4``, or ``float32`` under ``pattern=ab``, whose
-        update is not linear in its factors, so the server cannot keep what a code lost; a lossy
-        code is merged as decoded on every side, so clients stay bitwise in sync, and
-        the server keeps what it lost (error feedback) for the next link.
-    client_state: ``keep`` clients hold the global model between rounds (chains from
-        the round they hold); ``none`` clients keep nothing (cross-device), so each
-        download brings round 0, which every party builds from the seed, to the current round.
-    round_timeout: seconds a round waits for replies.
-    min_replies: valid replies a round needs to be merged; fewer and it is skipped.
-    resume: a run directory whose checkpoint the run continues from ("" = new run).
-    fault_corrupt_state_round: fault injection for tests; in that round every client
-        perturbs the model it holds before applying the downlink (0 = off).
-    bounds: what one reply may do to the model (weight cap, update norm bound).
-    privacy: secure aggregation and differential privacy.
-    task: ``classification`` (cross-entropy, accuracy), ``regression`` (MSE) or
-        ``package.module:factory`` returning a :class:`fedmud.task.Task`.
-    init_weights: a state_dict file every party loads into the model before round 0
-        (fine-tuning a pretrained model); "" = the factory's own weights from ``seed``.
-    """
-
-    rounds: int = 20
-    fraction_train: float = 1.0
-    min_train_nodes: int = 2
-    seed: int = 0
-    model: str = "auto"
-    run_dir: str = "runs"
-    downlink: str = "chain"
-    downlink_codec: str = "int4"  # "auto" in the run config resolves to this, or float32 for pattern ab
-    client_state: str = "keep"
-    round_timeout: float = 600.0
-    min_replies: int = 1
-    resume: str = ""
-    fault_corrupt_state_round: int = 0
-    task: str = "classification"
-    init_weights: str = ""
-    bounds: BoundsConfig = field(default_factory=BoundsConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
-    uplink: UplinkConfig = field(default_factory=UplinkConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-
-
-# Where a run-config key's name is not its field's name with '_' -> '-'.
-_KEY_NAMES = {
-    ("rounds",): "num-server-rounds",
-    ("uplink", "codec"): "uplink",
-    ("data", "seed"): "data-seed",
-    ("data", "root"): "data-root",
-}
-
-
-def run_config_key(path: tuple[str, ...]) -> str:
-    """The run-config key of a :class:`RunConfig` field, e.g. ('train', 'local_epochs') -> 'local-epochs'."""
-    return _KEY_NAMES.get(tuple(path), path[-1].replace("_", "-"))
-
-
-def _field_paths(cls: type, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    """Every leaf field of a config dataclass as a path, e.g. ('rounds',), ('train', 'lr')."""
-    for f in fields(cls):
-        if isinstance(f.default_factory, type) and is_dataclass(f.default_factory):
-            yield from _field_paths(f.default_factory, (*prefix, f.name))
-        else:
-            yield (*prefix, f.name)
-
-
-# Every key :func:`parse_run_config` reads: one per RunConfig field (pyproject.toml declares the same set).
-RUN_CONFIG_KEYS = frozenset(run_config_key(path) for path in _field_paths(RunConfig))
-# What a misspelt key is matched against: the keys, and the field names people write instead
-# ('rounds' for num-server-rounds, 'codec' for uplink), both in the keys' spelling.
-_SPELLINGS = {
-    **{path[-1].replace("_", "-"): run_config_key(path) for path in _field_paths(RunConfig)},
-    **{key: key for key in RUN_CONFIG_KEYS},
-}
-APP_KEY_HINT = (
-    "an app's own keys go under a name of its own, as 'myapp.key' (a [tool.flwr.app.config.myapp] table in "
-    "pyproject.toml, or -c myapp.key=...), which FedMUD leaves to the app"
-)
-
-
-def _nearest_key(key: object) -> str | None:
-    """The known key ``key`` most likely misspells, or None."""
-    if not isinstance(key, str):
-        return None
-    spelt = key.strip().lower().replace("_", "-")
-    if spelt in _SPELLINGS:
-        return _SPELLINGS[spelt]
-    near = difflib.get_close_matches(spelt, _SPELLINGS, n=1, cutoff=0.6)
-    return _SPELLINGS[near[0]] if near else None
-
-
-def _check_keys(cfg: Mapping[str, Any]) -> None:
-    """Refuse a key FedMUD does not know (a misspelt one would silently keep its default); dotted
-    keys ('myapp.key', from a sub-table of the app's config) belong to the app and are left alone."""
-    unknown = [key for key in cfg if key not in RUN_CONFIG_KEYS and not (isinstance(key, str) and "." in key)]
-    if not unknown:
-        return
-    named = []
-    for key in unknown:
-        near = _nearest_key(key)
-        named.append((f"{key}={cfg[key]!r}" if isinstance(key, str) else f"key {key!r}", near))
-    known = f"Known keys: {', '.join(sorted(RUN_CONFIG_KEYS))}; {APP_KEY_HINT}"
-    if len(named) == 1:
-        (what, near), = named
-        guess = f"; did you mean {near}?" if near else "."
-        raise ConfigError(f"{what} is not allowed: there is no such key{guess} {known}")
-    listed = ", ".join(what + (f" (did you mean {near}?)" if near else "") for what, near in named)
-    raise ConfigError(f"{listed} are not allowed: there are no such keys. {known}")
-
-
-def _choice(cfg: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = cfg.get(key, default)
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-    return value
-
-
-def is_import_string(value: object) -> bool:
-    """Whether ``value`` reads as ``package.module:factory`` (the import itself is checked later)."""
-    return isinstance(value, str) and IMPORT_STRING.fullmatch(value) is not None
-
-
-def _builtin_or_factory(cfg: Mapping[str, Any], key: str, default: str, builtins: tuple[str, ...]) -> str:
-    """A built-in name or a user factory ``package.module:factory``; imported when the model/data are built."""
-    value = cfg.get(key, default)
-    if value not in builtins and not is_import_string(value):
-        raise ConfigError(
-            f"{key}={value!r} is not allowed; choose one of {', '.join(builtins)} "
-            "or give a factory as 'package.module:factory'"
-        )
-    return value
 
 
 INT64_MAX = 2**63 - 1  # a run config's integers are TOML's and Flower's: 64-bit
@@ -440,7 +103,80 @@ def _number(
     return int(value) if integer else float(value)
 
 
-def _parse_ratio(cfg: Mapping[str, Any], key: str = "ratio", default: float = DecompositionConfig.ratio) -> float:
+def _choice(cfg: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = cfg.get(key, default)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+    return value
+
+
+def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be true or false")
+    return value
+
+
+def is_import_string(value: object) -> bool:
+    """Whether ``value`` reads as ``package.module:factory`` (the import itself is checked later)."""
+    return isinstance(value, str) and IMPORT_STRING.fullmatch(value) is not None
+
+
+def _builtin_or_factory(cfg: Mapping[str, Any], key: str, default: str, builtins: tuple[str, ...]) -> str:
+    """A built-in name or a user factory ``package.module:factory``; imported when the model/data are built."""
+    value = cfg.get(key, default)
+    if value not in builtins and not is_import_string(value):
+        raise ConfigError(
+            f"{key}={value!r} is not allowed; choose one of {', '.join(builtins)} "
+            "or give a factory as 'package.module:factory'"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key, declared once on its field: its name, meaning and what it allows.
+
+    The parser (:func:`parse_run_config`), ``pyproject.toml``'s ``[tool.flwr.app.config]`` and the
+    README's configuration table all come from these (``scripts/config_docs.py`` writes the last two;
+    tests/test_config.py checks them).
+
+    name: the run-config key; by default the field's name with ``-`` for ``_``.
+    help: what it means (Markdown: the README table's last column).
+    choices: the allowed strings (a str field); ``factory``: or ``package.module:factory``.
+    low, high, low_open: a number's range (an int field is also at most 2^63 - 1).
+    shown: the value the run config holds when it is not the field's default, which is then
+        resolved from it (``ratio = "1/32"``; ``init = "auto"``).
+    parse: ``parse(cfg, name, default, parsed) -> value`` for a rule of its own; ``parsed`` holds
+        the keys parsed before it (``init`` reads ``method``). ``allowed`` then says what it takes.
+    """
+
+    help: str
+    name: str = ""
+    choices: tuple[str, ...] = ()
+    factory: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    shown: Any = None
+    parse: Callable[[Mapping[str, Any], str, Any, Mapping[str, Any]], Any] | None = None
+    allowed: str = ""
+
+
+def key(default: Any, help: str, **declared: Any) -> Any:
+    """A config field whose run-config key is declared by :class:`Key` (``help`` and ``declared``)."""
+    return field(default=default, metadata={"key": Key(help=help, **declared)})
+
+
+def section(cls: type) -> Any:
+    """A field holding a group of keys (a config dataclass)."""
+    return field(default_factory=cls)
+
+
+# --- parsers of the keys with a rule of their own (parse=...) ------------------------------------
+
+
+def _ratio(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> float:
     value = cfg.get(key, default)
     if isinstance(value, str):  # "1/32" reads better than 0.03125
         try:
@@ -453,32 +189,36 @@ def _parse_ratio(cfg: Mapping[str, Any], key: str = "ratio", default: float = De
     return _number({key: value}, key, 0.0, low=0.0, high=1.0, low_open=True)
 
 
-def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
+def _dense_layers(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> tuple[str, ...]:
     value = cfg.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} is not allowed; it must be true or false")
-    return value
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"{key}={value!r} is not allowed; give auto, or a comma-separated list of first, last, "
+            "tensor names and module names"
+        )
+    return tuple(n.strip() for n in value.split(",") if n.strip())
 
 
-def _init(cfg: Mapping[str, Any], method: str) -> str:
-    """``init``: ``auto`` (the method's default: ``nonzero-compensated`` for fedmud, :data:`LORA_INIT`
-    for the LoRA methods) or one of the method's options."""
+def _init(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
+    """``auto`` (the method's default: ``nonzero-compensated`` for fedmud, :data:`LORA_INIT` for the
+    LoRA methods) or one of the method's options."""
+    method = parsed["method"]
     allowed = METHOD_INITS.get(method, INITS)
-    value = cfg.get("init", "auto")
+    value = cfg.get(key, default)
     if value == "auto":
         return LORA_INIT.get(method, DecompositionConfig.init)
     if value not in allowed:
         within = f" with method={method!r}" if method in METHOD_INITS else ""
-        raise ConfigError(f"init={value!r} is not allowed{within}; choose one of auto, {', '.join(allowed)}")
+        raise ConfigError(f"{key}={value!r} is not allowed{within}; choose one of auto, {', '.join(allowed)}")
     return value
 
 
-def _classes(cfg: Mapping[str, Any], dataset: str) -> tuple[int, ...]:
-    """``classes``: '' (all), '5-9', '0,2,4' or a mix ('0-2,7'); sorted, each once. Every label must
-    be one of the built-in ``dataset``'s, which is checked before a range is expanded."""
-    value = cfg.get("classes", "")
+def _classes(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> tuple[int, ...]:
+    """'' (all), '5-9', '0,2,4' or a mix ('0-2,7'); sorted, each once. Every label must be one of the
+    built-in dataset's, which is checked before a range is expanded."""
+    value, dataset = cfg.get(key, default), parsed["dataset"]
     wrong = ConfigError(
-        f"classes={value!r} is not allowed; give class labels >= 0 as a comma-separated list of labels "
+        f"{key}={value!r} is not allowed; give class labels >= 0 as a comma-separated list of labels "
         "and ranges, e.g. '5-9' or '0,2,4', or '' for all"
     )
     if not isinstance(value, str):
@@ -501,28 +241,431 @@ def _classes(cfg: Mapping[str, Any], dataset: str) -> tuple[int, ...]:
         return ()
     if is_import_string(dataset):
         raise ConfigError(
-            f"classes={value!r} is not allowed with dataset={dataset!r}: it filters the built-in datasets; "
+            f"{key}={value!r} is not allowed with dataset={dataset!r}: it filters the built-in datasets; "
             "return the classes you want from your dataset factory instead"
         )
     count = DATASET_CLASSES[dataset]
     if max(last for _, last in ranges) >= count:
-        raise ConfigError(f"classes={value!r} is not allowed with dataset={dataset!r}: its labels are 0-{count - 1}")
+        raise ConfigError(f"{key}={value!r} is not allowed with dataset={dataset!r}: its labels are 0-{count - 1}")
     return tuple(sorted({label for first, last in ranges for label in range(first, last + 1)}))
 
 
-def _path(cfg: Mapping[str, Any], key: str, default: str, what: str, *, empty: bool = False) -> str:
+def _path(what: str, *, empty: bool = False, strip: bool = False) -> Callable[..., str]:
     """A path key: a string (``~`` is expanded where it is used); '' only where ``empty``."""
+
+    def parse(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
+        value = cfg.get(key, default)
+        if not isinstance(value, str) or not (empty or value.strip()):
+            raise ConfigError(f"{key}={value!r} is not allowed; {what}")
+        return value.strip() if strip else value
+
+    return parse
+
+
+def _link_codec(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
+    value = _choice(cfg, key, default, ("auto", *LINK_CODECS))
+    if value != "auto":
+        return value
+    return "float32" if parsed["method"] == "fedmud" and parsed["pattern"] == "ab" else RunConfig.downlink_codec
+
+
+def _task(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
     value = cfg.get(key, default)
-    if not isinstance(value, str) or not (empty or value.strip()):
-        raise ConfigError(f"{key}={value!r} is not allowed; give {what}" + ("" if empty else " (a non-empty path)"))
+    if not isinstance(value, str) or not (value in TASKS or is_import_string(value)):
+        raise ConfigError(
+            f"{key}={value!r} is not allowed; choose one of {', '.join(TASKS)} or give 'package.module:factory'"
+        )
     return value
 
 
-def _init_weights(cfg: Mapping[str, Any]) -> str:
-    value = cfg.get("init-weights", RunConfig.init_weights)
-    if not isinstance(value, str):
-        raise ConfigError(f"init-weights={value!r} is not allowed; give the path of a state_dict file, or '' for none")
-    return value.strip()
+def _median_multiple(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> float:
+    multiple = _number(cfg, key, default, low=0.0)
+    if 0 < multiple < 1:  # below the median: half of the honest replies would be cut
+        raise ConfigError(f"{key}={multiple!r} is not allowed; it must be 0 (off) or a number >= 1")
+    return multiple
+
+
+# --- the keys ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecompositionConfig:
+    """How each round's model update is parameterised (the method and its shape)."""
+
+    method: str = key(
+        "fedmud",
+        "`fedmud` trains a decomposed update of every layer not kept dense; `fedavg` trains every layer "
+        "densely through the same apps; `fedlmt` factorises the model itself (W = U·V, no MUD); `fedpara` "
+        "parameterises it as FedPara's low-rank Hadamard product (W = (X1·Y1ᵀ) ⊙ (X2·Y2ᵀ), no MUD); `lora`, "
+        "`ffa-lora` fine-tune with persistent LoRA adapters W0 + (α/r)·B·A: `lora` trains and averages both "
+        "(FedIT; inexact, as mean(B)·mean(A) ≠ mean(B·A)), `ffa-lora` freezes A and trains B, so aggregation is "
+        "exact (see [Fine-tuning](#fine-tuning-a-pretrained-model-lora))",
+        choices=METHODS,
+    )
+    kind: str = key("kron", "`fedmud`: block-wise Kronecker (BKD) or low-rank matrix update", choices=KINDS)
+    pattern: str = key(
+        "aad",
+        "`fedmud`: which factors are trained: `ab` both; `fab` one frozen seed-drawn factor and one trained; "
+        "`aad` aggregation-aware, two branches each linear in its trained factor, so aggregation is exact",
+        choices=PATTERNS,
+    )
+    ratio: float = key(
+        1 / 32,
+        "upload target vs dense FedAvg, dense layers and BatchNorm included (not the LoRA methods: their size "
+        "is `lora-rank`)",
+        shown="1/32", parse=_ratio, allowed="(0, 1], as a number or a fraction",
+    )
+    dense_layers: tuple[str, ...] = key(
+        ("auto",),
+        "tensors trained densely; `auto`: the paper's first and last layers when they fit the ratio (see "
+        "[Any model](#any-model-and-dataset)); for `lora`/`ffa-lora` the last layer (the head)",
+        shown="auto", parse=_dense_layers, allowed="`auto`, `first`, `last`, tensor names, module names",
+    )
+    init: str = key(
+        "nonzero-compensated",
+        "how factors start (see [Initialisation](#initialisation)); `auto` is `nonzero-compensated` for "
+        "`fedmud`, `nonzero` (Init[AB]) for `lora` and `zero` (Init[A]) for `ffa-lora` "
+        "([why](docs/finetune.md)); the LoRA methods take `zero`, `nonzero` and (`lora` only) `hrp`",
+        shown="auto", parse=_init, allowed=", ".join(f"`{i}`" for i in ("auto", *INITS)),
+    )
+    init_scale: float = key(
+        0.1, "trained-factor std at init, in units of 1/√fan_in", low=0.0, high=SCALE_RANGE[1]
+    )
+    frozen_scale: float = key(
+        4.0,
+        "frozen-factor std, in units of the std that makes T → ΔW an isometry in expectation (the subspace's "
+        "effective learning rate grows with its square)",
+        low=SCALE_RANGE[0], high=SCALE_RANGE[1],
+    )
+    hrp_rounds: int = key(
+        1,
+        "`init=hrp`: preheat rounds whose merged update sets the frozen factors' directions (LoRA: the rounds "
+        "at `hrp-rank`)",
+        low=1,
+    )
+    lora_rank: int = key(8, "`lora`/`ffa-lora`: every adapter's rank r", low=1)
+    lora_alpha: float = key(
+        16.0, "`lora`/`ffa-lora`: the adapters' scale numerator: each adds (α/r)·B·A",
+        low=LORA_ALPHA_RANGE[0], high=LORA_ALPHA_RANGE[1],
+    )
+    lora_init_scale: float = key(
+        1.0,
+        "`lora`/`ffa-lora` with `init=nonzero`: the initial (α/r)·B·A's std, in units of PyTorch's default "
+        "init of the weight",
+        low=0.0, high=SCALE_RANGE[1],
+    )
+    hrp_rank: int = key(
+        32, "`lora` with `init=hrp`: the preheat adapters' rank, above `lora-rank`", low=1,
+        allowed="> `lora-rank`",
+    )
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    """How a client's upload is encoded (see :mod:`fedmud.codec`)."""
+
+    codec: str = key(
+        "float32",
+        "upload codec (see [Compressed uploads](#compressed-uploads)); the lossy codecs code the residual "
+        "against the round-start values both parties know",
+        name="uplink", choices=UPLINKS,
+    )
+    error_feedback: bool = key(
+        False,
+        "keep what a lossy codec lost and add it to the next upload (for decomposed layers, projected onto "
+        "the next round's trainable factors)",
+    )
+    topk_ratio: float = key(
+        1 / 32, "`uplink=topk`: bytes sent as a fraction of dense float32 bytes (8 bytes a kept value)",
+        shown="1/32", parse=_ratio, allowed="(0, 1], as a number or a fraction",
+    )
+    stochastic_rounding: bool = key(
+        False,
+        "`int8`/`int4`/`int2`/`sign` round at random, unbiased, instead of to the nearest level (each "
+        "client's generator seeded by the round seed and its partition)",
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each client; the optimiser is created afresh every round."""
+
+    optimizer: str = key(
+        "sgd",
+        "local training's optimiser, created afresh every round: `sgd` (with `momentum`, as in the paper) or "
+        "`adam` (PyTorch's defaults; what LoRA fine-tuning usually runs with)",
+        choices=OPTIMIZERS,
+    )
+    lr: float = key(0.05, "local learning rate", low=0.0, high=MAX_STEP, low_open=True)
+    momentum: float = key(0.0, "SGD momentum (`optimizer=sgd`)", low=0.0, high=1.0)
+    weight_decay: float = key(0.0, "weight decay", low=0.0, high=MAX_STEP)
+    local_epochs: int = key(2, "epochs over the client's partition each round", low=1)
+    batch_size: int = key(32, "local batch size", low=1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset, held-out split and partitioning over clients (see :mod:`fedmud.data`)."""
+
+    dataset: str = key(
+        "mnist5k",
+        "`mnist5k` and `digits` are embedded (split with `test-fraction`); the others are read from "
+        "`data-root` in torchvision's layout with their official splits; see [Datasets](#datasets) and "
+        "[your own data](#your-own-model-and-data)",
+        choices=DATASETS, factory=True,
+    )
+    partition: str = key(
+        "iid",
+        "flwr-datasets partitioner: `dirichlet` draws label proportions from Dir(`alpha`); `label-count`: each "
+        "client holds a fixed number of classes; at most one partition per train example (`dirichlet`: per "
+        "two), checked where the data is loaded, the server's held-out split included",
+        choices=PARTITIONS,
+    )
+    alpha: float = key(0.3, "`partition=dirichlet`: the concentration α", low=0.0, low_open=True)
+    num_partitions: int = key(10, "how many partitions the data is split into (one per client)", low=1)
+    test_fraction: float = key(
+        0.2, "the embedded datasets' held-out split (it must hold out at least one example)",
+        low=0.0, high=0.9, low_open=True,
+    )
+    seed: int = key(42, "the embedded sets' train/test split and the partitioners' draws", name="data-seed", low=0)
+    root: str = key(
+        "data",
+        "where the torchvision datasets are read from (and downloaded to); `~` expanded, relative to the "
+        "current directory",
+        name="data-root", parse=_path("it must be a non-empty directory path"), allowed="a directory",
+    )
+    label_fraction: float = key(
+        0.3, "`partition=label-count`: each client holds max(1, round(fraction × classes)) classes",
+        low=0.0, high=1.0, low_open=True,
+    )
+    classes: tuple[int, ...] = key(
+        (),
+        "built-in datasets: keep only these labels in train and test (labels keep their values, so the head "
+        "stays the dataset's); `\"\"`: all",
+        shown="", parse=_classes, allowed="the dataset's labels and ranges of them, e.g. `5-9`, `0,2,4`",
+    )
+
+
+@dataclass(frozen=True)
+class BoundsConfig:
+    """What one valid reply may do to the global model (see :mod:`fedmud.bounds`)."""
+
+    max_examples: int = key(
+        100_000,
+        "a reply's `num-examples` above this counts as this (logged, counted as `capped`): the server cannot "
+        "check the claim, and it is the reply's weight; the default is above every built-in training set; set "
+        "it to your largest partition",
+        low=1,
+    )
+    update_norm_bound: float = key(
+        0.0, "L2 bound on each reply's update (decoded upload − round-start values); `0` = off",
+        low=0.0, high=MAX_NORM,
+    )
+    update_norm_action: str = key(
+        "clip",
+        "above a bound: scale the update to it (`clipped`), or drop the reply (`norm-rejected`; the node still "
+        "holds the round's model)",
+        choices=NORM_ACTIONS,
+    )
+    median_norm_bound: float = key(
+        10.0,
+        "the bound in force by default: each reply's update norm is at most this multiple of the (lower) "
+        "median update norm of the last 3 rounds' valid replies (the round's own in the first), so one client "
+        "cannot move the model by orders of magnitude more than its peers; `update-norm-action` applies; `0` = "
+        "off; not under DP (`dp-clip` bounds every update) or secure aggregation (the server sees only the "
+        "sum); see [Faults](#faults-checkpoints-resume)",
+        parse=_median_multiple, allowed="0 or ≥ 1",
+    )
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Secure aggregation and client-level differential privacy (see :mod:`fedmud.privacy`)."""
+
+    secure_aggregation: bool = key(
+        False,
+        "each round is Flower's SecAgg+: the server learns only the (weighted) sum of the clients' updates; not "
+        "with `uplink=topk`; see [Privacy](#privacy-secure-aggregation-and-differential-privacy)",
+    )
+    secagg_shares: float = key(
+        1.0,
+        "the fraction of the round's clients each client secret-shares its keys with (SecAgg+'s neighbourhood)",
+        low=0.0, high=1.0, low_open=True,
+    )
+    secagg_threshold: float = key(
+        0.5,
+        "the fraction of those shares that rebuild a dropped client's masks: more tolerates fewer dropouts, "
+        "fewer trusts fewer colluders",
+        low=0.0, high=1.0, low_open=True,
+    )
+    dp: str = key(
+        "off",
+        "client-level DP: Gaussian noise on the sum added by the server, or split over the clients (`client` "
+        "needs `secure-aggregation=true`)",
+        choices=DP_MODES,
+    )
+    dp_clip: float = key(
+        1.0, "the L2 norm each client's update (factor space) is clipped to", low=0.0, high=MAX_NORM, low_open=True
+    )
+    dp_noise_multiplier: float = key(
+        0.0, "σ: the noise std over `dp-clip`; give it or `dp-epsilon` when `dp` is on",
+        low=0.0, high=MAX_NOISE_MULTIPLIER,
+    )
+    dp_epsilon: float = key(
+        0.0, "the ε to reach after `num-server-rounds` rounds; σ is calibrated with the accountant", low=0.0
+    )
+    dp_delta: float = key(1e-5, "the δ ε is stated at", low=0.0, high=0.1, low_open=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one federated run needs: the run's own keys and its groups of keys."""
+
+    rounds: int = key(10, "rounds", name="num-server-rounds", low=1)
+    fraction_train: float = key(
+        1.0, "the fraction of the clients sampled each round (by partition, seeded by `seed`)",
+        low=0.0, high=1.0, low_open=True,
+    )
+    min_train_nodes: int = key(2, "the clients a round waits for before it samples", low=1)
+    seed: int = key(0, "run seed (model init, round seeds, client sampling)", low=0)
+    model: str = key(
+        "auto",
+        "`auto` picks the paper's CNN: `cnn-mnist` for 1×28×28 datasets, `cnn-cifar` for 3×32×32; see "
+        "[built-in models](#built-in-models)",
+        choices=MODELS, factory=True,
+    )
+    run_dir: str = key(
+        "runs", "where each run makes its own directory (`<run-dir>/<timestamp>`)",
+        parse=_path("give the directory runs are written under (a non-empty path)"), allowed="a directory",
+    )
+    downlink: str = key(
+        "chain", "send each client what it lacks (or the full model when that is cheaper), or the full model "
+        "every round", choices=DOWNLINKS,
+    )
+    downlink_codec: str = key(
+        "int4",
+        "how each chain link is coded; `auto` is `int4` (`float32` under `pattern=ab`, whose update is not "
+        "linear in its factors); see [Compressed downlink](#compressed-downlink)",
+        shown="auto", parse=_link_codec, allowed=", ".join(f"`{c}`" for c in ("auto", *LINK_CODECS)),
+    )
+    client_state: str = key(
+        "keep",
+        "`none`: clients keep nothing between rounds (cross-device); every download brings round 0 to the "
+        "current round",
+        choices=CLIENT_STATES,
+    )
+    round_timeout: float = key(
+        600.0, "seconds a round waits for replies (at most 12 h, the life of a Flower message)",
+        low=0.0, high=MAX_ROUND_TIMEOUT, low_open=True,
+    )
+    min_replies: int = key(
+        1, "valid replies a round needs to be merged; fewer and it is skipped, with the reason logged", low=1
+    )
+    resume: str = key(
+        "", "continue that run from its checkpoint (`\"\"`: a new run)",
+        parse=_path("give a run directory to continue, or '' for a new run", empty=True),
+        allowed="a run directory",
+    )
+    fault_corrupt_state_round: int = key(
+        0, "fault injection for tests: clients corrupt their copy in that round (`0` = off)", low=0
+    )
+    task: str = key(
+        "classification",
+        "loss and metric: cross-entropy and accuracy, MSE, or a `fedmud.task.Task` (see "
+        "[your own model](#your-own-model-and-data))",
+        parse=_task, allowed=", ".join(f"`{t}`" for t in (*TASKS, "package.module:factory")),
+    )
+    init_weights: str = key(
+        "",
+        "pretrained weights every party loads as round 0 (see "
+        "[Fine-tuning](#fine-tuning-a-pretrained-model-lora)); `\"\"`: the model factory's weights from `seed`",
+        parse=_path("give the path of a state_dict file, or '' for none", empty=True, strip=True), allowed="a state_dict file",
+    )
+    bounds: BoundsConfig = section(BoundsConfig)
+    privacy: PrivacyConfig = section(PrivacyConfig)
+    decomposition: DecompositionConfig = section(DecompositionConfig)
+    uplink: UplinkConfig = section(UplinkConfig)
+    train: TrainConfig = section(TrainConfig)
+    data: DataConfig = section(DataConfig)
+
+
+def _is_section(f: Field) -> bool:
+    return isinstance(f.default_factory, type) and is_dataclass(f.default_factory)
+
+
+def _key_fields(cls: type, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Field]]:
+    """Every key's field of a config dataclass with its path, e.g. (('train', 'lr'), <field lr>)."""
+    for f in fields(cls):
+        if _is_section(f):
+            yield from _key_fields(f.default_factory, (*prefix, f.name))
+        else:
+            yield (*prefix, f.name), f
+
+
+def _type(f: Field) -> str:
+    """A key's type by name ('int', 'float', 'bool', 'str', ...), annotated as a string or not."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def _name(f: Field) -> str:
+    return f.metadata["key"].name or f.name.replace("_", "-")
+
+
+def keys(schema: type) -> dict[tuple[str, ...], Field]:
+    """Every key of a schema (:class:`RunConfig`, or one that extends it) by its field's path, in
+    declaration order."""
+    return dict(_key_fields(schema))
+
+
+KEYS = keys(RunConfig)
+# Every key :func:`parse_run_config` reads (pyproject.toml declares the same set).
+RUN_CONFIG_KEYS = frozenset(_name(f) for f in KEYS.values())
+
+
+def run_config_key(path: tuple[str, ...]) -> str:
+    """The run-config key of a :class:`RunConfig` field, e.g. ('train', 'local_epochs') -> 'local-epochs'."""
+    return _name(KEYS[tuple(path)])
+
+
+APP_KEY_HINT = (
+    "an app's own keys go under a name of its own, as 'myapp.key' (a [tool.flwr.app.config.myapp] table in "
+    "pyproject.toml, or -c myapp.key=...), which FedMUD leaves to the app"
+)
+
+
+def _nearest_key(key: object, declared: dict[tuple[str, ...], Field]) -> str | None:
+    """The known key ``key`` most likely misspells, or None. It is matched against the keys and the
+    field names people write instead ('rounds' for num-server-rounds, 'codec' for uplink)."""
+    if not isinstance(key, str):
+        return None
+    spellings = {path[-1].replace("_", "-"): _name(f) for path, f in declared.items()}
+    spellings |= {_name(f): _name(f) for f in declared.values()}
+    spelt = key.strip().lower().replace("_", "-")
+    if spelt in spellings:
+        return spellings[spelt]
+    near = difflib.get_close_matches(spelt, spellings, n=1, cutoff=0.6)
+    return spellings[near[0]] if near else None
+
+
+def _check_keys(cfg: Mapping[str, Any], schema: type) -> None:
+    """Refuse a key FedMUD does not know (a misspelt one would silently keep its default); dotted
+    keys ('myapp.key', from a sub-table of the app's config) belong to the app and are left alone."""
+    declared = keys(schema)
+    known = {_name(f) for f in declared.values()}
+    unknown = [key for key in cfg if key not in known and not (isinstance(key, str) and "." in key)]
+    if not unknown:
+        return
+    named = []
+    for key in unknown:
+        near = _nearest_key(key, declared)
+        named.append((f"{key}={cfg[key]!r}" if isinstance(key, str) else f"key {key!r}", near))
+    listing = f"Known keys: {', '.join(sorted(known))}; {APP_KEY_HINT}"
+    if len(named) == 1:
+        (what, near), = named
+        guess = f"; did you mean {near}?" if near else "."
+        raise ConfigError(f"{what} is not allowed: there is no such key{guess} {listing}")
+    listed = ", ".join(what + (f" (did you mean {near}?)" if near else "") for what, near in named)
+    raise ConfigError(f"{listed} are not allowed: there are no such keys. {listing}")
 
 
 def _check_lora(d: DecompositionConfig) -> None:
@@ -561,13 +704,6 @@ def _check_combinations(d: DecompositionConfig, u: UplinkConfig) -> None:
         )
 
 
-def _link_codec(cfg: Mapping[str, Any], d: DecompositionConfig) -> str:
-    value = _choice(cfg, "downlink-codec", "auto", ("auto", *LINK_CODECS))
-    if value != "auto":
-        return value
-    return "float32" if d.method == "fedmud" and d.pattern == "ab" else RunConfig.downlink_codec
-
-
 def _check_downlink(run: RunConfig) -> None:
     d = run.decomposition
     if run.client_state == "none" and run.uplink.error_feedback:
@@ -584,45 +720,7 @@ def _check_downlink(run: RunConfig) -> None:
         )
 
 
-def _task(cfg: Mapping[str, Any]) -> str:
-    value = cfg.get("task", RunConfig.task)
-    if not isinstance(value, str) or not (value in TASKS or is_import_string(value)):
-        raise ConfigError(
-            f"task={value!r} is not allowed; choose one of {', '.join(TASKS)} or give 'package.module:factory'"
-        )
-    return value
-
-
-def _bounds(cfg: Mapping[str, Any]) -> BoundsConfig:
-    multiple = _number(cfg, "median-norm-bound", BoundsConfig.median_norm_bound, low=0.0)
-    if 0 < multiple < 1:  # below the median: half of the honest replies would be cut
-        raise ConfigError(f"median-norm-bound={multiple!r} is not allowed; it must be 0 (off) or a number >= 1")
-    return BoundsConfig(
-        max_examples=_number(cfg, "max-examples", BoundsConfig.max_examples, integer=True, low=1),
-        update_norm_bound=_number(cfg, "update-norm-bound", BoundsConfig.update_norm_bound, low=0.0, high=MAX_NORM),
-        update_norm_action=_choice(cfg, "update-norm-action", BoundsConfig.update_norm_action, NORM_ACTIONS),
-        median_norm_bound=multiple,
-    )
-
-
-DP_MODES = ("off", "server", "client")
-
-
-def _privacy(cfg: Mapping[str, Any], uplink: UplinkConfig) -> PrivacyConfig:
-    p = PrivacyConfig(
-        secure_aggregation=_flag(cfg, "secure-aggregation", PrivacyConfig.secure_aggregation),
-        secagg_shares=_number(cfg, "secagg-shares", PrivacyConfig.secagg_shares, low=0.0, high=1.0, low_open=True),
-        secagg_threshold=_number(
-            cfg, "secagg-threshold", PrivacyConfig.secagg_threshold, low=0.0, high=1.0, low_open=True
-        ),
-        dp=_choice(cfg, "dp", PrivacyConfig.dp, DP_MODES),
-        dp_clip=_number(cfg, "dp-clip", PrivacyConfig.dp_clip, low=0.0, high=MAX_NORM, low_open=True),
-        dp_noise_multiplier=_number(
-            cfg, "dp-noise-multiplier", PrivacyConfig.dp_noise_multiplier, low=0.0, high=MAX_NOISE_MULTIPLIER
-        ),
-        dp_epsilon=_number(cfg, "dp-epsilon", PrivacyConfig.dp_epsilon, low=0.0),
-        dp_delta=_number(cfg, "dp-delta", PrivacyConfig.dp_delta, low=0.0, high=0.1, low_open=True),
-    )
+def _check_privacy(p: PrivacyConfig, uplink: UplinkConfig, cfg: Mapping[str, Any]) -> None:
     if p.secure_aggregation and SCHEMES[uplink.codec].sparse:
         raise ConfigError(
             f"secure-aggregation=true is not allowed with uplink={uplink.codec!r}: secure aggregation sums "
@@ -645,101 +743,106 @@ def _privacy(cfg: Mapping[str, Any], uplink: UplinkConfig) -> PrivacyConfig:
             "dp='client' is not allowed with secure-aggregation=false: each client adds only its share of the "
             "noise, so the server would see every update nearly noise-free; set secure-aggregation=true, or dp='server'"
         )
-    return p
 
 
-def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
-    """Validate a flat Flower run config into a :class:`RunConfig`.
+def _parse(cfg: Mapping[str, Any], f: Field, parsed: Mapping[str, Any]) -> Any:
+    """One key's value from ``cfg`` (or its default), checked as its :class:`Key` declares."""
+    k, name = f.metadata["key"], _name(f)
+    default = f.default if k.shown is None else k.shown
+    if k.parse is not None:
+        return k.parse(cfg, name, default, parsed)
+    if _type(f) == "bool":
+        return _flag(cfg, name, default)
+    if _type(f) in ("int", "float"):
+        return _number(cfg, name, default, integer=_type(f) == "int", low=k.low, high=k.high, low_open=k.low_open)
+    if k.factory:
+        return _builtin_or_factory(cfg, name, default, k.choices)
+    return _choice(cfg, name, default, k.choices)
+
+
+def _build(cls: type, cfg: Mapping[str, Any], parsed: dict[str, Any]) -> Any:
+    """A config dataclass from ``cfg``: its sections first (a run's own keys may read them:
+    ``downlink-codec`` reads ``pattern``), then its keys in declaration order."""
+    values = {f.name: _build(f.default_factory, cfg, parsed) for f in fields(cls) if _is_section(f)}
+    for f in fields(cls):
+        if not _is_section(f):
+            values[f.name] = parsed[_name(f)] = _parse(cfg, f, parsed)
+    return cls(**values)
+
+
+def parse_run_config(cfg: Mapping[str, Any], schema: type[RunConfig] = RunConfig) -> RunConfig:
+    """Validate a flat Flower run config into a :class:`RunConfig` (or ``schema``, a subclass
+    that declares more keys).
 
     Every key must be one of :data:`RUN_CONFIG_KEYS` or an app's own, dotted ('myapp.key'); a
-    misspelt key is refused with the nearest known one rather than left at its default.
+    misspelt key is refused with the nearest known one rather than left at its default. Each key is
+    checked as its field declares; what depends on several keys is checked after.
     """
-    _check_keys(cfg)
-    dense = cfg.get("dense-layers", "auto")
-    if not isinstance(dense, str) or not dense.strip():
-        raise ConfigError(
-            f"dense-layers={dense!r} is not allowed; give auto, or a comma-separated list of first, last, "
-            "tensor names and module names"
-        )
-    decomposition = DecompositionConfig(
-        method=_choice(cfg, "method", "fedmud", METHODS),
-        kind=_choice(cfg, "kind", "kron", KINDS),
-        pattern=_choice(cfg, "pattern", "aad", PATTERNS),
-        ratio=_parse_ratio(cfg),
-        dense_layers=tuple(n.strip() for n in dense.split(",") if n.strip()),
-        init=_init(cfg, cfg.get("method", "fedmud")),
-        init_scale=_number(cfg, "init-scale", DecompositionConfig.init_scale, low=0.0, high=SCALE_RANGE[1]),
-        frozen_scale=_number(
-            cfg, "frozen-scale", DecompositionConfig.frozen_scale, low=SCALE_RANGE[0], high=SCALE_RANGE[1]
-        ),
-        hrp_rounds=_number(cfg, "hrp-rounds", DecompositionConfig.hrp_rounds, integer=True, low=1),
-        lora_rank=_number(cfg, "lora-rank", DecompositionConfig.lora_rank, integer=True, low=1),
-        lora_alpha=_number(
-            cfg, "lora-alpha", DecompositionConfig.lora_alpha, low=LORA_ALPHA_RANGE[0], high=LORA_ALPHA_RANGE[1]
-        ),
-        lora_init_scale=_number(
-            cfg, "lora-init-scale", DecompositionConfig.lora_init_scale, low=0.0, high=SCALE_RANGE[1]
-        ),
-        hrp_rank=_number(cfg, "hrp-rank", DecompositionConfig.hrp_rank, integer=True, low=1),
-    )
-    uplink = UplinkConfig(
-        codec=_choice(cfg, "uplink", UplinkConfig.codec, UPLINKS),
-        error_feedback=_flag(cfg, "error-feedback", UplinkConfig.error_feedback),
-        topk_ratio=_parse_ratio(cfg, "topk-ratio", UplinkConfig.topk_ratio),
-        stochastic_rounding=_flag(cfg, "stochastic-rounding", UplinkConfig.stochastic_rounding),
-    )
-    _check_combinations(decomposition, uplink)
-    train = TrainConfig(
-        optimizer=_choice(cfg, "optimizer", TrainConfig.optimizer, OPTIMIZERS),
-        lr=_number(cfg, "lr", TrainConfig.lr, low=0.0, high=MAX_STEP, low_open=True),
-        momentum=_number(cfg, "momentum", TrainConfig.momentum, low=0.0, high=1.0),
-        weight_decay=_number(cfg, "weight-decay", TrainConfig.weight_decay, low=0.0, high=MAX_STEP),
-        local_epochs=_number(cfg, "local-epochs", TrainConfig.local_epochs, integer=True, low=1),
-        batch_size=_number(cfg, "batch-size", TrainConfig.batch_size, integer=True, low=1),
-    )
-    data_root = cfg.get("data-root", DataConfig.root)
-    if not isinstance(data_root, str) or not data_root.strip():
-        raise ConfigError(f"data-root={data_root!r} is not allowed; it must be a non-empty directory path")
-    dataset = _builtin_or_factory(cfg, "dataset", DataConfig.dataset, DATASETS)
-    data = DataConfig(
-        dataset=dataset,
-        partition=_choice(cfg, "partition", DataConfig.partition, PARTITIONS),
-        alpha=_number(cfg, "alpha", DataConfig.alpha, low=0.0, low_open=True),
-        num_partitions=_number(cfg, "num-partitions", DataConfig.num_partitions, integer=True, low=1),
-        test_fraction=_number(cfg, "test-fraction", DataConfig.test_fraction, low=0.0, high=0.9, low_open=True),
-        seed=_number(cfg, "data-seed", DataConfig.seed, integer=True, low=0),
-        root=data_root,
-        label_fraction=_number(
-            cfg, "label-fraction", DataConfig.label_fraction, low=0.0, high=1.0, low_open=True
-        ),
-        classes=_classes(cfg, dataset),
-    )
-    run = RunConfig(
-        rounds=_number(cfg, "num-server-rounds", RunConfig.rounds, integer=True, low=1),
-        fraction_train=_number(cfg, "fraction-train", RunConfig.fraction_train, low=0.0, high=1.0, low_open=True),
-        min_train_nodes=_number(cfg, "min-train-nodes", RunConfig.min_train_nodes, integer=True, low=1),
-        seed=_number(cfg, "seed", RunConfig.seed, integer=True, low=0),
-        model=_builtin_or_factory(cfg, "model", RunConfig.model, MODELS),
-        run_dir=_path(cfg, "run-dir", RunConfig.run_dir, "the directory runs are written under"),
-        downlink=_choice(cfg, "downlink", RunConfig.downlink, DOWNLINKS),
-        downlink_codec=_link_codec(cfg, decomposition),
-        client_state=_choice(cfg, "client-state", RunConfig.client_state, CLIENT_STATES),
-        round_timeout=_number(
-            cfg, "round-timeout", RunConfig.round_timeout, low=0.0, high=MAX_ROUND_TIMEOUT, low_open=True
-        ),
-        min_replies=_number(cfg, "min-replies", RunConfig.min_replies, integer=True, low=1),
-        resume=_path(cfg, "resume", RunConfig.resume, "a run directory to continue, or '' for a new run", empty=True),
-        fault_corrupt_state_round=_number(
-            cfg, "fault-corrupt-state-round", RunConfig.fault_corrupt_state_round, integer=True, low=0
-        ),
-        task=_task(cfg),
-        init_weights=_init_weights(cfg),
-        bounds=_bounds(cfg),
-        privacy=_privacy(cfg, uplink),
-        decomposition=decomposition,
-        uplink=uplink,
-        train=train,
-        data=data,
-    )
+    _check_keys(cfg, schema)
+    run = _build(schema, cfg, {})
+    _check_combinations(run.decomposition, run.uplink)
+    _check_privacy(run.privacy, run.uplink, cfg)
     _check_downlink(run)
     return run
+
+
+# --- the keys as documentation: pyproject.toml's [tool.flwr.app.config] and the README's table ---
+
+# The order a reader meets them in: the method first, the safeguards last.
+_SECTION_ORDER = ("decomposition", "uplink", "train", "data", "", "bounds", "privacy")
+_SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _documented(schema: type) -> list[Field]:
+    declared = keys(schema)
+    rank = {name: i for i, name in enumerate(_SECTION_ORDER)}
+    paths = sorted(declared, key=lambda path: rank.get(path[0] if len(path) > 1 else "", len(rank)))
+    return [declared[path] for path in paths]
+
+
+def _shown(f: Field) -> Any:
+    k = f.metadata["key"]
+    return f.default if k.shown is None else k.shown
+
+
+def _number_text(x: float) -> str:
+    if x >= 1e4 and math.log10(x).is_integer():
+        return "10" + str(int(math.log10(x))).translate(_SUPERSCRIPT)
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def allowed_text(f: Field) -> str:
+    """What a key allows, in Markdown (the README table's third column)."""
+    k = f.metadata["key"]
+    if k.allowed:
+        return k.allowed
+    if _type(f) == "bool":
+        return "`true`, `false`"
+    if _type(f) in ("int", "float"):
+        low = "" if k.low is None else _number_text(k.low)
+        if k.high is None:
+            return f"{'>' if k.low_open else '≥'} {low}"
+        return f"{'(' if k.low_open else '['}{low}, {_number_text(k.high)}]"
+    names = [*k.choices, *(["package.module:factory"] if k.factory else [])]
+    return ", ".join(f"`{n}`" for n in names)
+
+
+def markdown_table(schema: type = RunConfig) -> str:
+    """The README's table of every key: key, default, what it allows, what it means."""
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for f in _documented(schema):
+        value = _shown(f)
+        default = "true" if value is True else "false" if value is False else value
+        default = '""' if default == "" else _number_text(default) if isinstance(default, float) else default
+        rows.append(f"| `{_name(f)}` | `{default}` | {allowed_text(f)} | {f.metadata['key'].help} |")
+    return "\n".join(rows) + "\n"
+
+
+def toml_table(schema: type = RunConfig) -> str:
+    """``pyproject.toml``'s ``[tool.flwr.app.config]``: every key at its default, with what it allows."""
+    lines = ["[tool.flwr.app.config]"]
+    for f in _documented(schema):
+        value = _shown(f)
+        text = json.dumps(value, ensure_ascii=False) if isinstance(value, (str, bool)) else repr(value)
+        lines.append(f"{_name(f)} = {text}".ljust(28) + " # " + allowed_text(f).replace("`", ""))
+    return "\n".join(lines) + "\n"

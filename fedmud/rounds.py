@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from .aggregate import WeightedMean
 from .bounds import CAPPED, CLIPPED, Screened, bound_update, cap_examples, lower_median, update_norm
-from .codec import SCHEMES, Codec, Parts, PayloadError, UploadLayout, topk_count
+from .codec import SCHEMES, Codec, Parts, PayloadError, topk_count
 from .feedback import ErrorFeedback
 from .config import ConfigError, RunConfig
 from .model import DecomposedModel, decompose

@@ -284,3 +284,56 @@ def test_the_accountant_states_an_epsilon_at_the_largest_noise_multiplier(rate, 
     from fedmud.privacy import epsilon
 
     assert 0 <= epsilon(MAX_NOISE_MULTIPLIER, rate, rounds, 1e-5) < 1  # 1e300 raised OverflowError at the first log
+
+
+# --- one place per key: the schema (issue 25) ----------------------------------------------------
+
+
+def test_pyproject_and_the_readme_table_are_what_the_schema_declares():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    check = subprocess.run(
+        [sys.executable, "scripts/config_docs.py", "--check"], cwd=root, capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def test_the_values_pyproject_declares_parse_to_the_schemas_defaults():
+    import tomllib
+    from pathlib import Path
+
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert parse_run_config(declared) == parse_run_config({}) == RunConfig()
+
+
+def test_a_new_key_is_one_field_and_reaches_the_parser_its_checks_and_both_documents():
+    """What adding a key takes: its field, declared with key(); nothing else in fedmud/config.py."""
+    from dataclasses import dataclass
+
+    from fedmud.config import key, markdown_table, toml_table
+
+    @dataclass(frozen=True)
+    class WithWarmup(RunConfig):
+        warmup_rounds: int = key(0, "rounds of learning-rate warm-up", low=0)
+
+    assert parse_run_config({"warmup-rounds": 3, "lr": 0.1}, WithWarmup).warmup_rounds == 3
+    assert parse_run_config({}, WithWarmup).warmup_rounds == 0
+    with pytest.raises(ConfigError, match=r"^warmup-rounds=-1 is not allowed; it must be an integer >= 0$"):
+        parse_run_config({"warmup-rounds": -1}, WithWarmup)
+    with pytest.raises(ConfigError, match="warmup-round=3 is not allowed: there is no such key; did you mean warmup-rounds"):
+        parse_run_config({"warmup-round": 3}, WithWarmup)
+    with pytest.raises(ConfigError, match="warmup-rounds=3 is not allowed: there is no such key"):
+        parse_run_config({"warmup-rounds": 3})  # not a key of the shipped schema
+    assert "| `warmup-rounds` | `0` | ≥ 0 | rounds of learning-rate warm-up |" in markdown_table(WithWarmup)
+    assert "\nwarmup-rounds = 0" in toml_table(WithWarmup)
+
+
+def test_every_key_declares_what_it_means_and_what_it_allows():
+    from fedmud.config import KEYS, allowed_text
+
+    for path, f in KEYS.items():
+        assert f.metadata["key"].help.strip(), path
+        assert allowed_text(f).strip(), path
