@@ -454,9 +454,14 @@ class RoundTally:
             self.server.recent_norms = (self.server.recent_norms + [self._norms])[-NORM_WINDOW:]
         return self.outcomes
 
+    @property
+    def enough(self) -> bool:
+        """Whether the round has the ``min-replies`` valid replies it needs to be merged."""
+        return self.mean.count >= self.server.run.min_replies
+
     def mean_to_merge(self) -> WeightedMean:
-        """The mean, or an empty one (the round is skipped) with fewer than ``min-replies`` in it."""
-        return self.mean if self.mean.count >= self.server.run.min_replies else WeightedMean()
+        """The mean, or an empty one (the round is skipped) without :attr:`enough` replies in it."""
+        return self.mean if self.enough else WeightedMean()
 
 
 class SyncError(RuntimeError):

@@ -298,7 +298,7 @@ class FedMUD(FedAvg):
                 accepted.append(node)
                 weights[node] = screened.weight
         target = server.round  # what every replying client now holds
-        if len(accepted) < self.run.min_replies:
+        if not tally.enough:
             log(
                 WARNING,
                 "round %d skipped: %d valid replies, min-replies is %d (rejected %d, failed %d, resync %d)",

@@ -123,10 +123,7 @@ def test_flwr_run_sh_passes_on_flwr_runs_own_failure(tmp_path):
 # --- stopping the local SuperLink -------------------------------------------------------------
 
 DOCS = (ROOT / "README.md", ROOT / "docs" / "deployment.md")
-
-
-def _documented_stop_commands() -> list[str]:
-    return [c for doc in DOCS for c in re.findall(r"`([^`]*\bp?kill\b[^`]*)`", doc.read_text())]
+STOP = "scripts/stop-local-superlink.sh"
 
 
 def _superlink_pids(marker: str) -> list[int]:
@@ -150,52 +147,60 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _start_local_superlink(env: dict, marker: str) -> int:
+def _start_local_superlink(env: dict, marker: str) -> tuple[int, dict]:
     """The local SuperLink as `flwr run .` starts it (any `flwr` command on the ``:local:``
-    connection does), on ports of its own; its process id."""
+    connection does), on ports of its own; its process id and the environment that reaches it."""
     env = {**env, "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     result = subprocess.run(["flwr", "ls"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     pids = _superlink_pids(marker)
     assert len(pids) == 1, pids
-    return pids[0]
+    return pids[0], env
 
 
-def test_no_document_stops_superlinks_by_name_alone():
-    commands = _documented_stop_commands()
-    assert commands, "no stop command found in the README or docs/deployment.md"
-    assert all("flower-superlink" not in c for c in commands), commands
+def test_the_documents_stop_the_local_superlink_with_the_script_and_no_process_by_name():
+    for doc in DOCS:
+        text = doc.read_text()
+        assert STOP in text, doc
+        assert not re.findall(r"`[^`]*\b(?:pkill|killall)\b[^`]*`", text), doc
 
 
 @pytest.mark.integration
-def test_the_documented_stop_command_stops_this_users_local_superlink_and_no_other(tmp_path):
-    commands = set(_documented_stop_commands())
-    assert len(commands) == 1, commands  # one command, the same everywhere
-    command = commands.pop()
-    assert command.startswith("pkill "), command
-    # this user: the default Flower home, ~/.flwr; another user: a Flower home of their own
+def test_the_stop_script_stops_this_users_local_superlink_by_its_id_and_no_other(tmp_path):
+    # this user: the default Flower home, ~/.flwr; another user: a Flower home and port of their own
     home = tmp_path / "home"
     mine = {k: v for k, v in os.environ.items() if k != "FLWR_HOME"} | {"HOME": str(home)}
     other = {**os.environ, "FLWR_HOME": str(tmp_path / "other-flwr-home")}
     started: list[int] = []
     try:
-        started.append(_start_local_superlink(mine, str(home / ".flwr")))
-        started.append(_start_local_superlink(other, str(tmp_path / "other-flwr-home")))
-        mine_pid, other_pid = started
-        # what it would stop, asked first (pgrep takes pkill's arguments): only this user's SuperLink
-        dry = subprocess.run(["bash", "-c", "pgrep" + command[len("pkill"):]], env=mine, capture_output=True, text=True)
-        assert {int(p) for p in dry.stdout.split()} == {mine_pid}, (command, dry.stdout, _superlink_pids(""))
-        subprocess.run(["bash", "-c", command], env=mine, check=True, timeout=30)
-        deadline = time.monotonic() + 30
-        while _alive(mine_pid) and time.monotonic() < deadline:
-            time.sleep(0.3)
+        mine_pid, mine = _start_local_superlink(mine, str(home / ".flwr"))
+        started.append(mine_pid)
+        other_pid, _ = _start_local_superlink(other, str(tmp_path / "other-flwr-home"))
+        started.append(other_pid)
+        stop = subprocess.run(["bash", STOP], cwd=ROOT, env=mine, capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert f"(pid {mine_pid})" in stop.stderr
         assert not _alive(mine_pid) and _alive(other_pid)
+        again = subprocess.run(["bash", STOP], cwd=ROOT, env=mine, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "no local SuperLink listens on port" in again.stderr
     finally:
         for pid in started:
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 if _alive(pid):
                     os.kill(pid, sig)
                     time.sleep(2)
+
+
+def test_the_stop_script_leaves_a_process_that_is_not_a_superlink_on_the_port():
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]  # this test's own Python process holds the port
+        env = {**os.environ, "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port)}
+        stop = subprocess.run(["bash", STOP], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 1 and "not a SuperLink of yours; not stopping it" in stop.stderr
 
 
 # --- shell scripts under pipefail ----------------------------------------------------------
