@@ -22,32 +22,12 @@ sign       ``payload`` uint8 (8 bits a byte), ``scales``   1 + 32/512 = 1.06   5
 topk       ``values`` float32, ``indices`` int32           64 per kept value   --     residual
 =========  ==============================================  ==================  =====  ==========
 
-The lossy schemes encode the *residual* against a reference both parties know
-(the round-start values: the global model's dense tensors and the seed-drawn
-factors), so the server decodes ``reference + residual``. A chunk is at most ``chunk``
-values of one tensor (tensors' scales differ). Its size keeps the scales' share of the
-bytes small (0.4% for ``int8``; 1.5, 3 and 6% for ``int4``, ``int2``, ``sign``): halving the
-low-bit chunks to 256 changed the measured error of ``int2`` and ``sign`` by under 1% and of
-``int4`` by about 10%, on Gaussian vectors and on a trained round's residual alike, for
-twice the scale bytes.
-
-``int8``, ``int4`` and ``int2`` are one uniform quantiser (:class:`Uniform`): ``codes``
-levels symmetric about zero, one step (the chunk's scale) apart. ``int8`` (-127..127) and
-``int4`` (-7..7) span the chunk's largest magnitude, so nothing is clipped and nearest
-rounding errs by at most half a step. ``int2`` has the four levels ±0.5, ±1.5 steps with a
-step of ``1.25·mean|x|`` (capped so the outer levels do not pass ``max|x|``) and clips beyond
-±1.5 steps: that is the MSE-optimal 4-level uniform quantiser of a Gaussian (step 0.996σ).
-Levels -1, 0, 1 spanning ``max|x|`` round most values to 0 and lose more than ``sign``
-(relative squared error 0.63 against ``sign``'s 0.36 and these four levels' 0.12 on a
-Gaussian vector; 0.18-0.49 against 0.06-0.11 on a trained round's residual). With a
-generator (``stochastic-rounding``) every ``int*`` code steps by ``max|x|/top`` (nothing
-clipped) and rounds to one of the two neighbouring levels with the probabilities that make
-the decoded value unbiased.
-
-``sign`` (:class:`Sign`, EF-signSGD, Karimireddy et al. 2019) sends one bit a value and
-decodes ``sign(x)·mean|x|`` of its chunk (``x = 0`` counts as +); stochastic, it sends +
-with probability ``(1 + x/m)/2`` and decodes ``±m``, ``m`` the chunk's largest magnitude
-(unbiased, at a variance of ``m² - x²``).
+The lossy schemes encode the *residual* against a reference both parties know (the
+round-start values), so the server decodes ``reference + residual``; a chunk is at most ``chunk``
+values of one tensor. ``int8``, ``int4`` and ``int2`` are one uniform quantiser
+(:class:`Uniform`), ``sign`` is :class:`Sign`; with a generator (``stochastic-rounding``) each
+rounds at random, unbiased. Why the chunk sizes, levels and packing are what they are, with the
+errors measured: docs/codecs.md.
 
 Packed payloads hold the codes in layout order, the first in a byte's highest bits (as
 ``np.packbits``); ``int4``/``int2`` send ``u`` = level + ``(codes - 1)/2``. The padding bits
