@@ -1,7 +1,7 @@
 """FedMUD: federated training of decomposed model updates (pure PyTorch + numpy; no Flower)."""
 
 from .config import ConfigError, DecompositionConfig, RunConfig, parse_run_config
-from .model import DecomposedModel, DecomposedUpdate, LoRAAdapter, decompose
+from .mud import DecomposedModel, DecomposedUpdate, LoRAAdapter, decompose
 from .plan import DecompositionPlan, plan_decomposition
 
 __all__ = [

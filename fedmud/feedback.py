@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .codec import Codec
-from .model import DecomposedModel
+from .mud import DecomposedModel
 from .projection import linear_delta, project_to_trained
 
 

@@ -21,7 +21,7 @@ from .bounds import CAPPED, CLIPPED, Screened, bound_update, cap_examples, lower
 from .codec import SCHEMES, Codec, Parts, PayloadError, topk_count
 from .feedback import ErrorFeedback
 from .config import ConfigError, RunConfig
-from .model import DecomposedModel, decompose
+from .mud import DecomposedModel, decompose
 from .pretrained import load_init_weights
 from .privacy import mechanism, sample_round
 from .seeds import numpy_rng

@@ -15,7 +15,7 @@ from torch import nn
 
 from fedmud.aggregate import aggregate_factors
 from fedmud.config import ConfigError, DecompositionConfig
-from fedmud.model import decompose
+from fedmud.mud import decompose
 
 
 class TextTransformer(nn.Module):

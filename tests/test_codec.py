@@ -9,7 +9,7 @@ import torch
 from fedmud.codec import SCHEMES, Codec, PayloadError, UploadLayout, topk_count
 from fedmud.config import LINK_CODECS, UPLINKS, DecompositionConfig, parse_run_config
 from fedmud.feedback import ErrorFeedback
-from fedmud.model import decompose
+from fedmud.mud import decompose
 from fedmud.models import build_model
 from fedmud.projection import linear_delta, project_to_trained
 from fedmud.rounds import ClientModel, ServerModel

@@ -15,7 +15,7 @@ from fedmud.config import (
     RunConfig,
     parse_run_config,
 )
-from fedmud.model import decompose
+from fedmud.mud import decompose
 from fedmud.models import CNN
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from fedmud.config import ConfigError, DecompositionConfig, parse_run_config
 from fedmud.decomposition import matrix_shape
-from fedmud.model import HadamardLowRankWeight, decompose
+from fedmud.mud import HadamardLowRankWeight, decompose
 from fedmud.models import build_model
 
 FEDPARA = DecompositionConfig(method="fedpara")

@@ -12,7 +12,7 @@ from torch import nn
 
 from fedmud.config import ConfigError, parse_run_config
 from fedmud.data import splits
-from fedmud.model import LoRAAdapter
+from fedmud.mud import LoRAAdapter
 from fedmud.rounds import ClientModel, ServerModel, SyncError, build_decomposed, simulate_in_process
 from fedmud.sync import CHAIN, FULL, state_digest
 

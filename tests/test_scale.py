@@ -15,7 +15,7 @@ from fedmud.aggregate import WeightedMean
 from fedmud.config import DecompositionConfig, parse_run_config
 from fedmud.decomposition import BlockKroneckerUpdate, LowRankUpdate
 from fedmud.ledger import Ledger
-from fedmud.model import decompose
+from fedmud.mud import decompose
 from fedmud.rounds import ServerModel
 from server.strategy import FedMUD
 from fedmud_wire import reply_seconds, upload_record

@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 
 from fedmud.config import DecompositionConfig
-from fedmud.model import decompose
+from fedmud.mud import decompose
 from fedmud.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DRAW = """
 import hashlib, torch
 from fedmud.config import DecompositionConfig
-from fedmud.model import decompose
+from fedmud.mud import decompose
 from fedmud.models import build_model
 torch.manual_seed({torch_seed})
 model = decompose(build_model("cnn-mnist"), DecompositionConfig(kind="{kind}"))

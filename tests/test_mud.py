@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedmud.config import DecompositionConfig
-from fedmud.model import decompose
+from fedmud.mud import decompose
 from fedmud.models import CNN
 
 
