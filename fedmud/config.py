@@ -4,6 +4,13 @@ Flower hands both apps a flat mapping of run-config keys (``pyproject.toml``'s
 ``[tool.flwr.app.config]`` merged with ``-c`` overrides). :func:`parse_run_config`
 turns it into frozen dataclasses; a bad value stops here with one message naming
 the key, the value and what is allowed.
+
+Each key is declared once, on its field: ``lr: float = key(0.05, "local learning rate",
+low=0.0, high=MAX_STEP, low_open=True)`` (:class:`Key`). The parser is a loop over the
+fields; what depends on several keys (``init`` on ``method``, SecAgg+ on the uplink) is
+checked after, in the ``_check_*`` functions. ``pyproject.toml``'s table and the README's
+are written from the fields by ``scripts/config_docs.py``. Adding a key is its field and the
+code that reads it.
 """
 
 from __future__ import annotations
