@@ -226,10 +226,10 @@ class ServerModel:
         """Whether replies are bounded by a multiple of their peers' median norm (``median-norm-bound``)."""
         return self.run.bounds.median_norm_bound > 0 and not self.dp.on
 
-    def median_bound(self) -> float:
-        """This round's median norm bound: the multiple times the lower median of the recent rounds'
-        update norms (0: off, or no round has had valid replies yet)."""
-        pooled = [norm for norms in self.recent_norms for norm in norms]
+    def median_bound(self, norms: list[float] | None = None) -> float:
+        """The median norm bound: the multiple times the lower median of ``norms`` (by default the
+        recent rounds' update norms, pooled); 0 when off or there are no norms yet."""
+        pooled = [norm for recent in self.recent_norms for norm in recent] if norms is None else norms
         if not self.median_bound_on or not pooled:
             return 0.0
         return self.run.bounds.median_norm_bound * lower_median(pooled)
@@ -446,7 +446,7 @@ class RoundTally:
 
     def close(self) -> list[tuple[object, Screened]]:
         if self._held:
-            self.bound = self.server.run.bounds.median_norm_bound * lower_median(self._norms)
+            self.bound = self.server.median_bound(self._norms)  # the round's own median
             held, self._held = self._held, []
             for key, screened in held:
                 self._admit(key, screened)
