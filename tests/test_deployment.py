@@ -18,7 +18,7 @@ import pytest
 from fedmud.ledger import DOWN, UP
 from fedmud.seeds import sample_clients
 
-from .conftest import ROOT, SuperLink, stop_process_group
+from .conftest import ROOT, SuperLink, app_path, stop_process_group
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def authenticated_deployment(tmp_path):
 
 def _submit(env: dict, run_config: str) -> subprocess.Popen:
     return subprocess.Popen(
-        ["flwr", "run", ".", "test", "--stream", "-c", run_config],
+        ["flwr", "run", app_path("."), "test", "--stream", "-c", run_config],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
 

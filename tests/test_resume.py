@@ -16,7 +16,7 @@ from .conftest import flwr_run
 from .federation import Node, nodes_for, run_rounds, server_for
 from .test_round_exchange import RUN_CONFIG, LoopbackGrid
 
-FEDERATION = ("--federation-config", "num-supernodes=3 client-resources-num-cpus=1")
+FEDERATION = ("--federation-config", "num-supernodes=3 client-resources-num-cpus=2")
 
 
 def _run(env, run_dir, config: str) -> dict:
