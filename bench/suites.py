@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from fedmud.config import RunConfig
+from fedmud.seeds import sample_size
+
 # name -> run-config overrides; every other key keeps its pyproject.toml default. The dense baselines
 # pin their codecs (float32 downlink: they send the full model), so a change of a default does not move
 # the reference; `fedmud` pins nothing beyond its decomposition, so it measures what a user's first run gets.
@@ -108,10 +111,11 @@ class Suite:
 
     @property
     def clients_per_round(self) -> int:
-        """How many clients train each round (the server's sampling rule, pyproject defaults 1.0 and 2)."""
-        fraction = 1.0 if self.fraction_train is None else self.fraction_train
-        minimum = 2 if self.min_train_nodes is None else self.min_train_nodes
-        return min(self.supernodes, max(int(self.supernodes * fraction), minimum))
+        """How many clients train each round (the server's sampling rule; unset keys at their defaults)."""
+        defaults = RunConfig()
+        fraction = defaults.fraction_train if self.fraction_train is None else self.fraction_train
+        minimum = defaults.min_train_nodes if self.min_train_nodes is None else self.min_train_nodes
+        return sample_size(self.supernodes, fraction, minimum)
 
     @property
     def runs(self) -> list[tuple[str, int]]:

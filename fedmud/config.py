@@ -18,12 +18,14 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import Field, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from .codec import SCHEMES
+from .data import DATASETS, SPECS
+from .errors import ConfigError, is_import_string
+from .models import MODELS
 
 METHODS = ("fedmud", "fedavg", "fedlmt", "fedpara", "lora", "ffa-lora")
 LORA_METHODS = ("lora", "ffa-lora")  # persistent adapters on a (pretrained) model: fine-tuning
@@ -42,24 +44,11 @@ LOSSY_UPLINKS = tuple(name for name, scheme in SCHEMES.items() if scheme.residua
 LEVELLED_UPLINKS = tuple(n for n, scheme in SCHEMES.items() if scheme.residual and scheme.bits <= 8 and not scheme.sparse)
 CLIENT_STATES = ("keep", "none")
 OPTIMIZERS = ("sgd", "adam")
-# The built-in datasets and their number of classes (the labels are 0 .. n-1); fedmud.data.SPECS holds
-# the rest of each one's description (shape, normalisation) and takes the class count from here.
-DATASET_CLASSES = {
-    "mnist5k": 10, "digits": 10, "mnist": 10, "fashionmnist": 10, "svhn": 10, "cifar10": 10, "cifar100": 100
-}
-DATASETS = tuple(DATASET_CLASSES)
 PARTITIONS = ("iid", "dirichlet", "label-count")
-# Built-in names; `model` and `dataset` also take a user factory as 'package.module:factory'.
-MODELS = ("auto", "cnn-mnist", "cnn-cifar", "resnet18", "mobilenet-v3-small", "vit", "text-transformer", "lstm")
 DOWNLINKS = ("chain", "full")
 TASKS = ("classification", "regression")
 NORM_ACTIONS = ("reject", "clip")
 DP_MODES = ("off", "server", "client")
-IMPORT_STRING = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-
-
-class ConfigError(ValueError):
-    """A configuration value is not allowed; the message names key, value and what is allowed."""
 
 
 INT64_MAX = 2**63 - 1  # a run config's integers are TOML's and Flower's: 64-bit
@@ -122,11 +111,6 @@ def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}={value!r} is not allowed; it must be true or false")
     return value
-
-
-def is_import_string(value: object) -> bool:
-    """Whether ``value`` reads as ``package.module:factory`` (the import itself is checked later)."""
-    return isinstance(value, str) and IMPORT_STRING.fullmatch(value) is not None
 
 
 def _builtin_or_factory(cfg: Mapping[str, Any], key: str, default: str, builtins: tuple[str, ...]) -> str:
@@ -251,7 +235,7 @@ def _classes(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str
             f"{key}={value!r} is not allowed with dataset={dataset!r}: it filters the built-in datasets; "
             "return the classes you want from your dataset factory instead"
         )
-    count = DATASET_CLASSES[dataset]
+    count = SPECS[dataset].num_classes
     if max(last for _, last in ranges) >= count:
         raise ConfigError(f"{key}={value!r} is not allowed with dataset={dataset!r}: its labels are 0-{count - 1}")
     return tuple(sorted({label for first, last in ranges for label in range(first, last + 1)}))

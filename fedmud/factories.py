@@ -3,7 +3,7 @@
 ``model`` and ``dataset`` take a built-in name or such a string. :func:`load_factory`
 imports the factory, :func:`call_factory` calls it with the keyword arguments it
 declares among those on offer (all of them when it takes ``**kwargs``). Anything that
-goes wrong stops with one :class:`~fedmud.config.ConfigError` naming the key, the
+goes wrong stops with one :class:`~fedmud.errors.ConfigError` naming the key, the
 value and what is expected, like every other bad configuration value.
 """
 
@@ -14,9 +14,14 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from .config import DATASETS, MODELS, ConfigError, is_import_string
+from .errors import ConfigError, is_import_string
 
-BUILTINS = {"model": MODELS, "dataset": DATASETS}
+BUILTINS: dict[str, tuple[str, ...]] = {}  # key -> its built-in names, each registry's own
+
+
+def register_builtins(key: str, names: tuple[str, ...]) -> None:
+    """Name ``key``'s built-ins in this module's messages (``fedmud.models`` and ``fedmud.data`` do)."""
+    BUILTINS[key] = names
 
 
 def expected(key: str) -> str:

@@ -44,13 +44,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import MODELS, ConfigError, DataConfig, is_import_string
 from .data import DatasetInfo, dataset_info
-from .factories import call_factory, load_factory, refusal, type_phrase
+from .errors import ConfigError, is_import_string
+from .factories import call_factory, load_factory, refusal, register_builtins, type_phrase
+
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -291,14 +295,21 @@ BUILTIN_MODELS: dict[str, ModelFactory] = {
     "lstm": lstm,
 }
 AUTO = {(1, 28, 28): "cnn-mnist", (3, 32, 32): "cnn-cifar"}  # the paper's CNN for its image sizes
-assert set(MODELS) == {"auto", *BUILTIN_MODELS}, "fedmud.config.MODELS and fedmud.models.BUILTIN_MODELS disagree"
+# the `model` key's allowed names (fedmud.config reads them from here); any other is a user factory
+MODELS = ("auto", *BUILTIN_MODELS)
+register_builtins("model", MODELS)
 
 
 # --- picking and building -------------------------------------------------------------------
 
 
-def _as_config(data: DataConfig | str) -> DataConfig:
-    """A dataset name alone stands for ``DataConfig(dataset=name)`` (older callers pass the name)."""
+def _as_config(data: DataConfig | str | None) -> DataConfig:
+    """The data section: ``None`` is the default one, a dataset name alone ``DataConfig(dataset=name)``."""
+    # imported here: fedmud.config declares the `model` key's names from this module
+    from .config import DataConfig
+
+    if data is None:
+        return DataConfig()
     return DataConfig(dataset=data) if isinstance(data, str) else data
 
 
@@ -312,7 +323,7 @@ def fitting_models(info: DatasetInfo) -> list[str]:
     return (["auto"] if _auto(info) else []) + fits
 
 
-def resolve_model(name: str, data: DataConfig | str = DataConfig()) -> str:
+def resolve_model(name: str, data: DataConfig | str | None = None) -> str:
     """The concrete model ``name`` stands for on ``data``: ``auto`` picks the paper's CNN for its images.
 
     A built-in that does not fit the data is refused; an import string is returned as it is.
@@ -341,7 +352,7 @@ def resolve_model(name: str, data: DataConfig | str = DataConfig()) -> str:
     )
 
 
-def model_factory(name: str, data: DataConfig | str = DataConfig()) -> Callable[[], nn.Module]:
+def model_factory(name: str, data: DataConfig | str | None = None) -> Callable[[], nn.Module]:
     """A zero-argument callable building a fresh model ``name`` for ``data``.
 
     Name, fit and import are checked now (ConfigError); the factory runs on each call.
@@ -361,6 +372,6 @@ def model_factory(name: str, data: DataConfig | str = DataConfig()) -> Callable[
     return build
 
 
-def build_model(name: str, data: DataConfig | str = DataConfig()) -> nn.Module:
+def build_model(name: str, data: DataConfig | str | None = None) -> nn.Module:
     """A fresh model ``name`` (``auto``, a built-in or ``package.module:factory``) for ``data``."""
     return model_factory(name, data)()

