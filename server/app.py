@@ -237,9 +237,6 @@ def _run_server(
         run_dir,
         held_out,
         history=history,
-        fraction_train=run.fraction_train,
-        min_train_nodes=run.min_train_nodes,
-        min_available_nodes=run.min_train_nodes,
     )
     strategy.run_rounds(grid, first_round)
     strategy.writer.close()

@@ -1,6 +1,8 @@
-"""FedMUD strategy: FedAvg on Flower's Message API, with what differs overridden.
+"""FedMUD strategy: a Flower :class:`~flwr.serverapp.strategy.Strategy` on the Message API.
 
-Differences from FedAvg:
+It subclasses ``Strategy`` itself, not ``FedAvg``: it samples, merges and drives the rounds its own
+way, and every setting comes from the run config (sampling: :func:`fedmud.privacy.sample_round`).
+Where it differs from FedAvg:
 - ``configure_train`` samples clients with the run's seeded RNG and builds each
   client's own downlink: the chain of aggregated updates it missed, or the full
   model (see :mod:`fedmud.sync`), with the round seed and the digest of the model
@@ -32,7 +34,7 @@ from torch.utils.data import DataLoader
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from fedmud.bounds import EVENTS, NORM_REJECTED, Screened, check_mean_update
 from fedmud.checkpoint import save_checkpoint
@@ -64,8 +66,8 @@ SERVER_PARTS = ("plan_s", "aggregate_s", "checkpoint_s")  # the server's own wor
 MERGE_REFUSED = "merge-refused"  # a round whose merge would have made the model non-finite
 
 
-class FedMUD(FedAvg):
-    """FedAvg whose clients sync by chains and upload a decomposed model update.
+class FedMUD(Strategy):
+    """A strategy whose clients sync by chains and upload a decomposed model update.
 
     Parameters
     ----------
@@ -83,8 +85,9 @@ class FedMUD(FedAvg):
         Per-round rows of a resumed run.
     max_upload_factor : float (default: 2.0)
         Replies whose payload exceeds this multiple of the expected size are rejected.
-    **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling fractions, minima).
+
+    Sampling (``fraction-train``, ``min-train-nodes``, DP's Poisson rate) is read from ``run``
+    in one place, :func:`fedmud.privacy.sample_round`; evaluation is centralised (:meth:`evaluate`).
     """
 
     def __init__(
@@ -96,9 +99,7 @@ class FedMUD(FedAvg):
         test_data: DataLoader,
         history: list[dict] | None = None,
         max_upload_factor: float = 2.0,
-        **kwargs,
     ) -> None:
-        super().__init__(fraction_evaluate=0.0, **kwargs)
         self.run = run
         self.server_model = server_model
         self.ledger = ledger
@@ -128,7 +129,7 @@ class FedMUD(FedAvg):
         """
         deadline = time.monotonic() + self.run.round_timeout
         node_ids = sorted(grid.get_node_ids())
-        while len(node_ids) < self.min_available_nodes and time.monotonic() < deadline:
+        while len(node_ids) < self.run.min_train_nodes and time.monotonic() < deadline:
             time.sleep(1.0)
             node_ids = sorted(grid.get_node_ids())
         self._population = len(node_ids)
@@ -418,6 +419,22 @@ class FedMUD(FedAvg):
         return min(bounds, default=0.0)
 
     # ------------------------------------------------------------------ the rounds
+    # ------------------------------------------------------------------ Flower's Strategy, the rest
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:
+        """No federated evaluation: the server evaluates the global model on held-out data (:meth:`evaluate`)."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        """The run's settings are logged by ``server.app`` when it starts (the plan, the codecs, DP)."""
+
+    def start(self, *args, **kwargs):
+        """Not used: :meth:`run_rounds` drives the rounds (it resumes from a checkpoint and pushes,
+        pulls and puts down every message itself)."""
+        raise NotImplementedError("FedMUD's rounds are driven by run_rounds(grid, first_round), not Strategy.start")
+
     def run_rounds(self, grid: Grid, first_round: int) -> None:
         """Rounds ``first_round`` .. ``run.rounds``: train, aggregate, evaluate, checkpoint.
 

@@ -11,7 +11,7 @@ with real processes.
 import uuid
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 from client.app import identify, run_client_round
@@ -87,7 +87,7 @@ def test_a_restarted_node_trains_in_its_round_and_a_dead_node_is_named(task_iden
     server = ServerModel(run)
     server.full_bytes, server.link_bytes = measure_message_sizes(server)[2:]  # chains are planned by size
     ledger = Ledger()
-    fedmud = FedMUD(run, server, ledger, tmp_path, held_out_loader(run.data), min_train_nodes=2, min_available_nodes=2)
+    fedmud = FedMUD(run, server, ledger, tmp_path, held_out_loader(run.data))
     # before round 3 node 202 restarts (it held round 1's model) and node 303 dies
     grid = LoopbackGrid(events={3: [("restart", 202), ("die", 303)]})
     try:
