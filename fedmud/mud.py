@@ -366,6 +366,13 @@ class DecomposedModel(nn.Module):
         self.factorized_names: tuple[str, ...] = ()
         self.adapter_names: tuple[str, ...] = ()
         self.layout_version = 0  # bumped whenever a tensor's shape in the upload changes (HRP LoRA's switch)
+        # Why parametrisations: each planned tensor becomes W + ΔW(factors) through
+        # torch.nn.utils.parametrize, so the user's module runs its own forward unchanged (any model:
+        # a CNN, a Hugging Face transformer, a timm net) and reads its weight from the parametrisation.
+        # W itself (``original``) is frozen: of a planned tensor only the factors train, so only they have gradients
+        # and optimiser state, and a merge is the one place W changes. A weight tied to others (an
+        # embedding shared with the output layer) gets the same parametrisation object on every
+        # alias, so all of them read one W + ΔW and the update is uploaded once.
         planned = self.plan.decomposed()
         tied = aliases(model)
         for name, tensor_plan in planned.items():

@@ -88,10 +88,20 @@ def basis_codec(model: DecomposedModel) -> Codec:
     return Codec(model.hrp_layout())
 
 
+def round_start(model: DecomposedModel, codec: Codec, seed: int, values: bool = True) -> np.ndarray | None:
+    """Reset ``model``'s factors to those drawn from ``seed`` and return the upload's round-start values
+    (the global model with those factors, laid out as ``codec`` lays out an upload; None unless ``values``).
+
+    The one definition of what every party measures a round from: residual codes (uplink and chain
+    links), the norm bounds, DP's clip and the update handed to secure aggregation.
+    """
+    model.reset(seed)
+    return codec.flatten(model.uploaded_state()) if values else None
+
+
 def link_reference(model: DecomposedModel, codec: Codec, seed: int) -> np.ndarray | None:
     """The round-start values a lossy link is the residual against (None for float32); resets ``model``."""
-    model.reset(seed)
-    return codec.flatten(model.uploaded_state()) if codec.residual else None
+    return round_start(model, codec, seed, values=codec.residual)
 
 
 def apply_link(model: DecomposedModel, codec: Codec, link: Link) -> None:
@@ -215,8 +225,7 @@ class ServerModel:
         """
         key = (round_seed, self.digest, self.model.layout_version)
         if self._reference is None or self._reference[0] != key:
-            self.model.reset(round_seed)
-            values = self.codec.flatten(self.model.uploaded_state())
+            values = round_start(self.model, self.codec, round_seed)
             self.model.clear()
             self._reference = (key, values)
         return self._reference[1]
@@ -552,9 +561,7 @@ class ClientModel:
         ``round_seed``, so clients' rounding errors are independent and a rerun repeats them.
         """
         self.model.load_global_state(self.global_model.global_state())
-        self.model.reset(round_seed)
-        needs_reference = self.codec.residual or self.dp.on
-        reference = self.codec.flatten(self.model.uploaded_state()) if needs_reference else None
+        reference = round_start(self.model, self.codec, round_seed, values=self.codec.residual or self.dp.on)
         loss = train_local(self.model, loader, self.run.train, self.device, self.task)
         values = self.codec.flatten(self.model.uploaded_state())
         if self.dp.on:  # clipped, and with dp=client this client's share of the noise, before it is coded
@@ -576,8 +583,7 @@ class ClientModel:
         """The update ``parts`` carries, as the server would decode it: the decoded upload minus the
         round-start values (float64). What a client hands secure aggregation, which sums updates."""
         self.model.load_global_state(self.global_model.global_state())
-        self.model.reset(round_seed)
-        reference = self.codec.flatten(self.model.uploaded_state())
+        reference = round_start(self.model, self.codec, round_seed)
         self.model.clear()
         values = self.codec.decode(self.codec.validate(parts), reference if self.codec.residual else None)
         return values.astype(np.float64) - reference

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bench.superlink import free_port, superlink_command, wait_for_port
+from bench.superlink import free_port, stage_app, superlink_command, wait_for_port
 from bench.superlink import stop_group as stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,26 +193,11 @@ def simulation_superlink(tmp_path_factory):
 
 @functools.cache
 def app_dir() -> Path:
-    """The app as `flwr run .` packages it, copied once per test process: the files git tracks or would
-    track (`git ls-files --cached --others --exclude-standard`); the repository itself without git.
-
-    `flwr run DIR` (Flower 1.39) resolves every file under DIR before it applies .gitignore: from the
-    repository root that is the virtual environment's ~50,000 files, 5 CPU-seconds of each run's 50."""
-    try:
-        listed = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=ROOT, capture_output=True, check=True, timeout=60,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ROOT
+    """The app as `flwr run .` packages it, staged once per test process (:func:`bench.superlink.stage_app`:
+    Flower would otherwise resolve the virtual environment's ~50,000 files on every run)."""
     staged = Path(tempfile.mkdtemp(prefix="fedmud-app-"))
     atexit.register(shutil.rmtree, staged, ignore_errors=True)
-    for name in filter(None, listed.decode().split("\0")):
-        source = ROOT / name
-        if source.is_file() and not source.is_symlink():  # listed but deleted, or a link Flower skips
-            (staged / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, staged / name)
-    return staged
+    return stage_app(ROOT, staged)
 
 
 def app_path(app: str) -> str:
