@@ -134,7 +134,7 @@ def run_client_round(
             if tensor.is_floating_point():
                 tensor.add_(1e-3)
     try:
-        state = client.sync(held, downlink.kind, downlink.digest, downlink.full_state, downlink.base_round, downlink.links)
+        state = client.sync(held, downlink)
     except SyncError as err:
         context.state.array_records.pop(HELD_MODEL, None)
         if secure:  # SecAgg+ has no such reply: drop out; the full model comes next

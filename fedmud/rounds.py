@@ -9,7 +9,7 @@ the frozen factors from the seed, trains and encodes its upload.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -199,6 +199,15 @@ class ServerModel:
             return Downlink(FULL, self.round)
         held = 0 if self.run.client_state == "none" else self.records.get(client, new_client_round=0)
         return plan_downlink(held, self.round, self.chain, self.link_bytes, self.full_bytes)
+
+    def downlink(self, plan: Downlink, server_round: int) -> Downlink:
+        """``plan`` (:meth:`plan`) completed for ``server_round``: the round's seed, the digest of the
+        global model and, for a full downlink, the model itself. What the strategy sends and
+        :func:`simulate_in_process` hands its clients."""
+        from .seeds import round_seed  # a module name: ``round_seed`` is a parameter of most methods here
+
+        full_state = self.global_state() if plan.kind == FULL else None
+        return plan.for_round(server_round, round_seed(self.run.seed, server_round), self.digest, full_state)
 
     def code_link(self, server_round: int, round_seed: int, mean: np.ndarray) -> Link:
         """The round's link: the aggregated upload ``mean`` in the link code.
@@ -509,41 +518,34 @@ class ClientModel:
         """The uplink's error feedback (``error-feedback=true``), else None."""
         return self._uplink.get()[1]
 
-    def sync(
-        self,
-        held: tuple[int, Mapping[str, torch.Tensor]] | None,
-        kind: str,
-        expected_digest: str,
-        full_state: Mapping[str, torch.Tensor] | None = None,
-        base_round: int | None = None,
-        links: Sequence[Link] = (),
-    ) -> dict[str, torch.Tensor]:
-        """Apply a downlink to the held model (round, state), or to round 0 if none is held.
+    def sync(self, held: tuple[int, Mapping[str, torch.Tensor]] | None, downlink: Downlink) -> dict[str, torch.Tensor]:
+        """Apply ``downlink`` to the held model (round, state), or to round 0 if none is held.
 
-        Returns the new global state; raises :class:`SyncError` when the chain does not
-        start at the held round or the result's digest is not ``expected_digest``.
+        Returns the new global state; raises :class:`SyncError` when a full downlink has no
+        model or one that does not load, the chain does not start at the held round, a link
+        does not decode, or the result's digest is not ``downlink.digest``.
         """
-        if kind == FULL:
-            if full_state is None:
+        if downlink.kind == FULL:
+            if downlink.full_state is None:
                 raise SyncError("a full downlink without the model")
             try:  # a damaged full model is resynced like a damaged chain, not an error reply
-                self.global_model.load_global_state(full_state)
+                self.global_model.load_global_state(downlink.full_state)
             except (KeyError, ValueError, RuntimeError, TypeError) as err:
                 raise SyncError(f"the full model does not load: {err}") from None
         else:
             held_round, held_state = held if held is not None else (0, self.initial_state)
-            if held_round != base_round:
-                raise SyncError(f"the chain starts at round {base_round}, this client holds round {held_round}")
+            if held_round != downlink.base_round:
+                raise SyncError(f"the chain starts at round {downlink.base_round}, this client holds round {held_round}")
             self.global_model.load_global_state(held_state)
-            for link in links:
+            for link in downlink.links:
                 try:
                     apply_link(self.global_model, self.link_codec, link)
                 except PayloadError as err:
                     raise SyncError(f"link of round {link.round} does not decode: {err}") from None
         state = self.global_model.global_state()
         digest = state_digest(state)
-        if digest != expected_digest:
-            raise SyncError(f"digest {digest} after the downlink, expected {expected_digest}")
+        if digest != downlink.digest:
+            raise SyncError(f"digest {digest} after the downlink, expected {downlink.digest}")
         return {n: t.clone() for n, t in state.items()}
 
     def train_round(
@@ -624,9 +626,9 @@ def simulate_in_process(
         uploads = []
         picked = sample_round(run, r, range(run.data.num_partitions), rng)
         for pid in picked:
-            plan = server.plan(str(pid))
-            state = client.sync(held.get(pid), plan.kind, server.digest, server.global_state(), plan.base_round, plan.links)
-            held[pid] = (plan.target_round, state)
+            downlink = server.downlink(server.plan(str(pid)), r)
+            state = client.sync(held.get(pid), downlink)
+            held[pid] = (downlink.target_round, state)
             loader = client_loader(run.data, pid, run.train.batch_size, seed=seed + pid)
             parts, _, _ = client.train_round(seed, loader)
             try:

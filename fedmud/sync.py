@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -106,12 +106,39 @@ class SyncRecords:
 
 @dataclass(frozen=True)
 class Downlink:
-    """What one client receives: ``FULL`` (the model) or ``CHAIN`` (links after ``base_round``)."""
+    """All a client needs for one round: how to reach the global model, and the round it trains in.
+
+    ``FULL`` carries the model (``full_state``), ``CHAIN`` the links after ``base_round``;
+    either way the client must end up at ``target_round`` with the model whose
+    :func:`state_digest` is ``digest``, and trains round ``server_round`` from factors drawn
+    from ``round_seed``. The server plans it (:func:`plan_downlink`: kind and links) and
+    completes it for the round (:meth:`for_round`); the transport only writes it to a
+    message and reads it back.
+    """
 
     kind: str
     target_round: int  # the global round the client holds after applying it
     base_round: int | None = None
     links: tuple[Link, ...] = ()
+    server_round: int = 0  # the round the client trains in
+    round_seed: int = 0  # its seed: the frozen factors, the client's data order
+    digest: str = ""  # state_digest of the model the client must reach
+    # the global model (FULL only); not compared: tensors have no single truth value
+    full_state: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+
+    def for_round(
+        self, server_round: int, round_seed: int, digest: str, full_state: Mapping[str, torch.Tensor] | None = None
+    ) -> Downlink:
+        """This plan as sent in ``server_round``; ``full_state`` is kept for a ``FULL`` downlink only."""
+        if self.kind == FULL and full_state is None:
+            raise ValueError("a full downlink needs the global state")
+        return replace(
+            self,
+            server_round=server_round,
+            round_seed=round_seed,
+            digest=digest,
+            full_state=full_state if self.kind == FULL else None,
+        )
 
 
 def chain_bytes(links: Sequence[Link], link_bytes: int) -> int:

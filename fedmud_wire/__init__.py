@@ -32,10 +32,9 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -53,25 +52,35 @@ def content_bytes(content: RecordDict) -> int:
 
 
 # ---------------------------------------------------------------------------- downlink
-def downlink_record(
-    downlink: Downlink, server_round: int, round_seed: int, digest: str, full_state: Mapping[str, torch.Tensor] | None
-) -> RecordDict:
+_ROUND_CONTEXT = ("server_round", "round_seed", "digest", "full_state")
+
+
+def downlink_record(downlink: Downlink, *round_context) -> RecordDict:
+    """``downlink`` (:class:`fedmud.sync.Downlink`, as the server completed it) as a message's content.
+
+    ``round_context`` (server round, round seed, digest, full state), when given, is put into
+    ``downlink`` first: the older call form, which ``server.app.measure_message_sizes`` still uses.
+    """
+    if round_context:
+        if len(round_context) > len(_ROUND_CONTEXT):
+            raise TypeError(f"downlink_record takes a Downlink and at most {len(_ROUND_CONTEXT)} round values ({', '.join(_ROUND_CONTEXT)})")
+        downlink = replace(downlink, **dict(zip(_ROUND_CONTEXT, round_context)))
     config = ConfigRecord(
         {
-            "server-round": server_round,
-            "round-seed": round_seed,
+            "server-round": downlink.server_round,
+            "round-seed": downlink.round_seed,
             "sync": downlink.kind,
             "target-round": downlink.target_round,
             "base-round": -1 if downlink.base_round is None else downlink.base_round,
             "link-rounds": [link.round for link in downlink.links],
             "link-seeds": [link.seed for link in downlink.links],
-            "digest": digest,
+            "digest": downlink.digest,
         }
     )
     if downlink.kind == FULL:
-        if full_state is None:
+        if downlink.full_state is None:
             raise ValueError("a full downlink needs the global state")
-        return RecordDict({CONFIG_KEY: config, ARRAYS_KEY: ArrayRecord(dict(full_state))})
+        return RecordDict({CONFIG_KEY: config, ARRAYS_KEY: ArrayRecord(dict(downlink.full_state))})
     arrays = {}
     for link in downlink.links:
         for part, array in link.parts.items():
@@ -82,23 +91,15 @@ def downlink_record(
     return RecordDict({CONFIG_KEY: config, CHAIN_KEY: chain})
 
 
-@dataclass(frozen=True)
-class ReceivedDownlink:
-    server_round: int
-    round_seed: int
-    kind: str
-    target_round: int
-    base_round: int | None
-    links: tuple[Link, ...]
-    full_state: dict[str, torch.Tensor] | None
-    digest: str
+def read_downlink(content: RecordDict) -> Downlink:
+    """The :class:`fedmud.sync.Downlink` a message carries, as the server built it.
 
-
-def read_downlink(content: RecordDict) -> ReceivedDownlink:
+    Its links' arrays are checked when the client decodes them (a bad chain is a sync error).
+    """
     config = content.config_records[CONFIG_KEY]
     kind = str(config["sync"])
     if kind not in (FULL, CHAIN):
-        raise ValueError(f"unknown sync kind {kind!r}")
+        raise ValueError(f"unknown sync kind {kind!r}, expected {FULL!r} or {CHAIN!r}")
     links: tuple[Link, ...] = ()
     full_state = None
     if kind == FULL:
@@ -110,15 +111,15 @@ def read_downlink(content: RecordDict) -> ReceivedDownlink:
             for r, s in zip(config["link-rounds"], config["link-seeds"])
         )
     base = int(config["base-round"])
-    return ReceivedDownlink(
-        server_round=int(config["server-round"]),
-        round_seed=int(config["round-seed"]),
+    return Downlink(
         kind=kind,
         target_round=int(config["target-round"]),
         base_round=None if base < 0 else base,
         links=links,
-        full_state=full_state,
+        server_round=int(config["server-round"]),
+        round_seed=int(config["round-seed"]),
         digest=str(config["digest"]),
+        full_state=full_state,
     )
 
 

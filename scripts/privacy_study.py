@@ -488,6 +488,7 @@ def geometry(method: str, common: dict, clients: int = 8, draws: int = 4) -> dic
     from fedmud.data import client_loader
     from fedmud.rounds import ClientModel, ServerModel
     from fedmud.seeds import round_seed
+    from fedmud.sync import FULL, Downlink
 
     torch.set_num_threads(1)
     run = parse_run_config({**common, **METHODS[method], "seed": 0, "data-seed": 42})
@@ -495,7 +496,7 @@ def geometry(method: str, common: dict, clients: int = 8, draws: int = 4) -> dic
     seed = round_seed(run.seed, 1)
     reference = server.reference(seed).astype(np.float64)
     before = {n: t.clone() for n, t in server.global_state().items()}
-    client.sync(None, "full", server.digest, server.global_state())
+    client.sync(None, server.downlink(Downlink(FULL, 0), 1))
 
     def moved(u: np.ndarray) -> float:  # ‖ΔW‖ over every floating tensor when the upload is reference + u
         server.load(0, before)

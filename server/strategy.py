@@ -190,14 +190,12 @@ class FedMUD(Strategy):
     def _downlinks(self, server_round: int, plans: list[tuple[int, Downlink]], record: bool = True) -> list[Message]:
         """One TRAIN message per (node, plan), each recorded in the ledger as sent (``record``)."""
         server = self.server_model
-        seed = round_seed(self.run.seed, server_round)
-        full_state = server.global_state()
         contents: dict = {}  # one content per distinct plan: clients with the same plan share it
         messages = []
         for node_id, plan in plans:
             key = (plan.kind, plan.base_round)
             if key not in contents:
-                content = downlink_record(plan, server_round, seed, server.digest, full_state)
+                content = downlink_record(server.downlink(plan, server_round))
                 contents[key] = (content, content_bytes(content))
             content, nbytes = contents[key]
             if record:

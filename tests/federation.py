@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedmud.rounds import ClientModel, ServerModel
 from fedmud.seeds import round_seed
-from fedmud.sync import FULL
 
 
 @dataclass
@@ -50,10 +49,9 @@ def run_rounds(server: ServerModel, nodes: dict[str, Node], rounds: range) -> li
     for r in rounds:
         seed, target, uploads = round_seed(server.run.seed, r), server.round, []
         for name, node in nodes.items():
-            plan = server.plan(name)
-            sent.append((r, name, plan.kind))
-            full = server.global_state() if plan.kind == FULL else None
-            state = node.model.sync(node.held, plan.kind, server.digest, full, plan.base_round, plan.links)
+            downlink = server.downlink(server.plan(name), r)
+            sent.append((r, name, downlink.kind))
+            state = node.model.sync(node.held, downlink)
             node.held = (target, state)
             parts, _, node.feedback = node.model.train_round(seed, loader(node.partition, r), node.feedback, node.partition)
             uploads.append((parts, 48))

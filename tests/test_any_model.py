@@ -278,6 +278,7 @@ def test_rounds_on_a_model_of_every_tensor_kind_reach_a_new_client_bitwise_throu
     """Seed-drawn factors, codecs, error feedback, HRP and chains work for any tensor, not only Conv/Linear."""
     from fedmud.config import parse_run_config
     from fedmud.rounds import ClientModel, ServerModel
+    from fedmud.sync import CHAIN, Downlink
 
     run = parse_run_config({"ratio": "1/4", "dense-layers": "head", "local-epochs": 1, **overrides})
     server = ServerModel(run, model_fn=_small_zoo)
@@ -285,12 +286,12 @@ def test_rounds_on_a_model_of_every_tensor_kind_reach_a_new_client_bitwise_throu
     held, feedback, start = None, None, server.digest
     for round_ in (1, 2):
         base = 0 if held is None else held[0]
-        held = (server.round, client.sync(held, "chain", server.digest, base_round=base, links=server.chain.since(base)))
+        held = (server.round, client.sync(held, server.downlink(Downlink(CHAIN, server.round, base, tuple(server.chain.since(base))), round_)))
         parts, _, feedback = client.train_round(1000 + round_, _token_loader(), feedback)
         server.apply_round(round_, 1000 + round_, [(server.codec.validate(parts), 48.0)])
     assert server.digest != start
     fresh = ClientModel(run, torch.device("cpu"), model_fn=_small_zoo)
-    state = fresh.sync(None, "chain", server.digest, base_round=0, links=server.chain.since(0))
+    state = fresh.sync(None, server.downlink(Downlink(CHAIN, server.round, 0, tuple(server.chain.since(0))), 3))
     expected = server.global_state()
     assert all(torch.equal(state[n], expected[n]) for n in expected)
     if run.decomposition.init == "hrp":
@@ -304,6 +305,7 @@ def test_a_regression_task_trains_through_the_round_api():
 
     from fedmud.config import parse_run_config
     from fedmud.rounds import ClientModel, ServerModel
+    from fedmud.sync import FULL, Downlink
     from fedmud.task import REGRESSION
 
     x, y = load_diabetes(return_X_y=True)
@@ -319,7 +321,7 @@ def test_a_regression_task_trains_through_the_round_api():
     test = DataLoader(data, batch_size=256)
     start_loss, start_metric = server.evaluate(test)
     for round_ in (1, 2):
-        client.sync(None, "full", server.digest, full_state=server.global_state())
+        client.sync(None, server.downlink(Downlink(FULL, server.round), round_))
         parts, _, _ = client.train_round(round_, DataLoader(data, batch_size=32, shuffle=True))
         server.apply_round(round_, round_, [(parts, float(len(data)))])
     loss, metric = server.evaluate(test)

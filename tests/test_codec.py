@@ -13,6 +13,7 @@ from fedmud.mud import decompose
 from fedmud.models import build_model
 from fedmud.projection import linear_delta, project_to_trained
 from fedmud.rounds import ClientModel, ServerModel
+from fedmud.sync import CHAIN, Downlink
 
 LOSSY = [name for name, scheme in SCHEMES.items() if scheme.residual]
 SCALED = [name for name, scheme in SCHEMES.items() if scheme.chunk]  # int8, int4, int2, sign
@@ -478,7 +479,7 @@ def test_a_compressed_round_merges_close_to_the_lossless_one_and_chains_bitwise(
         assert sum(a.nbytes for a in parts.values()) == server.codec.payload_nbytes
         server.apply_round(1, 123, [(server.codec.validate(parts), 64.0)])
         fresh = ClientModel(run, torch.device("cpu"))
-        fresh.sync(None, "chain", server.digest, base_round=0, links=server.chain.links)
+        fresh.sync(None, server.downlink(Downlink(CHAIN, server.round, 0, tuple(server.chain.links)), 2))
         merged[name] = server.global_state()
     start = ServerModel(run).global_state()
     floats = [key for key, value in merged["lossless"].items() if value.is_floating_point()]

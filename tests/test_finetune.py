@@ -14,7 +14,7 @@ from fedmud.config import ConfigError, parse_run_config
 from fedmud.data import splits
 from fedmud.mud import LoRAAdapter
 from fedmud.rounds import ClientModel, ServerModel, SyncError, build_decomposed, simulate_in_process
-from fedmud.sync import CHAIN, FULL, state_digest
+from fedmud.sync import CHAIN, FULL, Downlink, state_digest
 
 from .conftest import finished_run
 
@@ -148,15 +148,15 @@ def test_every_party_starts_from_the_pretrained_weights_and_agrees_on_the_digest
     assert torch.equal(server.global_state()["features.4.weight"], file["features.4.weight"])
     assert state_digest(client.initial_state) == server.digest
     assert server.digest != ServerModel(parse_run_config({"method": method})).digest
-    client.sync(None, CHAIN, server.digest, None, 0, ())  # round 0 from its own file: the digest holds
+    client.sync(None, Downlink(CHAIN, 0, 0, digest=server.digest))  # round 0 from its own file: the digest holds
 
 
 def test_a_client_whose_file_differs_fails_the_digest_and_syncs_with_the_full_model(pretrained):
     server = ServerModel(parse_run_config({"method": "lora", "init-weights": str(pretrained[0])}))
     other = ClientModel(parse_run_config({"method": "lora", "init-weights": str(pretrained[1])}), torch.device("cpu"))
     with pytest.raises(SyncError, match="digest"):
-        other.sync(None, CHAIN, server.digest, None, 0, ())
-    state = other.sync(None, FULL, server.digest, server.global_state())
+        other.sync(None, Downlink(CHAIN, 0, 0, digest=server.digest))
+    state = other.sync(None, server.downlink(Downlink(FULL, 0), 1))
     assert state_digest(state) == server.digest
 
 
@@ -229,7 +229,7 @@ def test_hrp_lora_switches_rank_after_the_preheat_and_a_client_that_missed_it_sy
     server.link_bytes, server.full_bytes = 1, 10**9  # chains are cheaper than the full model
     plan = server.plan("never-seen")
     assert plan.kind == CHAIN and len(plan.links) == 3 and plan.links[0].basis is not None
-    state = late.sync(None, plan.kind, server.digest, None, plan.base_round, plan.links)
+    state = late.sync(None, server.downlink(plan, server.round + 1))
     assert state_digest(state) == server.digest
     resumed = ServerModel(run)
     resumed.load_state_dict(server.state_dict())  # a checkpoint after the switch

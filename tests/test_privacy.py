@@ -16,6 +16,7 @@ from fedmud.ledger import DOWN, MODEL, PROTOCOL, UP, Ledger
 from fedmud.privacy import Mechanism, calibrate, epsilon, mechanism, sample_round
 from fedmud.rounds import ClientModel, ServerModel
 from fedmud.seeds import round_seed
+from fedmud.sync import CHAIN, Downlink
 from server.secure import DEFAULT_CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, clipping_range, max_weight
 
 from .conftest import ROOT, finished_run
@@ -164,7 +165,7 @@ def test_a_dp_client_uploads_an_update_within_the_clip_and_the_server_releases_t
     reference = server.reference(seed).astype(np.float64)
     updates, uploads = [], []
     for partition in range(3):
-        client.sync(None, "chain", server.digest, None, 0, ())
+        client.sync(None, Downlink(CHAIN, 0, 0, digest=server.digest))
         parts, _, _ = client.train_round(seed, loader(partition, 1))
         update = client.upload_update(seed, parts)
         assert np.linalg.norm(update) <= 0.05 * (1 + 1e-5)  # clipped on the client

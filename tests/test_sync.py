@@ -15,6 +15,12 @@ def _upload(server: ServerModel, seed: int) -> dict[str, np.ndarray]:
     return {"payload": (0.01 * rng.standard_normal(server.codec.layout.numel)).astype(np.float32)}
 
 
+def _chain(server: ServerModel, base_round: int) -> Downlink:
+    """The chain from ``base_round`` to the server's round, as the server sends it in the next round."""
+    plan = Downlink(CHAIN, server.round, base_round, tuple(server.chain.since(base_round)))
+    return server.downlink(plan, server.round + 1)
+
+
 def _run_rounds(server: ServerModel, rounds: range, clients: int = 3) -> None:
     for r in rounds:
         uploads = [(_upload(server, 100 * r + c), 10.0 + c) for c in range(clients)]
@@ -30,7 +36,7 @@ def test_a_new_client_reaches_the_server_model_bitwise_from_the_chain(kind, init
     plan = plan_downlink(0, server.round, server.chain, link_bytes=1, full_bytes=10**9)
     assert plan.kind == CHAIN and [link.round for link in plan.links] == [1, 2, 3]
     client = ClientModel(run, torch.device("cpu"))
-    state = client.sync(None, plan.kind, server.digest, base_round=plan.base_round, links=plan.links)
+    state = client.sync(None, server.downlink(plan, server.round + 1))
     expected = server.global_state()
     assert all(torch.equal(state[n], expected[n]) for n in expected)
     if init == "hrp":  # the directions were fixed after round 2 and rode on its link
@@ -44,7 +50,7 @@ def _client_holding_round_2():
     server = ServerModel(run)
     _run_rounds(server, range(1, 3))
     client = ClientModel(run, torch.device("cpu"))
-    return server, client, client.sync(None, CHAIN, server.digest, base_round=0, links=server.chain.since(0))
+    return server, client, client.sync(None, _chain(server, 0))
 
 
 def test_a_client_holding_round_k_needs_only_the_links_after_k():
@@ -52,7 +58,7 @@ def test_a_client_holding_round_k_needs_only_the_links_after_k():
     _run_rounds(server, range(3, 5))
     plan = plan_downlink(2, server.round, server.chain, link_bytes=1, full_bytes=100)
     assert [link.round for link in plan.links] == [3, 4]
-    state = client.sync((2, held), plan.kind, server.digest, base_round=plan.base_round, links=plan.links)
+    state = client.sync((2, held), server.downlink(plan, server.round + 1))
     assert state_digest(state) == server.digest
 
 
@@ -61,14 +67,14 @@ def test_a_corrupted_local_model_fails_the_digest():
     _run_rounds(server, range(3, 4))
     held["features.4.weight"] += 1e-3  # a decomposed layer: chains add to it, never replace it
     with pytest.raises(SyncError, match="digest"):
-        client.sync((2, held), CHAIN, server.digest, base_round=2, links=server.chain.since(2))
+        client.sync((2, held), _chain(server, 2))
 
 
 def test_a_chain_from_another_round_is_refused():
     run = parse_run_config({})
     client = ClientModel(run, torch.device("cpu"))
     with pytest.raises(SyncError, match="holds round 1"):
-        client.sync((1, client.initial_state), CHAIN, "x", base_round=0, links=())
+        client.sync((1, client.initial_state), Downlink(CHAIN, 0, 0, digest="x"))
 
 
 def test_the_full_model_is_applied_and_checked():
@@ -76,7 +82,7 @@ def test_the_full_model_is_applied_and_checked():
     server = ServerModel(run)
     _run_rounds(server, range(1, 3))
     client = ClientModel(run, torch.device("cpu"))
-    state = client.sync(None, FULL, server.digest, full_state=server.global_state())
+    state = client.sync(None, server.downlink(Downlink(FULL, server.round), server.round + 1))
     assert state_digest(state) == server.digest
 
 
@@ -142,7 +148,7 @@ def test_a_lossy_link_code_keeps_a_stateful_client_bitwise_equal_to_the_server(c
     for r in range(1, 5):
         server.apply_round(r, round_seed(run.seed, r), _delta_uploads(server, r))
         base = 0 if held is None else held[0]
-        state = client.sync(held, CHAIN, server.digest, base_round=base, links=server.chain.since(base))
+        state = client.sync(held, _chain(server, base))
         held = (r, state)
         assert state_digest(state) == server.digest
     assert server.chain.links[-1].parts.keys() == server.link_codec.wire_parts.keys()  # one array on the wire
@@ -184,17 +190,17 @@ def test_a_returning_client_gets_the_cheapest_path_and_is_sent_what_the_planner_
     _, _, server.full_bytes, server.link_bytes = measure_message_sizes(server)
     for r in range(1, 8):
         server.apply_round(r, round_seed(run.seed, r), _delta_uploads(server, r))
-    full_record = downlink_record(Downlink(FULL, server.round), 8, 1, server.digest, server.global_state())
+    full_record = downlink_record(Downlink(FULL, server.round).for_round(8, 1, server.digest, server.global_state()))
     full_sent = content_bytes(full_record)
     assert abs(full_sent - server.full_bytes) < 0.01 * server.full_bytes  # measured on random weights
     for held in (None, 0, 4, 6):
         server.records.held = {} if held is None else {"c": held}
         plan = server.plan("c") if held is not None else plan_downlink(None, server.round, server.chain, 1, 1)
-        sent = content_bytes(downlink_record(plan, 8, 1, server.digest, server.global_state() if plan.kind == FULL else None))
+        sent = content_bytes(downlink_record(plan.for_round(8, 1, server.digest, server.global_state() if plan.kind == FULL else None)))
         if held is None:
             assert plan.kind == FULL
             continue
-        chain_sent = content_bytes(downlink_record(Downlink(CHAIN, server.round, held, tuple(server.chain.since(held))), 8, 1, server.digest, None))
+        chain_sent = content_bytes(downlink_record(Downlink(CHAIN, server.round, held, tuple(server.chain.since(held))).for_round(8, 1, server.digest)))
         assert plan.kind == CHAIN and sent == chain_sent
         assert sent < full_sent
         # priced as the planner does: links at the measured size, plus the message's framing
@@ -210,7 +216,7 @@ def test_stateless_clients_are_planned_from_round_0():
     server.records.synced("c", 3)  # ignored: the client keeps nothing
     plan = server.plan("c")
     assert plan.kind == CHAIN and plan.base_round == 0 and [link.round for link in plan.links] == [1, 2, 3]
-    state = ClientModel(run, torch.device("cpu")).sync(None, CHAIN, server.digest, base_round=0, links=plan.links)
+    state = ClientModel(run, torch.device("cpu")).sync(None, server.downlink(plan, server.round + 1))
     assert state_digest(state) == server.digest
 
 
@@ -229,5 +235,5 @@ def test_a_damaged_full_model_is_a_sync_error_like_a_damaged_chain(damage):
     else:
         state[name] = torch.zeros(tuple(state[name].shape) + (2,))
     with pytest.raises(SyncError, match="the full model does not load"):
-        client.sync(None, FULL, server.digest, full_state=state)
-    assert client.sync(None, FULL, server.digest, full_state=server.global_state())  # the resend syncs
+        client.sync(None, Downlink(FULL, 0, digest=server.digest, full_state=state))
+    assert client.sync(None, server.downlink(Downlink(FULL, 0), 1))  # the resend syncs

@@ -187,7 +187,9 @@ def test_links_keep_their_coded_parts_and_hrp_basis_through_the_wire():
     payload, basis = np.arange(6, dtype=np.float32), np.full(4, 0.5, dtype=np.float32)
     scales = np.ones(2, dtype=np.float32)
     links = (Link(1, 11, {"payload": payload}, basis), Link(2, 22, {"payload": payload.astype(np.int8), "scales": scales}))
-    got = read_downlink(downlink_record(Downlink(CHAIN, 2, 0, links), 3, 33, "d", None))
+    got = read_downlink(downlink_record(Downlink(CHAIN, 2, 0, links).for_round(3, 33, "d")))
+    assert (got.kind, got.target_round, got.base_round, got.server_round, got.round_seed, got.digest) == (CHAIN, 2, 0, 3, 33, "d")
+    assert got.full_state is None
     assert [link.round for link in got.links] == [1, 2]
     assert np.array_equal(got.links[0].basis, basis) and got.links[1].basis is None
     assert np.array_equal(got.links[0].payload, payload)
