@@ -1,8 +1,11 @@
 """FedMUD: federated training of decomposed model updates (pure PyTorch + numpy; no Flower)."""
 
 from .config import ConfigError, DecompositionConfig, RunConfig, parse_run_config
-from .mud import DecomposedModel, DecomposedUpdate, LoRAAdapter, decompose
-from .plan import DecompositionPlan, plan_decomposition
+from .methods import METHODS, Method, plan_decomposition, register
+from .methods.fedmud import DecomposedUpdate
+from .methods.lora import LoRAAdapter
+from .mud import DecomposedModel, decompose
+from .plan import DecompositionPlan
 
 __all__ = [
     "ConfigError",
@@ -11,8 +14,11 @@ __all__ = [
     "DecompositionConfig",
     "DecompositionPlan",
     "LoRAAdapter",
+    "METHODS",
+    "Method",
     "RunConfig",
     "decompose",
     "parse_run_config",
     "plan_decomposition",
+    "register",
 ]

@@ -25,18 +25,11 @@ from typing import Any
 from .codec import SCHEMES
 from .data import DATASETS, SPECS
 from .errors import ConfigError, is_import_string
+from .methods import BUILTIN_METHODS, INITS, METHODS, method_named
 from .models import MODELS
 
-METHODS = ("fedmud", "fedavg", "fedlmt", "fedpara", "lora", "ffa-lora")
-LORA_METHODS = ("lora", "ffa-lora")  # persistent adapters on a (pretrained) model: fine-tuning
 KINDS = ("kron", "mat")
 PATTERNS = ("ab", "fab", "aad")
-INITS = ("zero", "nonzero", "nonzero-compensated", "hrp")
-# what `init` may be for each method family (fedavg, fedlmt and fedpara ignore it)
-METHOD_INITS = {"lora": ("zero", "nonzero", "hrp"), "ffa-lora": ("zero", "nonzero")}
-# `init=auto` for the LoRA methods (docs/finetune.md): Init[AB] for lora, which beat Init[A] at every
-# learning rate with SGD and Adam; Init[A] for ffa-lora, whose frozen A gains nothing from a non-zero B
-LORA_INIT = {"lora": "nonzero", "ffa-lora": "zero"}
 UPLINKS = tuple(SCHEMES)  # the codec's table of schemes
 LINK_CODECS = tuple(name for name, scheme in SCHEMES.items() if not scheme.sparse)  # a chain link codes every value
 LOSSY_UPLINKS = tuple(name for name, scheme in SCHEMES.items() if scheme.residual)
@@ -190,17 +183,20 @@ def _dense_layers(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mappin
     return tuple(n.strip() for n in value.split(",") if n.strip())
 
 
+def _method(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
+    """A registered method (:data:`fedmud.methods.METHODS`: the built-ins and any a program registered)."""
+    return _choice(cfg, key, default, tuple(METHODS))
+
+
 def _init(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
-    """``auto`` (the method's default: ``nonzero-compensated`` for fedmud, :data:`LORA_INIT` for the
-    LoRA methods) or one of the method's options."""
-    method = parsed["method"]
-    allowed = METHOD_INITS.get(method, INITS)
+    """``auto`` (the method's ``default_init``) or one of the method's ``inits``."""
+    method = method_named(parsed["method"])
     value = cfg.get(key, default)
     if value == "auto":
-        return LORA_INIT.get(method, DecompositionConfig.init)
-    if value not in allowed:
-        within = f" with method={method!r}" if method in METHOD_INITS else ""
-        raise ConfigError(f"{key}={value!r} is not allowed{within}; choose one of auto, {', '.join(allowed)}")
+        return method.default_init
+    if value not in method.inits:
+        within = f" with method={method.name!r}" if method.inits != INITS else ""
+        raise ConfigError(f"{key}={value!r} is not allowed{within}; choose one of auto, {', '.join(method.inits)}")
     return value
 
 
@@ -257,7 +253,8 @@ def _link_codec(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[
     value = _choice(cfg, key, default, ("auto", *LINK_CODECS))
     if value != "auto":
         return value
-    return "float32" if parsed["method"] == "fedmud" and parsed["pattern"] == "ab" else RunConfig.downlink_codec
+    carried = method_named(parsed["method"]).carries_error(parsed["pattern"])
+    return RunConfig.downlink_codec if carried else "float32"  # a lossy link's residual must be carried
 
 
 def _task(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
@@ -285,13 +282,8 @@ class DecompositionConfig:
 
     method: str = key(
         "fedmud",
-        "`fedmud` trains a decomposed update of every layer not kept dense; `fedavg` trains every layer "
-        "densely through the same apps; `fedlmt` factorises the model itself (W = U·V, no MUD); `fedpara` "
-        "parameterises it as FedPara's low-rank Hadamard product (W = (X1·Y1ᵀ) ⊙ (X2·Y2ᵀ), no MUD); `lora`, "
-        "`ffa-lora` fine-tune with persistent LoRA adapters W0 + (α/r)·B·A: `lora` trains and averages both "
-        "(FedIT; inexact, as mean(B)·mean(A) ≠ mean(B·A)), `ffa-lora` freezes A and trains B, so aggregation is "
-        "exact (see [Fine-tuning](#fine-tuning-a-pretrained-model-lora))",
-        choices=METHODS,
+        "; ".join(f"`{m.name}` {m.help}" for m in METHODS.values()),
+        choices=BUILTIN_METHODS, parse=_method,
     )
     kind: str = key("kron", "`fedmud`: block-wise Kronecker (BKD) or low-rank matrix update", choices=KINDS)
     pattern: str = key(
@@ -659,25 +651,22 @@ def _check_keys(cfg: Mapping[str, Any], schema: type) -> None:
     raise ConfigError(f"{listed} are not allowed: there are no such keys. {listing}")
 
 
-def _check_lora(d: DecompositionConfig) -> None:
-    if d.method not in LORA_METHODS:
-        return
-    if d.init == "hrp" and d.hrp_rank <= d.lora_rank:
-        raise ConfigError(
-            f"hrp-rank={d.hrp_rank} is not allowed with lora-rank={d.lora_rank}: the preheat's rank must be "
-            "above the adapters' rank (init='hrp')"
-        )
-
-
-def _check_combinations(d: DecompositionConfig, u: UplinkConfig) -> None:
-    if d.init == "hrp" and d.method not in ("fedmud", "lora"):
-        raise ConfigError(f"init='hrp' is not allowed with method={d.method!r}; it needs method='fedmud' or 'lora'")
-    if d.method == "lora" and d.init == "hrp" and u.error_feedback:
-        raise ConfigError(
-            "error-feedback=true is not allowed with method='lora' and init='hrp': the adapters change rank "
-            "after the preheat, and the carried error with them; set error-feedback=false or choose init zero or nonzero"
-        )
-    _check_lora(d)
+def _check_combinations(run: RunConfig) -> None:
+    d, u = run.decomposition, run.uplink
+    method = method_named(d.method)
+    if d.init == "hrp" and not method.preheats:
+        preheating = " or ".join(repr(m.name) for m in METHODS.values() if m.preheats)
+        raise ConfigError(f"init='hrp' is not allowed with method={d.method!r}; it needs method={preheating}")
+    method.check(run)  # its own rules first: they say why in its terms
+    if not method.carries_error(d.pattern):
+        lossy = [f"{k}={v!r}" for k, v, on in (
+            ("error-feedback", True, u.error_feedback), ("downlink-codec", run.downlink_codec, SCHEMES[run.downlink_codec].residual)
+        ) if on]
+        if lossy:
+            raise ConfigError(
+                f"{lossy[0]} is not allowed with method={d.method!r}: it cannot carry what a lossy code lost into "
+                "the next round; set error-feedback=false and downlink-codec float32"
+            )
     if u.error_feedback and not SCHEMES[u.codec].residual:
         raise ConfigError(
             f"error-feedback=true is not allowed with uplink={u.codec!r} (lossless, nothing to feed back); "
@@ -688,26 +677,14 @@ def _check_combinations(d: DecompositionConfig, u: UplinkConfig) -> None:
             f"stochastic-rounding=true is not allowed with uplink={u.codec!r}: it rounds to code levels, "
             f"which only {', '.join(LEVELLED_UPLINKS)} have"
         )
-    if u.error_feedback and d.method == "fedmud" and d.pattern == "ab":
-        raise ConfigError(
-            "error-feedback=true is not allowed with pattern='ab': the error is projected onto the next "
-            "round's factors, which needs an update linear in them; choose pattern aad or fab"
-        )
 
 
 def _check_downlink(run: RunConfig) -> None:
-    d = run.decomposition
     if run.client_state == "none" and run.uplink.error_feedback:
         raise ConfigError(
             "error-feedback=true is not allowed with client-state='none': a client keeps what its code lost "
             "until its next upload, and a client that keeps no state has nowhere to keep it; set "
             "error-feedback=false or client-state='keep'"
-        )
-    if SCHEMES[run.downlink_codec].residual and d.method == "fedmud" and d.pattern == "ab":
-        raise ConfigError(
-            f"downlink-codec={run.downlink_codec!r} is not allowed with pattern='ab': the server keeps what "
-            "the code lost as a weight update and projects it onto the next round's factors, which needs an "
-            "update linear in them; choose pattern aad or fab, or downlink-codec float32"
         )
 
 
@@ -771,7 +748,7 @@ def parse_run_config(cfg: Mapping[str, Any], schema: type[RunConfig] = RunConfig
     """
     _check_keys(cfg, schema)
     run = _build(schema, cfg, {})
-    _check_combinations(run.decomposition, run.uplink)
+    _check_combinations(run)
     _check_privacy(run.privacy, run.uplink, cfg)
     _check_downlink(run)
     return run

@@ -17,8 +17,9 @@ product for :class:`BlockKroneckerUpdate`. With ``fab`` and ``aad`` ΔW is linea
 what is trained, so the weighted mean of the clients' ΔW equals ΔW of the weighted
 mean of their factors: the server aggregates factors and loses nothing.
 
-:class:`LowRankHadamardProduct` (FedPara, ``method=fedpara``) parameterises the
-weight itself rather than an update; it is sized by the same allocator.
+The planner sizes them through a :class:`Sizing` (:class:`UpdateSizing` here); a method
+whose parametrisation is not an update (FedPara's, :mod:`fedmud.methods.factorised`) brings
+its own, and :func:`allocate_sizes` shares the ratio's budget among the tensors either way.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from functools import lru_cache
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -292,43 +293,6 @@ class _BlockKroneckerSum(torch.autograd.Function):
         return (base_grad, None, None, *grads)
 
 
-class LowRankHadamardProduct(UpdateParameterisation):
-    """FedPara's low-rank Hadamard product: an (m×n) matrix ``(X1·Y1ᵀ) ⊙ (X2·Y2ᵀ)``, inner rank ``r``.
-
-    X1, X2 are (m×r), Y1, Y2 (n×r) in the view of :func:`matrix_shape`; all four are trained.
-    Parameters uploaded: ``2r(m+n)``, twice a rank-``r`` factorisation's. Rank bound:
-    ``min(r², m, n)`` (the rank of a Hadamard product is at most the product of the ranks).
-    It parameterises the weight itself (``method=fedpara``), not a round's update; the
-    planner sizes it like the other parameterisations.
-    """
-
-    kind = "hadamard"
-
-    def __init__(self, weight_shape: tuple[int, ...], pattern: str, rank: int) -> None:
-        super().__init__(weight_shape, pattern)
-        self.m, self.n = matrix_shape(self.weight_shape)
-        self.rank = rank
-        left, right = (self.m, rank), (self.n, rank)
-        self.factors = tuple(
-            FactorSpec(name, shape, True, 1.0)  # iso_std unused: no factor is drawn from the round seed
-            for name, shape in (("X1", left), ("Y1", right), ("X2", left), ("Y2", right))
-        )
-        self.terms = ()
-
-    @staticmethod
-    def cost(weight_shape: tuple[int, ...], pattern: str, rank: int) -> int:
-        m, n = matrix_shape(weight_shape)
-        return 2 * rank * (m + n)
-
-    def delta_weight(self, factors: Mapping[str, torch.Tensor], exact: bool = False) -> torch.Tensor:
-        """The weight ``(X1·Y1ᵀ) ⊙ (X2·Y2ᵀ)`` in the layer's shape."""
-        product = (factors["X1"] @ factors["Y1"].T) * (factors["X2"] @ factors["Y2"].T)
-        return product.reshape(self.weight_shape)
-
-    def describe(self) -> str:
-        return f"hadamard r={self.rank} ({self.m}x{self.n}, rank <= {min(self.rank ** 2, self.m, self.n)})"
-
-
 # --------------------------------------------------------------------------- allocation
 
 _KRON_SIZES = range(2, 33)
@@ -338,10 +302,9 @@ _KRON_SIZES = range(2, 33)
 def _candidates(kind: str, pattern: str, weight_shape: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...]], ...]:
     """(uploaded values, size parameters) for every admissible size of one tensor, cheapest first
     (among equal costs the most balanced Kronecker sizes first)."""
-    if kind in ("mat", "hadamard"):
+    if kind == "mat":
         m, n = matrix_shape(weight_shape)
-        cost = LowRankUpdate.cost if kind == "mat" else LowRankHadamardProduct.cost
-        out = [(cost(weight_shape, pattern, r), (r,)) for r in range(1, min(m, n) + 1)]
+        out = [(LowRankUpdate.cost(weight_shape, pattern, r), (r,)) for r in range(1, min(m, n) + 1)]
     else:
         numel = math.prod(weight_shape)
         out = []
@@ -355,24 +318,57 @@ def _candidates(kind: str, pattern: str, weight_shape: tuple[int, ...]) -> tuple
     return tuple(sorted(out, key=lambda c: c[0]))
 
 
-def smallest_cost(kind: str, pattern: str, weight_shape: tuple[int, ...]) -> int:
-    """Values the smallest admissible update of a tensor uploads (compare with its own size)."""
-    return _candidates(kind, pattern, weight_shape)[0][0]
-
-
 def build_update(kind: str, pattern: str, weight_shape: tuple[int, ...], sizes: tuple[int, ...]) -> UpdateParameterisation:
     if kind == "mat":
         return LowRankUpdate(weight_shape, pattern, *sizes)
     if kind == "kron":
         return BlockKroneckerUpdate(weight_shape, pattern, *sizes)
-    if kind == "hadamard":
-        return LowRankHadamardProduct(weight_shape, pattern, *sizes)
     raise ConfigError(f"kind={kind!r} is not allowed; choose one of kron, mat")
 
 
-def allocate_sizes(
-    kind: str, pattern: str, weight_shapes: Mapping[str, tuple[int, ...]], budget: int
-) -> dict[str, tuple[int, ...]]:
+class Sizing:
+    """How the planner sizes one family of parameterisations: every admissible size of a
+    tensor with the values it uploads, cheapest first (:meth:`candidates`), and what a size
+    builds, in words. ``label`` names the family in errors."""
+
+    label: str
+
+    def candidates(self, weight_shape: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        raise NotImplementedError
+
+    def smallest(self, weight_shape: tuple[int, ...]) -> int:
+        """Values the smallest admissible size uploads (compare with the tensor's own size)."""
+        return self.candidates(tuple(weight_shape))[0][0]
+
+    def upload(self, weight_shape: tuple[int, ...], sizes: tuple[int, ...]) -> int:
+        raise NotImplementedError
+
+    def describe(self, weight_shape: tuple[int, ...], sizes: tuple[int, ...]) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class UpdateSizing(Sizing):
+    """The sizes of a ``kind`` update trained in ``pattern`` (:func:`build_update`)."""
+
+    kind: str
+    pattern: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}/{self.pattern}"
+
+    def candidates(self, weight_shape: tuple[int, ...]) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        return _candidates(self.kind, self.pattern, tuple(weight_shape))
+
+    def upload(self, weight_shape: tuple[int, ...], sizes: tuple[int, ...]) -> int:
+        return build_update(self.kind, self.pattern, weight_shape, sizes).num_trainable
+
+    def describe(self, weight_shape: tuple[int, ...], sizes: tuple[int, ...]) -> str:
+        return f"{self.pattern} {build_update(self.kind, self.pattern, weight_shape, sizes).describe()}"
+
+
+def allocate_sizes(sizing: Sizing, weight_shapes: Mapping[str, tuple[int, ...]], budget: int) -> dict[str, tuple[int, ...]]:
     """Per-layer sizes (rank, or Kronecker factor sizes) whose uploads fit ``budget`` values.
 
     Every layer gets the largest size whose upload is at most ``rho`` times its weight
@@ -380,7 +376,7 @@ def allocate_sizes(
     each layer is uniform, as in the paper, while the total stays under budget.
     Raises :class:`ConfigError` if even the smallest sizes exceed the budget.
     """
-    options = {name: _candidates(kind, pattern, tuple(shape)) for name, shape in weight_shapes.items()}
+    options = {name: sizing.candidates(tuple(shape)) for name, shape in weight_shapes.items()}
     costs = {name: [c[0] for c in cands] for name, cands in options.items()}
 
     def pick(rho: float) -> dict[str, tuple[int, tuple[int, ...]]]:
@@ -397,7 +393,7 @@ def allocate_sizes(
     cheapest = pick(0.0)
     if total(cheapest) > budget:
         raise ConfigError(
-            f"ratio is too small: the smallest {kind}/{pattern} updates need {total(cheapest)} values "
+            f"ratio is too small: the smallest {sizing.label} updates need {total(cheapest)} values "
             f"but only {budget} fit beside the dense layers; raise ratio or keep fewer layers dense"
         )
     lo, hi = 0.0, 1.0

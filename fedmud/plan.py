@@ -22,6 +22,10 @@ decomposed tensors with one upload share for all (:func:`~fedmud.decomposition.a
 No tensor stays dense against the ratio in silence: the plan says why each one is
 dense, and a target that cannot be reached is refused with the smallest ratio that
 can, and the tensors that use most of it.
+
+Which of these a run uses is its method's choice (:mod:`fedmud.methods`): each method's
+``plan`` calls :func:`dense_plan`, :func:`plan_to_ratio` with its own :class:`~fedmud.decomposition.Sizing`,
+or plans in its own way from the same pieces (LoRA's adapters).
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import LORA_METHODS, ConfigError, DecompositionConfig
-from .decomposition import allocate_sizes, build_update, matrix_shape, smallest_cost
+from typing import TYPE_CHECKING
+
+from .decomposition import Sizing, allocate_sizes
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import DecompositionConfig
 
 AUTO, FIRST, LAST = "auto", "first", "last"
-# methods that parameterise the weights themselves: the (kind, pattern) each is sized as
-FACTORISED = {"fedlmt": ("mat", "ab"), "fedpara": ("hadamard", "ab")}
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class TensorPlan:
     upload: int  # values uploaded per round
     sizes: tuple[int, ...] | None = None  # rank (mat) or Kronecker factor sizes (kron); None: dense
     reason: str = ""  # why the tensor is dense
+    how: str = ""  # what its parametrisation is, in words (decomposed)
 
     @property
     def numel(self) -> int:
@@ -65,9 +73,8 @@ class DecompositionPlan:
     """Every floating tensor's decision, in ``state_dict`` order, and the totals."""
 
     tensors: tuple[TensorPlan, ...]
-    kind: str
-    pattern: str
-    ratio: float | None  # None: fedavg (no target)
+    method: str
+    ratio: float | None  # the upload target; None: the method has none (fedavg, the LoRA methods)
 
     @property
     def dense_reference(self) -> int:
@@ -85,21 +92,11 @@ class DecompositionPlan:
         """One line per tensor (how it is decomposed, or why it stays dense), then the total."""
         out = []
         for t in self.tensors:
-            if t.decomposed and self.kind in LORA_METHODS:
-                m, n = matrix_shape(t.shape)
-                (r,) = t.sizes
-                trained = f"B {m}x{r}" + (f", A {r}x{n}" if self.kind == "lora" else f" (A {r}x{n} frozen)")
-                out.append(f"{t.name} {t.shape}: {self.kind} rank {r}, trains {trained} uploads {t.upload}/{t.numel}")
-            elif t.decomposed:
-                how = build_update(self.kind, self.pattern, t.shape, t.sizes).describe()
-                out.append(f"{t.name} {t.shape}: {self.pattern} {how} uploads {t.upload}/{t.numel}")
+            if t.decomposed:
+                out.append(f"{t.name} {t.shape}: {t.how} uploads {t.upload}/{t.numel}")
             else:
                 out.append(f"{t.name} {t.shape}: dense ({t.reason}) uploads {t.numel}")
         ref = self.dense_reference
-        if self.kind in LORA_METHODS:
-            trained = self.upload
-            out.append(f"upload {trained} values vs dense {ref}: ratio {trained / ref:.5f} (1/{ref / trained:.1f})")
-            return out
         out.append(f"upload {self.upload} values vs dense {ref}: ratio {self.upload / ref:.5f} (1/{ref / self.upload:.1f})")
         return out
 
@@ -139,7 +136,7 @@ def _first_and_last(candidates: list[str]) -> tuple[str, str]:
     return weights[0], weights[-1]
 
 
-def _resolve_dense(requested: tuple[str, ...], candidates: list[str]) -> tuple[dict[str, str], list[str]]:
+def resolve_dense(requested: tuple[str, ...], candidates: list[str]) -> tuple[dict[str, str], list[str]]:
     """(tensor -> why it is dense by request, tensors preferred dense when they fit)."""
     forced: dict[str, str] = {}
     preferred: list[str] = []
@@ -164,32 +161,32 @@ def _resolve_dense(requested: tuple[str, ...], candidates: list[str]) -> tuple[d
     return forced, [n for n in preferred if n not in forced]
 
 
-def plan_decomposition(model: nn.Module, config: DecompositionConfig) -> DecompositionPlan:
-    """Decide, for every floating tensor of ``model``, dense or decomposed and how large.
+def floating_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every floating tensor of the state (tied ones once), by name: what a plan decides for."""
+    return {n: tuple(t.shape) for n, t in unique_state(model).items() if torch.is_floating_point(t)}
 
-    ``config.method``: ``fedavg`` keeps everything dense; ``fedmud`` plans updates of
-    ``config.kind``/``config.pattern``; ``fedlmt`` plans rank-``r`` factorisations of
-    the weights themselves (``mat``/``ab`` sizes: ``r(m+n)`` values, rank ``r``);
-    ``fedpara`` plans FedPara's low-rank Hadamard products of the weights themselves
-    (:class:`~fedmud.decomposition.LowRankHadamardProduct`: ``2r(m+n)`` values, rank up
-    to ``min(r², m, n)``), ``r`` per tensor chosen so that everything uploaded meets
-    ``config.ratio``. Raises :class:`ConfigError` when the ratio cannot be reached.
+
+def dense_plan(model: nn.Module, method: str) -> DecompositionPlan:
+    """Every floating tensor dense: what dense FedAvg uploads."""
+    tensors = tuple(TensorPlan(n, s, math.prod(s), reason=f"method={method}") for n, s in floating_shapes(model).items())
+    return DecompositionPlan(tensors, method, None)
+
+
+def plan_to_ratio(model: nn.Module, config: DecompositionConfig, sizing: Sizing) -> DecompositionPlan:
+    """Every weight tensor not kept dense parameterised as ``sizing`` builds, sized so that
+    everything uploaded meets ``config.ratio`` (one upload share for all: :func:`allocate_sizes`).
+
+    Raises :class:`ConfigError` when the ratio cannot be reached, with the smallest that can.
     """
-    floating = {n: tuple(t.shape) for n, t in unique_state(model).items() if torch.is_floating_point(t)}
-    if config.method == "fedavg":
-        tensors = tuple(TensorPlan(n, s, math.prod(s), reason="method=fedavg") for n, s in floating.items())
-        return DecompositionPlan(tensors, config.kind, config.pattern, None)
-    if config.method in LORA_METHODS:
-        return _plan_lora(config, floating, weight_tensors(model))
-    kind, pattern = FACTORISED.get(config.method, (config.kind, config.pattern))
+    floating = floating_shapes(model)
     weights = weight_tensors(model)
     candidates = [n for n in floating if n in weights]
-    dense, preferred = _resolve_dense(config.dense_layers, candidates)
+    dense, preferred = resolve_dense(config.dense_layers, candidates)
     for name in candidates:
         if name in dense:
             continue
-        if smallest_cost(kind, pattern, weights[name]) >= math.prod(weights[name]):
-            dense[name] = f"too small: the smallest update uploads {smallest_cost(kind, pattern, weights[name])}"
+        if sizing.smallest(weights[name]) >= math.prod(weights[name]):
+            dense[name] = f"too small: the smallest update uploads {sizing.smallest(weights[name])}"
     for name, shape in floating.items():
         if name not in weights:
             dense[name] = "1-D" if len(shape) < 2 else "buffer"
@@ -197,69 +194,32 @@ def plan_decomposition(model: nn.Module, config: DecompositionConfig) -> Decompo
 
     def need(dense_names) -> int:
         """The smallest upload with ``dense_names`` dense and every other candidate at its smallest."""
-        return sum(
-            math.prod(s) if n in dense_names else smallest_cost(kind, pattern, s) for n, s in floating.items()
-        )
+        return sum(math.prod(s) if n in dense_names else sizing.smallest(s) for n, s in floating.items())
 
     if need(dense) > target:
-        raise _unreachable(config, floating, dense, kind, pattern, need(dense))
+        raise _unreachable(config, floating, dense, sizing, need(dense))
     for name in preferred:  # the paper's first/last layers, dense only when the rest still fits
         if name not in dense and need({**dense, name: ""}) <= target:
             dense[name] = "first/last layer, fits the ratio"
     rest = {n: weights[n] for n in candidates if n not in dense}
     budget = target - sum(math.prod(floating[n]) for n in dense)
-    sizes = allocate_sizes(kind, pattern, rest, budget) if rest else {}
+    sizes = allocate_sizes(sizing, rest, budget) if rest else {}
     tensors = []
     for name, shape in floating.items():
         if name in sizes:
-            tensors.append(TensorPlan(name, shape, build_update(kind, pattern, shape, sizes[name]).num_trainable, sizes[name]))
+            chosen = sizes[name]
+            upload = sizing.upload(shape, chosen)
+            tensors.append(TensorPlan(name, shape, upload, chosen, how=sizing.describe(shape, chosen)))
         else:
             tensors.append(TensorPlan(name, shape, math.prod(shape), reason=dense[name]))
-    return DecompositionPlan(tuple(tensors), kind, pattern, config.ratio)
-
-
-def lora_upload(method: str, shape: tuple[int, ...], rank: int) -> int:
-    """Values a rank-``rank`` adapter of ``shape`` uploads: B and A (``lora``), B only (``ffa-lora``)."""
-    m, n = matrix_shape(shape)
-    return rank * (m + n) if method == "lora" else rank * m
-
-
-def _plan_lora(
-    config: DecompositionConfig, floating: Mapping[str, tuple[int, ...]], weights: Mapping[str, tuple[int, ...]]
-) -> DecompositionPlan:
-    """LoRA adapters of rank ``lora_rank`` on every weight tensor not kept dense.
-
-    ``dense-layers=auto`` is the last layer (the classifier head is trained in full, as
-    PEFT's ``modules_to_save`` does for a new head); biases, norms and their statistics
-    are dense as always. A tensor whose adapter would upload as much as the tensor is dense.
-    """
-    candidates = [n for n in floating if n in weights]
-    requested = tuple(LAST if item == AUTO else item for item in config.dense_layers)
-    dense, _ = _resolve_dense(requested, candidates)
-    start_rank = config.hrp_rank if config.init == "hrp" else config.lora_rank  # the preheat's rank under hrp
-    tensors = []
-    for name, shape in floating.items():
-        if name not in weights:
-            tensors.append(TensorPlan(name, shape, math.prod(shape), reason="1-D" if len(shape) < 2 else "buffer"))
-            continue
-        r = min(config.lora_rank, *matrix_shape(shape))
-        upload = lora_upload(config.method, shape, r)
-        if name in dense:
-            tensors.append(TensorPlan(name, shape, math.prod(shape), reason=dense[name]))
-        elif upload >= math.prod(shape):
-            tensors.append(TensorPlan(name, shape, math.prod(shape), reason=f"too small: a rank-{r} adapter uploads {upload}"))
-        else:
-            start = min(start_rank, *matrix_shape(shape))
-            tensors.append(TensorPlan(name, shape, lora_upload(config.method, shape, start), (start,)))
-    return DecompositionPlan(tuple(tensors), config.method, "lora", None)
+    return DecompositionPlan(tuple(tensors), config.method, config.ratio)
 
 
 def _unreachable(
     config: DecompositionConfig,
     floating: Mapping[str, tuple[int, ...]],
     dense: Mapping[str, str],
-    kind: str,
-    pattern: str,
+    sizing: Sizing,
     need: int,
 ) -> ConfigError:
     """The error for a ratio the model cannot reach: the smallest ratio, and what uses it."""
@@ -267,7 +227,7 @@ def _unreachable(
     uses: dict[str, int] = {}
     for name, shape in floating.items():
         if name not in dense:
-            uses[f"{name} (smallest {kind}/{pattern} update)"] = smallest_cost(kind, pattern, shape)
+            uses[f"{name} (smallest {sizing.label} update)"] = sizing.smallest(shape)
         elif dense[name] in ("1-D", "buffer"):
             uses["1-D tensors and buffers (biases, norms, running statistics)"] = (
                 uses.get("1-D tensors and buffers (biases, norms, running statistics)", 0) + math.prod(shape)

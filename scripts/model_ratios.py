@@ -30,7 +30,7 @@ def main() -> None:
             model = decompose(build(), DecompositionConfig(kind=kind))
             up, dense = model.plan.upload, model.plan.dense_reference
             kept = [f"{t.name} ({t.reason})" for t in model.plan.tensors if not t.decomposed and len(t.shape) >= 2]
-            print(f"| {name} | {kind} | {up:,} / {dense:,} | 1/{dense / up:.1f} | {len(model.decomposed_names)} | "
+            print(f"| {name} | {kind} | {up:,} / {dense:,} | 1/{dense / up:.1f} | {len(model.parametrised_names)} | "
                   f"{'; '.join(kept) or '—'} |")
 
 

@@ -279,7 +279,7 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict:
     case["block_ratio_median"] = statistics.median(block_ratios(wall["dense"], wall["decomposed"], args.block))
     case["cpu_ratio"] = case["decomposed"]["cpu_median_ms"] / case["dense"]["cpu_median_ms"]
     case["upload_fraction"] = decomposed.plan.upload / decomposed.plan.dense_reference
-    case["decomposed_tensors"] = len(decomposed.decomposed_names)
+    case["decomposed_tensors"] = len(decomposed.parametrised_names)
     case["other_load_cores"] = None if load.cores is None else round(load.cores, 2)
     case["seconds"] = round(time.monotonic() - started, 1)
     return case

@@ -75,7 +75,7 @@ def test_model_decomposes_at_1_32_by_default_and_trains_a_step(name, kind):
     dense = _dense_state_numel(plain)
     model = decompose(plain, DecompositionConfig(kind=kind))
     assert model.upload_layout().numel <= 1.05 * dense / 32
-    assert len(model.decomposed_names) >= 5
+    assert len(model.parametrised_names) >= 5
     model.reset(1)
     model.train()
     before = {n: t.clone() for n, t in model.uploaded_state().items()}
@@ -91,11 +91,11 @@ def test_model_decomposes_at_1_32_by_default_and_trains_a_step(name, kind):
 
 def test_attention_in_proj_lstm_weights_and_embeddings_are_decomposed():
     assert {"encoder.layers.0.self_attn.in_proj_weight", "embed.weight"} <= set(
-        decompose(TextTransformer(), DecompositionConfig()).decomposed_names
+        decompose(TextTransformer(), DecompositionConfig()).parametrised_names
     )
-    names = set(decompose(LSTMClassifier(), DecompositionConfig()).decomposed_names)
+    names = set(decompose(LSTMClassifier(), DecompositionConfig()).parametrised_names)
     assert {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l1", "lstm.weight_hh_l1"} <= names
-    assert {"encoder.pos_embedding", "class_token"} <= set(decompose(_vit(), DecompositionConfig()).decomposed_names)
+    assert {"encoder.pos_embedding", "class_token"} <= set(decompose(_vit(), DecompositionConfig()).parametrised_names)
 
 
 # --------------------------------------------------------------------------- exact aggregation
@@ -148,7 +148,7 @@ WEIGHTS = [3.0, 1.0, 2.0]
 def test_merging_the_mean_of_factors_equals_the_mean_of_the_clients_updates_for_every_tensor_kind(kind, pattern):
     torch.manual_seed(0)
     model = decompose(Zoo(), DecompositionConfig(kind=kind, pattern=pattern, ratio=0.25, dense_layers=("head",)))
-    assert set(NEW_KINDS) <= set(model.decomposed_names)
+    assert set(NEW_KINDS) <= set(model.parametrised_names)
     start = {n: model.base_weight(n).clone() for n in NEW_KINDS}
     uploads, effective = [], []
     for c in range(len(WEIGHTS)):  # each client moves its trained factors from the same seed-drawn start
@@ -199,8 +199,8 @@ def test_an_unknown_dense_layer_is_refused_listing_the_tensors():
 
 def test_a_module_name_keeps_every_weight_under_it_dense():
     model = decompose(LSTMClassifier(), DecompositionConfig(ratio=0.35, dense_layers=("lstm",)))
-    assert not any(n.startswith("lstm.") for n in model.decomposed_names)
-    assert "embed.weight" in model.decomposed_names
+    assert not any(n.startswith("lstm.") for n in model.parametrised_names)
+    assert "embed.weight" in model.parametrised_names
 
 
 def test_too_small_tensors_stay_dense_and_say_why():
@@ -208,7 +208,7 @@ def test_too_small_tensors_stay_dense_and_say_why():
     model = decompose(tiny, DecompositionConfig(ratio=0.99, dense_layers=("0",)))
     reasons = {t.name: t.reason for t in model.plan.tensors}
     assert reasons["2.weight"].startswith("too small: the smallest update uploads")
-    assert "1.weight" in model.decomposed_names
+    assert "1.weight" in model.parametrised_names
 
 
 class TiedLanguageModel(nn.Module):
@@ -228,7 +228,7 @@ class TiedLanguageModel(nn.Module):
 def test_a_tied_weight_is_one_update_trained_uploaded_and_counted_once_and_stays_tied():
     plain = TiedLanguageModel()
     model = decompose(plain, DecompositionConfig(ratio=1 / 4, dense_layers=("body",)))
-    assert model.decomposed_names == ("embed.weight",)
+    assert model.parametrised_names == ("embed.weight",)
     assert model.dense_reference_numel == 400 * 64 + 64 * 64 + 64  # the shared tensor once
     assert [n for n, _ in model.upload_layout().entries if n.startswith("out.")] == []
     model.reset(3)
@@ -317,7 +317,7 @@ def test_a_regression_task_trains_through_the_round_api():
     run = parse_run_config({"ratio": "1/8", "lr": 0.01, "local-epochs": 2, "task": "regression"})
     server = ServerModel(run, model_fn=mlp, task=REGRESSION)
     client = ClientModel(run, torch.device("cpu"), model_fn=mlp, task=REGRESSION)
-    assert server.model.decomposed_names == ("2.weight",)  # the hidden layer; first and last fit dense
+    assert server.model.parametrised_names == ("2.weight",)  # the hidden layer; first and last fit dense
     test = DataLoader(data, batch_size=256)
     start_loss, start_metric = server.evaluate(test)
     for round_ in (1, 2):

@@ -12,7 +12,8 @@ from torch import nn
 
 from fedmud.config import ConfigError, DecompositionConfig, parse_run_config
 from fedmud.decomposition import matrix_shape
-from fedmud.mud import HadamardLowRankWeight, decompose
+from fedmud.methods.factorised import HadamardLowRankWeight
+from fedmud.mud import decompose
 from fedmud.models import build_model
 
 FEDPARA = DecompositionConfig(method="fedpara")
@@ -52,7 +53,7 @@ def test_the_product_reaches_rank_r_squared_from_2r_m_plus_n_values():
 @pytest.mark.parametrize("model", ["cnn-mnist", "vit"])
 def test_everything_uploaded_meets_the_ratio(model):
     decomposed = _fedpara(model)
-    assert len(decomposed.factorized_names) >= 3
+    assert len(decomposed.parametrised_names) >= 3
     assert decomposed.upload_layout().numel <= decomposed.dense_reference_numel / 32
     assert decomposed.plan.upload == decomposed.upload_layout().numel
     for t in decomposed.plan.tensors:
@@ -72,7 +73,7 @@ def test_forward_and_backward_give_every_factor_a_gradient(cnn):
     cnn.train()
     loss = nn.functional.cross_entropy(cnn(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,)))
     loss.backward()
-    for name in cnn.factorized_names:
+    for name in cnn.parametrised_names:
         p = _parametrisation(cnn, name)
         assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in (p.X1, p.Y1, p.X2, p.Y2)), name
 
@@ -80,7 +81,7 @@ def test_forward_and_backward_give_every_factor_a_gradient(cnn):
 def test_init_variance_is_within_a_factor_1_5_of_pytorchs_default_init():
     """Each weight's variance against the same layer's PyTorch default init (the unused base weight)."""
     model = _fedpara(config=DecompositionConfig(method="fedpara", ratio=1 / 8))
-    for name in model.factorized_names:
+    for name in model.parametrised_names:
         default = model.base_weight(name).var().item()
         assert default == pytest.approx(1 / (3 * math.prod(model.base_weight(name).shape[1:])), rel=0.1)
         assert 2 / 3 < model.effective_weight(name).var().item() / default < 3 / 2, name

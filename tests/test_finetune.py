@@ -12,7 +12,7 @@ from torch import nn
 
 from fedmud.config import ConfigError, parse_run_config
 from fedmud.data import splits
-from fedmud.mud import LoRAAdapter
+from fedmud.methods.lora import LoRAAdapter
 from fedmud.rounds import ClientModel, ServerModel, SyncError, build_decomposed, simulate_in_process
 from fedmud.sync import CHAIN, FULL, Downlink, state_digest
 
@@ -54,7 +54,7 @@ def lora_run(method: str, **extra) -> object:
 
 
 def effective(model) -> dict[str, torch.Tensor]:
-    return {n: model.effective_weight(n).detach().clone() for n in model.adapter_names}
+    return {n: model.effective_weight(n).detach().clone() for n in model.parametrised_names}
 
 
 def aggregation_gap(method: str, factory) -> float:
@@ -103,14 +103,14 @@ def test_adapters_train_and_upload_only_their_factors_the_pretrained_weight_stay
     assert not model.base_weight("0.weight").requires_grad
     ffa = build_decomposed(lora_run("ffa-lora"), model_fn=mlp)
     assert "0.weight.A" not in ffa.uploaded_state() and "0.weight.A" in ffa.global_state()
-    assert not ffa.adapters()["0.weight"].A.requires_grad
+    assert not ffa.parametrisations()["0.weight"].A.requires_grad
 
 
 @pytest.mark.parametrize("init", ["zero", "nonzero"])
 def test_init_a_starts_at_the_pretrained_weights_and_init_ab_keeps_a_small_initial_product(init):
     run = lora_run("lora", init=init, **{"lora-init-scale": 0.1})
     model = build_decomposed(run, model_fn=lambda: nn.Sequential(nn.Linear(256, 128), nn.Linear(128, 4)))
-    adapter = model.adapters()["0.weight"]
+    adapter = model.parametrisations()["0.weight"]
     delta = adapter.delta_weight()
     if init == "zero":
         assert adapter.A.abs().sum() > 0 and torch.count_nonzero(adapter.B) == 0 and torch.count_nonzero(delta) == 0
@@ -224,7 +224,7 @@ def test_hrp_lora_switches_rank_after_the_preheat_and_a_client_that_missed_it_sy
     )
     server, history, uploaded = simulate_in_process(run)
     assert uploaded[0] > uploaded[1] == uploaded[2]  # the preheat's rank-16 adapters, then rank 4
-    assert all(a.rank == a.final_rank for a in server.model.adapters().values())
+    assert all(a.rank == a.final_rank for a in server.model.parametrisations().values())
     late = ClientModel(run, torch.device("cpu"))  # holds round 0: the chain crosses the switch
     server.link_bytes, server.full_bytes = 1, 10**9  # chains are cheaper than the full model
     plan = server.plan("never-seen")

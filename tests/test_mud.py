@@ -19,7 +19,7 @@ def model():
 
 
 def test_first_and_last_layers_stay_dense_when_they_fit(model):
-    assert model.decomposed_names == ("features.4.weight", "features.8.weight", "features.12.weight")
+    assert model.parametrised_names == ("features.4.weight", "features.8.weight", "features.12.weight")
     reasons = {t.name: t.reason for t in model.plan.tensors}
     assert reasons["features.0.weight"] == reasons["classifier.weight"] == "first/last layer, fits the ratio"
 
@@ -70,7 +70,7 @@ def test_merge_folds_the_update_into_the_base_weight(model):
 
 def test_fedavg_uploads_everything():
     dense = decompose(_cnn(), DecompositionConfig(method="fedavg"))
-    assert dense.decomposed_names == ()
+    assert dense.parametrised_names == ()
     assert dense.upload_layout().numel == dense.dense_reference_numel
 
 
