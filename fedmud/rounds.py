@@ -265,14 +265,16 @@ class ServerModel:
         needs_reference = self.codec.residual or bounds.update_norm_bound > 0 or self.dp.on or self.median_bound_on
         reference = self.reference(round_seed) if needs_reference else None
         values = self.codec.decode(parts, reference)
+        update = None
         if self.dp.on:  # every client weighs 1, its update clipped again (an honest client clipped it)
             weight, events, reasons = 1.0, (), ()
-            clipped, norm = self.dp.clip_update(values.astype(np.float64) - reference)
+            update, norm = self.dp.clip_update(values.astype(np.float64) - reference)
             if norm > self.dp.clip * (1 + 1e-3):
                 events, reasons = (CLIPPED,), (f"update norm {norm:.4g} is above dp-clip {self.dp.clip:g}; scaled to it",)
-            values = (reference + clipped).astype(np.float32)
+            values = (reference + update).astype(np.float32)
         if bounds.update_norm_bound > 0:
-            update = self.codec.decode_vector(parts) if self.codec.residual else values.astype(np.float64) - reference
+            if update is None:  # under DP the bound measures the clipped update: it must not undo the clip
+                update = self.codec.decode_vector(parts) if self.codec.residual else values.astype(np.float64) - reference
             bounded, event, reason = bound_update(update, bounds.update_norm_bound, bounds.update_norm_action)
             if event:
                 events, reasons = events + (event,), reasons + (reason,)

@@ -181,6 +181,23 @@ def test_a_dp_client_uploads_an_update_within_the_clip_and_the_server_releases_t
     assert np.allclose(merged, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("uplink", ["float32", "int8"])
+def test_an_update_norm_bound_above_the_dp_clip_never_undoes_the_clip(uplink):
+    """Both bounds hold for what merges: the norm bound measures the DP-clipped update. (It measured
+    the residual as sent, so with a lossy uplink a hostile reply merged at the bound, 20x the clip.)"""
+    run = parse_run_config(
+        {"uplink": uplink, "dp": "server", "dp-noise-multiplier": 1.0, "dp-clip": 0.05, "update-norm-bound": 1.0}
+    )
+    server = ServerModel(run)
+    seed = round_seed(run.seed, 1)
+    reference = server.reference(seed).astype(np.float64)
+    hostile = np.random.default_rng(0).standard_normal(reference.size) * 100 / np.sqrt(reference.size)  # norm ~100
+    sent = hostile if server.codec.residual else reference + hostile
+    screened = server.screen(seed, server.codec.validate(server.codec.encode(sent.astype(np.float32))), 48)
+    assert screened.events[0] == "clipped" and "dp-clip" in screened.reasons[0]
+    assert np.linalg.norm(screened.values.astype(np.float64) - reference) <= 0.05 * (1 + 1e-5)
+
+
 @pytest.mark.parametrize("dp", ["off", "server"])
 def test_the_server_merges_what_secure_aggregation_gives_and_under_dp_releases_it_as_a_noisy_sum(dp):
     cfg = {"secure-aggregation": True, "downlink": "full", "fraction-train": 0.5}
