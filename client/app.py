@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from fedmud.bounds import bound_update
+from fedmud.bounds import bound_reply
 from fedmud.config import RunConfig, parse_run_config
 from fedmud.data import client_loader
 from fedmud.rounds import ClientModel, ModelFactory, SyncError
@@ -169,9 +169,10 @@ def run_client_round(
 
 
 def _secure_reply(client: ClientModel, run: RunConfig, round_seed: int, payload, examples: int, started: float, train_s: float):
-    """The update as the server would decode it, for SecAgg+ to mask; its weight capped here
-    (``max-examples``; 1 under DP) and its norm bounded here (``update-norm-bound``), since the
-    server only ever sees the sum.
+    """The update as the server would decode it, for SecAgg+ to mask, with the bounds the server
+    would apply to a plain reply (:func:`fedmud.bounds.bound_reply`: its weight capped at
+    ``max-examples``, 1 under DP; its norm kept within ``update-norm-bound``), since the server
+    only ever sees the sum. Under DP it is not clipped again: it was clipped before its noise.
 
     An update that is not finite (or above the bound with ``update-norm-action=reject``) is not
     sent: the client drops out of the round, and the protocol leaves it out of the sum.
@@ -179,12 +180,10 @@ def _secure_reply(client: ClientModel, run: RunConfig, round_seed: int, payload,
     update = client.upload_update(round_seed, payload)
     if not np.isfinite(update).all():
         raise FloatingPointError("the update is not finite (training diverged); dropping out of this round")
-    bound = run.bounds.update_norm_bound  # the server cannot bound one masked update: the client does
-    update, event, reason = bound_update(update, bound, run.bounds.update_norm_action)
-    if update is None:
-        raise ValueError(f"{reason} (update-norm-action=reject): dropping out of this round")
-    if event:
+    bounded = bound_reply(update, examples, run.bounds, client.dp, reclip=False)
+    if bounded.dropped:
+        raise ValueError(f"{bounded.reasons[-1]} (update-norm-action=reject): dropping out of this round")
+    for reason in bounded.reasons:
         log(WARNING, "%s", reason)
-    weight = 1 if client.dp.on else min(examples, run.bounds.max_examples)
     seconds = {"train-s": train_s, "client-s": time.perf_counter() - started}
-    return secure_upload_record(update, weight, seconds)
+    return secure_upload_record(bounded.update, bounded.weight, seconds)

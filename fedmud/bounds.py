@@ -7,7 +7,9 @@ outweigh every other node. :func:`cap_examples` counts such a claim as
 ``max-examples``. Its update (the decoded upload minus the round-start values both
 sides know) can be as large as float32 allows; :func:`bound_update` keeps its L2 norm
 within ``update-norm-bound`` by scaling it down (``clip``) or dropping the reply
-(``reject``). Both are logged and counted by the server, so an operator sees them.
+(``reject``). Both are logged and counted by the server, so an operator sees them. :func:`bound_reply`
+applies them, with DP's clip and weight, in one place: the server to each plain reply, a
+client to its own update under secure aggregation, where the server sees only the sum.
 
 Without a fixed bound an operator would have to guess a scale, so by default
 (``median-norm-bound``, 10) an update's norm is bounded relative to its peers':
@@ -20,8 +22,13 @@ model by more than the multiple times what an honest client moves it by.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: privacy imports this module
+    from .config import BoundsConfig
+    from .privacy import Mechanism
 
 CAPPED, CLIPPED, NORM_REJECTED = "capped", "clipped", "norm-rejected"
 EVENTS = (CAPPED, CLIPPED, NORM_REJECTED)
@@ -76,6 +83,56 @@ def bound_update(
         return None, NORM_REJECTED, f"update norm {norm:.4g} is above {what} {bound:.4g}; dropped"
     scaled = update.astype(np.float64) * (bound / norm)
     return scaled, CLIPPED, f"update norm {norm:.4g} is above {what} {bound:.4g}; scaled to it"
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """One reply's weight and update after :func:`bound_reply`, and what the bounds changed."""
+
+    update: np.ndarray | None  # float64, None when none was given or the norm bound dropped it
+    weight: float
+    events: tuple[str, ...] = ()  # among EVENTS
+    reasons: tuple[str, ...] = ()  # one line per event, for the log
+    moved: bool = False  # the update is not the one given (clipped, scaled or dropped)
+
+    @property
+    def dropped(self) -> bool:
+        return NORM_REJECTED in self.events
+
+
+def bound_reply(
+    update: np.ndarray | None, claimed: int, bounds: BoundsConfig, dp: Mechanism, reclip: bool = True
+) -> Bounded:
+    """The bounds one reply is held to, wherever they can be applied: by the server to each plain
+    reply, by a client to its own update under secure aggregation (the server sees only the sum).
+
+    In order: the weight is ``claimed`` capped at ``max-examples`` (:func:`cap_examples`), or 1
+    under DP; under DP, with ``reclip``, the update is clipped to ``dp-clip`` again (the server
+    cannot know that a client did; a client clipped before adding its share of the noise, which a
+    second clip would scale away, so it passes ``reclip=False``); then it is kept within
+    ``update-norm-bound`` (:func:`bound_update`), measured after the clip so that it cannot undo it.
+
+    ``update``: the decoded upload minus the round-start values; None when no bound needs it (no
+    DP clip, no norm bound): then only the weight is bounded.
+    """
+    weight, capped = cap_examples(claimed, bounds.max_examples)
+    events, reasons = ((CAPPED,), (capped,)) if capped else ((), ())
+    moved = False
+    if (dp.on and reclip or bounds.update_norm_bound > 0) and update is None:
+        raise ValueError("bound_reply needs the update when the DP clip or update-norm-bound is on")
+    if dp.on:  # every client weighs 1: a weight it states would have to be bounded too
+        weight, events, reasons = 1.0, (), ()
+        if reclip:
+            update, norm = dp.clip_update(update)
+            moved = True
+            if norm > dp.clip * (1 + 1e-3):  # beyond what an honest client's coding adds
+                events, reasons = (CLIPPED,), (f"update norm {norm:.4g} is above dp-clip {dp.clip:g}; scaled to it",)
+    if bounds.update_norm_bound > 0:
+        bounded, event, reason = bound_update(update, bounds.update_norm_bound, bounds.update_norm_action)
+        if event:
+            events, reasons = events + (event,), reasons + (reason,)
+            update, moved = bounded, True
+    return Bounded(update, weight, events, reasons, moved)
 
 
 def lower_median(norms: list[float]) -> float:

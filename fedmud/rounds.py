@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .aggregate import WeightedMean
-from .bounds import CAPPED, CLIPPED, Screened, bound_update, cap_examples, lower_median, update_norm
+from .bounds import Screened, bound_reply, bound_update, lower_median, update_norm
 from .codec import SCHEMES, Codec, Parts, PayloadError, topk_count
 from .feedback import ErrorFeedback
 from .config import ConfigError, RunConfig
@@ -253,34 +253,27 @@ class ServerModel:
         return self.run.bounds.median_norm_bound * lower_median(pooled)
 
     def screen(self, round_seed: int, parts: Parts, examples: int) -> Screened:
-        """Decode one validated upload and apply the bounds (``max-examples``, ``update-norm-bound``).
+        """Decode one validated upload and apply the bounds (:func:`fedmud.bounds.bound_reply`:
+        ``max-examples``, DP's clip and weight, ``update-norm-bound``).
 
         The update is the decoded upload minus :meth:`reference`: for lossy codecs that is
         the residual as sent; for float32 the reference is rebuilt only when a bound is on.
         With the median bound on, the update's norm is measured for :class:`RoundTally`.
         """
         bounds = self.run.bounds
-        weight, capped = cap_examples(examples, bounds.max_examples)
-        events, reasons = ((CAPPED,), (capped,)) if capped else ((), ())
         needs_reference = self.codec.residual or bounds.update_norm_bound > 0 or self.dp.on or self.median_bound_on
         reference = self.reference(round_seed) if needs_reference else None
         values = self.codec.decode(parts, reference)
-        update = None
-        if self.dp.on:  # every client weighs 1, its update clipped again (an honest client clipped it)
-            weight, events, reasons = 1.0, (), ()
-            update, norm = self.dp.clip_update(values.astype(np.float64) - reference)
-            if norm > self.dp.clip * (1 + 1e-3):
-                events, reasons = (CLIPPED,), (f"update norm {norm:.4g} is above dp-clip {self.dp.clip:g}; scaled to it",)
-            values = (reference + update).astype(np.float32)
-        if bounds.update_norm_bound > 0:
-            if update is None:  # under DP the bound measures the clipped update: it must not undo the clip
-                update = self.codec.decode_vector(parts) if self.codec.residual else values.astype(np.float64) - reference
-            bounded, event, reason = bound_update(update, bounds.update_norm_bound, bounds.update_norm_action)
-            if event:
-                events, reasons = events + (event,), reasons + (reason,)
-                values = None if bounded is None else (reference + bounded).astype(np.float32)
+        update = None  # what the bounds measure, when one is on
+        if self.dp.on:  # clipped as the client clipped it: the decoded upload's change
+            update = values.astype(np.float64) - reference
+        elif bounds.update_norm_bound > 0:
+            update = self.codec.decode_vector(parts) if self.codec.residual else values.astype(np.float64) - reference
+        bounded = bound_reply(update, examples, bounds, self.dp)
+        if bounded.moved:
+            values = None if bounded.dropped else (reference + bounded.update).astype(np.float32)
         norm = update_norm(values.astype(np.float64) - reference) if self.median_bound_on and values is not None else 0.0
-        return Screened(values, weight, events, reasons, norm)
+        return Screened(values, bounded.weight, bounded.events, bounded.reasons, norm)
 
     def bound_by_median(self, round_seed: int, screened: Screened, bound: float) -> Screened:
         """``screened`` with its update kept within ``bound`` (:meth:`median_bound`), clipped or

@@ -62,7 +62,8 @@ def clipping_range(run: RunConfig, dp: Mechanism) -> float:
 
 
 def max_weight(run: RunConfig, dp: Mechanism) -> float:
-    """The weight the workflow scales by: 1 under DP (every client weighs 1), else ``max-examples``."""
+    """The weight the workflow scales by: the most a client's weight can be after
+    :func:`fedmud.bounds.bound_reply` (1 under DP, else ``max-examples``)."""
     return 1.0 if dp.on else float(run.bounds.max_examples)
 
 
