@@ -1,8 +1,9 @@
-"""Named tensors <-> an encoded upload, with the bytes counted where they are produced.
+"""A float32 vector <-> an encoded upload, with the bytes counted where they are produced.
 
-Both parties derive the same :class:`UploadLayout` from the run
-config, so names and shapes never travel: an upload is a few flat arrays (its
-*parts*) in layout order. That keeps per-message framing constant and lets
+The vector is the model's upload laid out by :class:`~fedmud.layout.UploadLayout`, which both
+parties derive from the run config, so names and shapes never travel: an upload is a few flat
+arrays (its *parts*) in layout order; the codec reads the layout only for its tensors' sizes
+(a chunk never spans two tensors). That keeps per-message framing constant and lets
 validation be a handful of size/dtype/finiteness checks.
 
 Schemes: one table, :data:`SCHEMES` (name -> :class:`Scheme`), read by the config (the
@@ -43,39 +44,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
+
+from .errors import PayloadError
+from .layout import UploadLayout
 
 Parts = dict[str, np.ndarray]
 PartSizes = dict[str, tuple[np.dtype, int]]
-
-
-@dataclass(frozen=True)
-class UploadLayout:
-    """Names and shapes of everything a client uploads, in wire order (both sides derive it)."""
-
-    entries: tuple[tuple[str, tuple[int, ...]], ...]
-    # norm layers' running statistics: codes below 8 bits send these as int8 (see Codec)
-    statistics: frozenset[str] = frozenset()
-
-    @property
-    def numel(self) -> int:
-        return sum(math.prod(shape) for _, shape in self.entries)
-
-    def subset(self, names: set[str] | frozenset[str]) -> tuple[UploadLayout, np.ndarray]:
-        """The entries named in ``names`` (in layout order) and their indices in the flat vector."""
-        entries, index, offset = [], [], 0
-        for name, shape in self.entries:
-            size = math.prod(shape)
-            if name in names:
-                entries.append((name, shape))
-                index.append(np.arange(offset, offset + size))
-            offset += size
-        flat = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
-        return UploadLayout(tuple(entries)), flat
-
-
-class PayloadError(ValueError):
-    """A payload that must not reach the model; the message says why."""
 
 
 @dataclass
@@ -469,28 +443,6 @@ class Codec:
             nbytes = dtype.itemsize * size
             out[name] = packed[offset : offset + nbytes].copy().view(dtype)
             offset += nbytes
-        return out
-
-    def flatten(self, state: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """``state`` in layout order as one float32 vector."""
-        parts = []
-        for name, shape in self.layout.entries:
-            tensor = state[name]
-            if tuple(tensor.shape) != shape:
-                raise PayloadError(f"{name} has shape {tuple(tensor.shape)}, the layout says {shape}")
-            parts.append(tensor.detach().reshape(-1).to("cpu", torch.float32))
-        return torch.cat(parts).numpy()
-
-    def unflatten(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
-        """Split a float32 vector back into named tensors."""
-        if flat.shape != (self.layout.numel,):
-            raise PayloadError(f"vector shape is {flat.shape}, expected ({self.layout.numel},)")
-        tensor = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
-        out, offset = {}, 0
-        for name, shape in self.layout.entries:
-            size = math.prod(shape)
-            out[name] = tensor[offset : offset + size].reshape(shape)
-            offset += size
         return out
 
     # ------------------------------------------------------------------ encode / decode

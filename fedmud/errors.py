@@ -1,6 +1,6 @@
-"""The configuration error and the shape of a user factory's name: what every module that checks
+"""The errors of bad input, and the shape of a user factory's name: what every module that checks
 a value needs, with no imports of its own (``config`` declares its keys from the registries in
-``data`` and ``models``, which raise this error too)."""
+``data``, ``models`` and ``methods``, which raise these errors too)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ IMPORT_STRING = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-
 
 class ConfigError(ValueError):
     """A configuration value is not allowed; the message names key, value and what is allowed."""
+
+
+class PayloadError(ValueError):
+    """A payload that must not reach the model; the message says why."""
 
 
 def is_import_string(value: object) -> bool:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .codec import UploadLayout
+from .layout import UploadLayout
 from .methods import method_named
 from .methods.fedmud import DecomposedUpdate
 from .plan import DecompositionPlan, aliases, unique_state

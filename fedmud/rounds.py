@@ -83,11 +83,6 @@ def build_link_codec(run: RunConfig, model: DecomposedModel) -> Codec:
     return Codec(model.upload_layout(), "float32" if run.downlink == "full" else run.downlink_codec)
 
 
-def basis_codec(model: DecomposedModel) -> Codec:
-    """float32 vector <-> the HRP directions (``init=hrp``), as they ride on a link."""
-    return Codec(model.hrp_layout())
-
-
 def round_start(model: DecomposedModel, codec: Codec, seed: int, values: bool = True) -> np.ndarray | None:
     """Reset ``model``'s factors to those drawn from ``seed`` and return the upload's round-start values
     (the global model with those factors, laid out as ``codec`` lays out an upload; None unless ``values``).
@@ -96,7 +91,7 @@ def round_start(model: DecomposedModel, codec: Codec, seed: int, values: bool = 
     links), the norm bounds, DP's clip and the update handed to secure aggregation.
     """
     model.reset(seed)
-    return codec.flatten(model.uploaded_state()) if values else None
+    return codec.layout.flatten(model.uploaded_state()) if values else None
 
 
 def link_reference(model: DecomposedModel, codec: Codec, seed: int) -> np.ndarray | None:
@@ -110,10 +105,10 @@ def apply_link(model: DecomposedModel, codec: Codec, link: Link) -> None:
     Raises :class:`~fedmud.codec.PayloadError` if the link's parts are not the codec's.
     """
     values = codec.decode(link.parts, link_reference(model, codec, link.seed))
-    model.load_uploaded_state(codec.unflatten(values))
+    model.load_uploaded_state(codec.layout.unflatten(values))
     model.merge()
     if link.basis is not None:
-        model.load_hrp_state(basis_codec(model).unflatten(link.basis))
+        model.load_hrp_state(model.hrp_layout().unflatten(link.basis))  # the HRP directions ride on the link
 
 
 class PerLayout:
@@ -360,7 +355,7 @@ class ServerModel:
             d = self.run.decomposition
             if d.init == "hrp" and server_round >= d.hrp_rounds and not self.model.hrp_ready:
                 self.model.set_hrp_directions(self.initial_state)
-                basis = basis_codec(self.model).flatten(self.model.hrp_state())
+                basis = self.model.hrp_layout().flatten(self.model.hrp_state())
                 link = Link(link.round, link.seed, link.parts, basis)
             self.chain.add(link)
             if self.link_bytes:  # a chain longer than this costs more than the full model
@@ -560,7 +555,7 @@ class ClientModel:
         self.model.load_global_state(self.global_model.global_state())
         reference = round_start(self.model, self.codec, round_seed, values=self.codec.residual or self.dp.on)
         loss = train_local(self.model, loader, self.run.train, self.device, self.task)
-        values = self.codec.flatten(self.model.uploaded_state())
+        values = self.codec.layout.flatten(self.model.uploaded_state())
         if self.dp.on:  # clipped, and with dp=client this client's share of the noise, before it is coded
             update = self.dp.privatise(values.astype(np.float64) - reference)
             values = (reference + update).astype(np.float32)

@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 
-from fedmud.codec import SCHEMES, Codec, UploadLayout
+from fedmud.codec import SCHEMES, Codec
+from fedmud.layout import UploadLayout
 
 
 def best_of(fn, repeats: int = 5) -> float:

@@ -501,7 +501,7 @@ def geometry(method: str, common: dict, clients: int = 8, draws: int = 4) -> dic
     def moved(u: np.ndarray) -> float:  # ‖ΔW‖ over every floating tensor when the upload is reference + u
         server.load(0, before)
         server.model.reset(seed)
-        server.model.load_uploaded_state(server.codec.unflatten((reference + u).astype(np.float32)))
+        server.model.load_uploaded_state(server.codec.layout.unflatten((reference + u).astype(np.float32)))
         server.model.merge()
         after = server.global_state()
         return float(torch.cat([(after[n].double() - before[n].double()).flatten()

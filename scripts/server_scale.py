@@ -74,7 +74,7 @@ def one_round(run_config: dict, replies: int, held: bool) -> dict:
     run = parse_run_config(run_config)
     server = ServerModel(run)
     numel = server.codec.layout.numel
-    base = server.codec.flatten(server.model.uploaded_state())
+    base = server.codec.layout.flatten(server.model.uploaded_state())
     making = [0.0]
 
     def make(i: int):

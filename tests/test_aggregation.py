@@ -98,10 +98,10 @@ def test_aad_merge_is_the_weighted_mean_of_the_clients_models_for_every_init(ini
     # float32 links: the merge is the exact mean (a lossy link code merges it as decoded, see test_sync)
     server = ServerModel(parse_run_config({"init": init, "kind": kind, "hrp-rounds": 1, "downlink-codec": "float32"}))
     if init == "hrp":  # a preheat round first, so that round 2 runs on the HRP directions
-        server.apply_round(1, 11, [({"payload": server.codec.flatten(s)}, 1.0) for s, _ in _trained_clients(server.model, 11, [1.0])])
+        server.apply_round(1, 11, [({"payload": server.codec.layout.flatten(s)}, 1.0) for s, _ in _trained_clients(server.model, 11, [1.0])])
         assert server.model.hrp_ready
     clients = _trained_clients(server.model, 22, WEIGHTS)
-    server.apply_round(2, 22, [({"payload": server.codec.flatten(s)}, w) for (s, _), w in zip(clients, WEIGHTS)])
+    server.apply_round(2, 22, [({"payload": server.codec.layout.flatten(s)}, w) for (s, _), w in zip(clients, WEIGHTS)])
     for name in server.model.updates():
         expected = sum(w * eff[name] for (_, eff), w in zip(clients, WEIGHTS)) / sum(WEIGHTS)
         assert torch.allclose(server.model.base_weight(name), expected, atol=2e-5), name

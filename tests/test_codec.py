@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedmud.codec import SCHEMES, Codec, PayloadError, UploadLayout, topk_count
+from fedmud.codec import SCHEMES, Codec, PayloadError, topk_count
+from fedmud.layout import UploadLayout
 from fedmud.config import LINK_CODECS, UPLINKS, DecompositionConfig, parse_run_config
 from fedmud.feedback import ErrorFeedback
 from fedmud.mud import decompose

@@ -71,7 +71,7 @@ def aggregation_gap(method: str, factory) -> float:
                 if p.requires_grad:
                     p.add_(torch.randn(p.shape, generator=g) * 0.3)
         clients.append(effective(client))
-        uploads.append((server.codec.flatten(client.uploaded_state()), weights[i]))
+        uploads.append((server.codec.layout.flatten(client.uploaded_state()), weights[i]))
     server.merge_round(1, 11, uploads)
     merged = effective(server.model)
     total = sum(weights)

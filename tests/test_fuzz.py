@@ -216,7 +216,7 @@ def fuzzed_reply(rng, codec: Codec) -> RecordDict:
 def _reference(server: ServerModel) -> np.ndarray:
     """The round-start values residuals are decoded against (as ``ServerModel.reference`` draws them)."""
     server.model.reset(SEED)
-    values = server.codec.flatten(server.model.uploaded_state())
+    values = server.codec.layout.flatten(server.model.uploaded_state())
     server.model.clear()
     return values
 

@@ -117,7 +117,7 @@ def test_a_second_upload_from_a_node_is_not_counted(task_identity, logged, tmp_p
     server = ServerModel(run)
     fedmud = FedMUD(run, server, Ledger(), tmp_path, test_data=[])
     request = Message(content=RecordDict(), dst_node_id=7, message_type="train")
-    payload = server.codec.encode(server.codec.flatten(server.model.uploaded_state()))
+    payload = server.codec.encode(server.codec.layout.flatten(server.model.uploaded_state()))
     replies = [Message(content=upload_record(payload, 40, 0.1, 1), reply_to=request) for _ in range(2)]
     try:
         _, metrics = fedmud.aggregate_train(1, replies)

@@ -110,7 +110,7 @@ def test_the_strategy_adds_each_reply_and_lets_it_go_before_the_next(task_identi
     run = parse_run_config({"downlink-codec": "float32"})
     server = ServerModel(run)
     strategy = FedMUD(run, server, Ledger(), tmp_path, test_data=[])
-    base = server.codec.flatten(server.model.uploaded_state())
+    base = server.codec.layout.flatten(server.model.uploaded_state())
     alive: list[weakref.ref] = []
     held_at_once = []
 

@@ -164,7 +164,7 @@ def test_server_error_feedback_loses_nothing_of_the_aggregated_updates(codec, me
         for server in (exact, lossy):
             server.apply_round(r, round_seed(0, r), _delta_uploads(server, r))
     carried = lossy.link_feedback.state()
-    dense_error = lossy.link_codec.unflatten(carried["dense"].numpy())
+    dense_error = lossy.link_codec.layout.unflatten(carried["dense"].numpy())
     got, want = lossy.global_state(), exact.global_state()
     updates = lossy.model.updates()
     assert updates or method == "fedavg"

@@ -145,7 +145,7 @@ def test_strategy_merges_only_valid_replies_and_counts_the_rest(task_identity, t
     assert (metrics["accepted"], metrics["rejected"], metrics["resync"]) == (1, len(BAD), 1)
     after = server.global_state()
     assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
-    assert torch.equal(after["classifier.weight"], server.codec.unflatten(good)["classifier.weight"])  # the one valid upload
+    assert torch.equal(after["classifier.weight"], server.codec.layout.unflatten(good)["classifier.weight"])  # the one valid upload
     assert server.records.get("1", None) == ROUND - 1 and server.records.get("10", 0) is None
     strategy.writer.close()
 

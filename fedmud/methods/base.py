@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..codec import UploadLayout
+from ..layout import UploadLayout
 from ..errors import ConfigError
 
 if TYPE_CHECKING:

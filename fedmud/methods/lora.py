@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..codec import UploadLayout
+from ..layout import UploadLayout
 from ..decomposition import matrix_shape
 from ..errors import ConfigError
 from ..plan import AUTO, LAST, DecompositionPlan, TensorPlan, floating_shapes, resolve_dense, weight_tensors
