@@ -165,7 +165,7 @@ class DecomposedUpdate(nn.Module):
         self._compensated = False
 
 
-class FedMUD(Method):
+class ModelUpdateDecomposition(Method):
     """MUD with BKD and AAD (the paper's defaults: ``kind=kron``, ``pattern=aad``)."""
 
     name = "fedmud"
@@ -215,4 +215,4 @@ class FedMUD(Method):
         }
 
 
-register(FedMUD())
+register(ModelUpdateDecomposition())
