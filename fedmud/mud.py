@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .layout import UploadLayout
-from .methods import method_named
+from .methods import method_named, plan_decomposition
 from .methods.fedmud import DecomposedUpdate
 from .plan import DecompositionPlan, aliases, unique_state
 from .seeds import derive_seed
@@ -82,7 +82,7 @@ class DecomposedModel(nn.Module):
         super().__init__()
         self.config = config
         self.method = method_named(config.method)
-        self.plan: DecompositionPlan = self.method.plan(model, config)
+        self.plan: DecompositionPlan = plan_decomposition(model, config)
         self.dense_reference_numel = self.plan.dense_reference
         # the undecomposed model's state (names, shapes, dtypes): what dense FedAvg sends down
         self.reference_state = {n: torch.empty_like(t, device="meta") for n, t in unique_state(model).items()}
@@ -104,6 +104,7 @@ class DecomposedModel(nn.Module):
                 parametrize.register_parametrization(owner, attr, parametrisation)
                 owner.parametrizations[attr].original.requires_grad_(False)
         self.parametrised_names: tuple[str, ...] = tuple(planned)
+        self.frozen_names = frozenset(t.name for t in self.plan.tensors if t.frozen)  # global, never uploaded
         self.model = model
 
     # ------------------------------------------------------------------ structure
@@ -157,9 +158,10 @@ class DecomposedModel(nn.Module):
 
     def _uploaded_items(self) -> dict[str, torch.Tensor]:
         """The parametrisations' trained parameters and the dense floating tensors; never ``W`` under
-        a parametrisation nor its buffers (frozen factors, HRP directions, ffa-lora's A)."""
+        a parametrisation nor its buffers (frozen factors, HRP directions, ffa-lora's A), nor a tensor
+        the model's owner froze."""
         trained = self._parts(trainable=True)
-        skip = set(self.parametrised_names) | (self._parts(trainable=False) - trained)
+        skip = set(self.parametrised_names) | (self._parts(trainable=False) - trained) | self.frozen_names
         return {n: t for n, t in self.state_items().items() if n not in skip and torch.is_floating_point(t)}
 
     def upload_layout(self) -> UploadLayout:

@@ -3,6 +3,9 @@
 The planner sees only names and shapes (it works on any ``nn.Module``), and decides
 for every floating tensor of the model's ``state_dict``:
 
+- **frozen** — never parameterised, never uploaded, bitwise the same after every merge — when
+  it is a parameter with ``requires_grad=False`` (a PEFT model's base weights, HF's fixed
+  sinusoidal positions): the model's owner froze it, so no party trains it;
 - **dense** — it uploads its values each round — when it is
   1-D or a buffer (biases, norms, BatchNorm running statistics), named in
   ``dense-layers``, or too small for any decomposed update to be smaller than the
@@ -56,8 +59,9 @@ class TensorPlan:
     shape: tuple[int, ...]
     upload: int  # values uploaded per round
     sizes: tuple[int, ...] | None = None  # rank (mat) or Kronecker factor sizes (kron); None: dense
-    reason: str = ""  # why the tensor is dense
+    reason: str = ""  # why the tensor is dense (or frozen)
     how: str = ""  # what its parametrisation is, in words (decomposed)
+    frozen: bool = False  # requires_grad=False: not trained, not uploaded (upload 0)
 
     @property
     def numel(self) -> int:
@@ -78,8 +82,13 @@ class DecompositionPlan:
 
     @property
     def dense_reference(self) -> int:
-        """Values dense FedAvg uploads: every floating tensor of the state_dict."""
+        """Values dense FedAvg of the whole model uploads (full fine-tuning): every floating tensor."""
         return sum(t.numel for t in self.tensors)
+
+    @property
+    def trained_reference(self) -> int:
+        """Values dense FedAvg of the same trained tensors uploads: every floating tensor not frozen."""
+        return sum(t.numel for t in self.tensors if not t.frozen)
 
     @property
     def upload(self) -> int:
@@ -94,19 +103,33 @@ class DecompositionPlan:
         for t in self.tensors:
             if t.decomposed:
                 out.append(f"{t.name} {t.shape}: {t.how} uploads {t.upload}/{t.numel}")
+            elif t.frozen:
+                out.append(f"{t.name} {t.shape}: {t.reason}, uploads 0")
             else:
                 out.append(f"{t.name} {t.shape}: dense ({t.reason}) uploads {t.numel}")
-        ref = self.dense_reference
-        out.append(f"upload {self.upload} values vs dense {ref}: ratio {self.upload / ref:.5f} (1/{ref / self.upload:.1f})")
+        up, ref, trained = self.upload, self.dense_reference, self.trained_reference
+        total = f"upload {up} values vs dense {ref}: ratio {up / ref:.5f} (1/{ref / up:.1f})" if up else f"upload 0 of {ref}"
+        if trained != ref and up:
+            total += f"; vs the {trained} trained values: ratio {up / trained:.5f} (1/{trained / up:.1f})"
+        out.append(total)
         return out
 
 
 def weight_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Floating parameters with two or more dimensions, by state_dict name: what can be decomposed."""
+    """Trained floating parameters with two or more dimensions, by state_dict name: what can be decomposed."""
     return {
         name: tuple(p.shape)
         for name, p in model.named_parameters()
-        if p.is_floating_point() and p.dim() >= 2
+        if p.is_floating_point() and p.dim() >= 2 and p.requires_grad
+    }
+
+
+def frozen_tensors(model: nn.Module) -> set[str]:
+    """Floating parameters with ``requires_grad=False`` (their first name, if tied): the owner froze them."""
+    return {
+        name
+        for name, t in unique_state(model, keep_vars=True).items()
+        if isinstance(t, nn.Parameter) and t.is_floating_point() and not t.requires_grad
     }
 
 
@@ -162,8 +185,25 @@ def resolve_dense(requested: tuple[str, ...], candidates: list[str]) -> tuple[di
 
 
 def floating_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Every floating tensor of the state (tied ones once), by name: what a plan decides for."""
-    return {n: tuple(t.shape) for n, t in unique_state(model).items() if torch.is_floating_point(t)}
+    """Every floating tensor of the state (tied ones once) but the frozen, by name: what a method plans."""
+    frozen = frozen_tensors(model)
+    return {n: tuple(t.shape) for n, t in unique_state(model).items() if torch.is_floating_point(t) and n not in frozen}
+
+
+def with_frozen(plan: DecompositionPlan, model: nn.Module) -> DecompositionPlan:
+    """``plan`` (a method's, of :func:`floating_shapes`) with the frozen tensors in their state order."""
+    frozen = frozen_tensors(model)
+    if not frozen:
+        return plan
+    planned = {t.name: t for t in plan.tensors}
+    tensors = []
+    for name, t in unique_state(model).items():
+        if name in frozen:
+            reason = "frozen (requires_grad=False): never trained nor uploaded"
+            tensors.append(TensorPlan(name, tuple(t.shape), 0, reason=reason, frozen=True))
+        elif name in planned:
+            tensors.append(planned[name])
+    return DecompositionPlan(tuple(tensors), plan.method, plan.ratio)
 
 
 def dense_plan(model: nn.Module, method: str) -> DecompositionPlan:
@@ -174,7 +214,8 @@ def dense_plan(model: nn.Module, method: str) -> DecompositionPlan:
 
 def plan_to_ratio(model: nn.Module, config: DecompositionConfig, sizing: Sizing) -> DecompositionPlan:
     """Every weight tensor not kept dense parameterised as ``sizing`` builds, sized so that
-    everything uploaded meets ``config.ratio`` (one upload share for all: :func:`allocate_sizes`).
+    everything uploaded meets ``config.ratio`` of the trained tensors (one upload share for all:
+    :func:`allocate_sizes`); frozen tensors are no part of the target.
 
     Raises :class:`ConfigError` when the ratio cannot be reached, with the smallest that can.
     """

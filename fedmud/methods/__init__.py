@@ -11,6 +11,7 @@ Built in: ``fedmud`` (:mod:`.fedmud`), ``fedavg`` (:mod:`.fedavg`), ``fedlmt`` a
 
 from __future__ import annotations
 
+from ..plan import with_frozen
 from .base import INITS, METHODS, Method, method_named, register
 
 # the built-ins, in the order the config table lists them: importing each registers it
@@ -23,11 +24,12 @@ BUILTIN_METHODS = tuple(METHODS)
 
 
 def plan_decomposition(model, config):
-    """The :class:`~fedmud.plan.DecompositionPlan` of ``model`` under ``config.method``.
+    """The :class:`~fedmud.plan.DecompositionPlan` of ``model`` under ``config.method``: the method
+    plans the trained tensors, and every frozen one (``requires_grad=False``) stays as it is.
 
     Raises :class:`~fedmud.errors.ConfigError` when the method's target cannot be reached.
     """
-    return method_named(config.method).plan(model, config)
+    return with_frozen(method_named(config.method).plan(model, config), model)
 
 
 __all__ = ["BUILTIN_METHODS", "INITS", "METHODS", "Method", "method_named", "plan_decomposition", "register"]
