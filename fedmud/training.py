@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import TrainConfig
+from .model_io import check_first, forward, split_batch
 from .task import CLASSIFICATION, Task
 
 # The oldest NVIDIA driver branch each CUDA major version runs on (NVIDIA, "CUDA Minor
@@ -72,15 +73,12 @@ def _first_sentence(message: str) -> str:
     return (match.group(1) if match else message).strip()
 
 
-def _to(batch, device: torch.device):
-    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
-
-
 def train_local(
     model: nn.Module, loader: DataLoader, config: TrainConfig, device: torch.device, task: Task = CLASSIFICATION
 ) -> float:
     """SGD or Adam (``config.optimizer``) over the trainable parameters for ``config.local_epochs``;
-    returns the mean loss."""
+    returns the mean loss. Batches and outputs are read by :mod:`fedmud.model_io`; the first batch
+    is checked (:func:`~fedmud.model_io.check_first`)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adam":
@@ -88,15 +86,20 @@ def train_local(
     else:
         optimiser = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     total, count = 0.0, 0
+    first = True
     for _ in range(config.local_epochs):
-        for x, y in loader:
-            x, y = _to(x, device), _to(y, device)
+        for raw in loader:
+            batch = split_batch(raw).to(device)
             optimiser.zero_grad(set_to_none=True)
-            loss = task.loss(model(x), y)
+            if first:
+                loss = check_first(model, batch, task, "local training")[1]
+                first = False
+            else:
+                loss = task.loss(forward(model, batch), batch.target)
             loss.backward()
             optimiser.step()
-            total += loss.item() * len(y)
-            count += len(y)
+            total += loss.item() * len(batch)
+            count += len(batch)
     return total / max(count, 1)
 
 
@@ -107,10 +110,14 @@ def evaluate(
     """(mean loss, mean metric) on ``loader``; the metric is accuracy for classification."""
     model.eval()
     loss, metric, count = 0.0, 0.0, 0
-    for x, y in loader:
-        x, y = _to(x, device), _to(y, device)
-        out = model(x)
-        loss += task.loss(out, y).item() * len(y)
-        metric += task.metric(out, y)
-        count += len(y)
+    for raw in loader:
+        batch = split_batch(raw).to(device)
+        if count == 0:
+            _, batch_loss, batch_metric = check_first(model, batch, task, "evaluation", metric=True)
+        else:
+            out = forward(model, batch)
+            batch_loss, batch_metric = task.loss(out, batch.target), task.metric(out, batch.target)
+        loss += batch_loss.item() * len(batch)
+        metric += batch_metric
+        count += len(batch)
     return loss / max(count, 1), metric / max(count, 1)

@@ -163,3 +163,19 @@ def one_dataset():
 def empty_train():
     _, test = image_tensors()
     return TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.int64)), test
+
+
+class NoLogits(nn.Module):
+    """A model whose output holds no predictions a task can read (a backbone's features)."""
+
+    def __init__(self, input_shape) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 16))
+
+    def forward(self, x):
+        return {"hidden_states": self.body(x)}
+
+
+def no_logits(input_shape):
+    """A backbone without a head: its output is a dict of features, not predictions."""
+    return NoLogits(input_shape)

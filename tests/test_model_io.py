@@ -1,0 +1,117 @@
+"""Model I/O: batches that are tensor pairs or dicts, outputs that are tensors, tuples, dicts or
+Hugging Face ``ModelOutput``s, and one clear message when a model and its task do not fit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from fedmud.config import TrainConfig, parse_run_config
+from fedmud.model_io import ModelIOError, predictions, split_batch
+from fedmud.rounds import simulate_in_process
+from fedmud.task import CLASSIFICATION
+from fedmud.training import evaluate, train_local
+
+from .conftest import ROOT
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_a_tensor_pair_a_dict_with_labels_and_a_dict_beside_its_target_are_batches():
+    x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    pair = split_batch((x, y))
+    assert pair.args[0] is x and pair.target is y and not pair.kwargs
+    mapping = split_batch({"input_ids": x, "attention_mask": x, "labels": y})
+    assert set(mapping.kwargs) == {"input_ids", "attention_mask"} and mapping.target is y and not mapping.args
+    beside = split_batch(({"input_ids": x}, y))
+    assert set(beside.kwargs) == {"input_ids"} and beside.target is y
+
+
+def test_a_dict_batch_without_a_target_is_refused_naming_its_keys_and_the_allowed_ones():
+    with pytest.raises(ModelIOError, match=r"keys \['attention_mask', 'input_ids'\], without a target: .* labels, label"):
+        split_batch({"input_ids": torch.zeros(2, 3), "attention_mask": torch.ones(2, 3)})
+
+
+def test_predictions_are_read_from_a_tensor_a_tuple_a_dict_and_a_model_output():
+    logits = torch.randn(2, 5)
+    output = transformers.modeling_outputs.SequenceClassifierOutput(loss=torch.tensor(1.0), logits=logits)
+    for out in (logits, (logits, None), {"logits": logits}, output):
+        assert predictions(out) is logits
+    hidden = transformers.modeling_outputs.BaseModelOutput(last_hidden_state=logits)
+    with pytest.raises(ModelIOError, match="BaseModelOutput with keys \\['last_hidden_state'\\]; the task reads"):
+        predictions(hidden)
+
+
+def _token_task(n: int = 64, seed: int = 0) -> list[dict]:
+    """Sequences of 8 tokens whose label is whether token 3 appears: learnable by a small transformer."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 40, (n, 8), generator=g)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    ids[labels == 1, torch.randint(0, 8, (int(labels.sum()),), generator=g)] = 3
+    return [{"input_ids": i, "attention_mask": torch.ones(8, dtype=torch.long), "labels": y} for i, y in zip(ids, labels)]
+
+
+def _distilbert(cls=None):
+    config = transformers.DistilBertConfig(
+        vocab_size=40, dim=32, hidden_dim=64, n_layers=1, n_heads=2, max_position_embeddings=16, num_labels=2
+    )
+    torch.manual_seed(0)
+    return (cls or transformers.DistilBertForSequenceClassification)(config)
+
+
+def test_a_hugging_face_classifier_trains_on_dict_batches_with_no_task_of_its_own():
+    loader = DataLoader(_token_task(128), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    model = _distilbert()
+    before = evaluate(model, loader, torch.device("cpu"), CLASSIFICATION)
+    train_local(model, loader, TrainConfig(lr=3e-3, local_epochs=10, optimizer="adam"), torch.device("cpu"))
+    after = evaluate(model, loader, torch.device("cpu"), CLASSIFICATION)
+    assert before[1] < 0.6 and after[1] > 0.9  # batches and outputs were read right (0.52 -> 1.0 when written)
+
+
+def test_a_model_whose_output_the_task_cannot_read_stops_at_its_first_batch_with_one_message():
+    loader = DataLoader(_token_task(16), batch_size=8)
+    with pytest.raises(ModelIOError) as caught:
+        evaluate(_distilbert(transformers.DistilBertModel), loader, torch.device("cpu"), CLASSIFICATION)
+    assert "the model returned a BaseModelOutput with keys ['last_hidden_state']" in str(caught.value)
+    with pytest.raises(ModelIOError, match=r"local training: the model DistilBertForSequenceClassification cannot take"):
+        bad = DataLoader([{"pixel_values": torch.zeros(3), "labels": torch.tensor(0)}] * 4, batch_size=2)
+        train_local(_distilbert(), bad, TrainConfig(), torch.device("cpu"))
+
+
+def hf_vit(num_classes, input_shape):
+    """Hugging Face's ViT image classifier (random weights, from a config): returns ImageClassifierOutput."""
+    channels, size, _ = input_shape
+    config = transformers.ViTConfig(
+        image_size=size, patch_size=7, num_channels=channels, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=128, num_labels=num_classes,
+    )
+    return transformers.ViTForImageClassification(config)
+
+
+def test_a_hugging_face_vit_federates_through_the_round_code_within_the_ratio():
+    run = parse_run_config(
+        {"num-partitions": 3, "num-server-rounds": 2, "local-epochs": 1, "test-fraction": 0.2, "lr": 0.02,
+         "optimizer": "adam", "ratio": 0.125}
+    )
+    server, history, uploaded = simulate_in_process(run, model_fn=lambda: hf_vit(10, (1, 28, 28)))
+    plan = server.model.plan
+    assert plan.upload <= 0.125 * plan.dense_reference and len(server.model.parametrised_names) >= 8
+    assert history[-1] > history[0] + 0.1, history
+
+
+def test_flwr_run_with_a_model_whose_output_the_task_cannot_read_fails_before_round_1_and_exits_1(
+    simulation_superlink, tmp_path
+):
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "flwr-run.sh"), ".", "test", "-c", f'model="tests.factories:no_logits" run-dir="{tmp_path}"'],
+        cwd=ROOT, env=simulation_superlink, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1, (result.stdout + result.stderr)[-4000:]
+    assert "the model returned a dict with keys ['hidden_states']" in result.stderr
+    summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
+    assert summary["status"] == "failed" and "hidden_states" in summary["error"]
+    assert not list(tmp_path.glob("*/results.json"))  # it stopped at the round-0 evaluation: no round ran
