@@ -333,3 +333,22 @@ def test_a_diverged_client_is_left_out_of_an_in_process_round_as_the_strategy_le
     )
     server, history, _ = simulate_in_process(run)  # every reply is non-finite: both rounds are skipped
     assert server.round == 2 and history[0] == history[1] == history[2]
+
+
+def test_lora_adapts_a_head_tied_to_the_token_embedding_and_keeps_an_untied_head_dense():
+    transformers = pytest.importorskip("transformers")
+    from fedmud.mud import decompose
+
+    def gpt2(tied: bool):
+        config = transformers.GPT2Config(
+            n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=32, bos_token_id=0, eos_token_id=0,
+            tie_word_embeddings=tied,
+        )
+        return transformers.GPT2LMHeadModel(config)
+
+    tied = decompose(gpt2(True), lora_run("lora").decomposition)
+    assert "transformer.wte.weight" in tied.parametrised_names  # the head is this embedding: adapted
+    assert not [t for t in tied.plan.tensors if t.reason.startswith("dense-layers")]
+    untied = decompose(gpt2(False), lora_run("lora").decomposition)
+    reasons = {t.name: t.reason for t in untied.plan.tensors}
+    assert reasons["lm_head.weight"] == "dense-layers: last"  # a head of its own is trained in full

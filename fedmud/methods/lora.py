@@ -20,7 +20,7 @@ from torch import nn
 from ..layout import UploadLayout
 from ..decomposition import matrix_shape
 from ..errors import ConfigError
-from ..plan import AUTO, LAST, DecompositionPlan, TensorPlan, floating_shapes, resolve_dense, weight_tensors
+from ..plan import AUTO, LAST, DecompositionPlan, TensorPlan, aliases, floating_shapes, resolve_dense, weight_tensors
 from .base import Method, register
 
 if TYPE_CHECKING:
@@ -118,6 +118,13 @@ class LoRAAdapter(nn.Module):
         self._set(new_a.to(device, dtype), new_b.to(device, dtype))
 
 
+def _head_is_tied(model: nn.Module) -> bool:
+    """Whether the model's last weight matrix, in module order, is another name of an earlier one."""
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p.dim() >= 2 and p.requires_grad]
+    tied = {alias for group in aliases(model).values() for alias in group[1:]}
+    return bool(names) and names[-1] in tied
+
+
 class LoRA(Method):
     """LoRA adapters of rank ``lora-rank`` on every weight tensor not kept dense, both factors trained."""
 
@@ -139,12 +146,15 @@ class LoRA(Method):
 
     def plan(self, model: nn.Module, config: DecompositionConfig) -> DecompositionPlan:
         """``dense-layers=auto`` is the last layer (the classifier head is trained in full, as
-        PEFT's ``modules_to_save`` does for a new head); biases, norms and their statistics
-        are dense as always. A tensor whose adapter would upload as much as the tensor is dense.
+        PEFT's ``modules_to_save`` does for a new head), unless the head is tied to an input
+        embedding: then it is that embedding and is adapted, not shipped dense (it is the model's
+        largest matrix). Biases, norms and their statistics are dense as always. A tensor whose adapter would upload as much as the tensor is dense.
         """
         floating, weights = floating_shapes(model), weight_tensors(model)
         candidates = [n for n in floating if n in weights]
-        requested = tuple(LAST if item == AUTO else item for item in config.dense_layers)
+        # auto: the head; a head tied to the token embedding (GPT-2, T5, Llama's tie) gets its adapter
+        head = () if _head_is_tied(model) else (LAST,)
+        requested = tuple(x for item in config.dense_layers for x in (head if item == AUTO else (item,)))
         dense, _ = resolve_dense(requested, candidates)
         start_rank = config.hrp_rank if config.init == "hrp" else config.lora_rank  # the preheat's rank under hrp
         tensors = []
