@@ -25,6 +25,7 @@ from typing import Any
 from .codec import SCHEMES
 from .data import DATASETS, SPECS
 from .errors import ConfigError, is_import_string
+from .hf import is_hf_source
 from .methods import BUILTIN_METHODS, INITS, METHODS, method_named
 from .models import MODELS
 
@@ -255,6 +256,19 @@ def _link_codec(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[
         return value
     carried = method_named(parsed["method"]).carries_error(parsed["pattern"])
     return RunConfig.downlink_codec if carried else "float32"  # a lossy link's residual must be carried
+
+
+def _model(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
+    """A built-in, ``package.module:factory`` or ``hf:SOURCE`` (checked when the model is built)."""
+    value = cfg.get(key, default)
+    if is_hf_source(value):
+        return value.strip()
+    if value not in MODELS and not is_import_string(value):
+        raise ConfigError(
+            f"{key}={value!r} is not allowed; choose one of {', '.join(MODELS)}, give a factory as "
+            "'package.module:factory', or a Hugging Face model as 'hf:DIRECTORY'"
+        )
+    return value
 
 
 def _task(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
@@ -514,8 +528,10 @@ class RunConfig:
     model: str = key(
         "auto",
         "`auto` picks the paper's CNN: `cnn-mnist` for 1×28×28 datasets, `cnn-cifar` for 3×32×32; see "
-        "[built-in models](#built-in-models)",
-        choices=MODELS, factory=True,
+        "[built-in models](#built-in-models); `hf:DIRECTORY` loads what Hugging Face's `save_pretrained` "
+        "wrote, with a classification head for the data (`hf:NAME` from the hub, where reachable)",
+        choices=MODELS, parse=_model,
+        allowed=", ".join(f"`{m}`" for m in MODELS) + ", `package.module:factory`, `hf:DIRECTORY`",
     )
     run_dir: str = key(
         "runs", "where each run makes its own directory (`<run-dir>/<timestamp>`)",

@@ -52,6 +52,7 @@ from torch import nn
 from .data import DatasetInfo, dataset_info
 from .errors import ConfigError, is_import_string
 from .factories import call_factory, load_factory, refusal, register_builtins, type_phrase
+from .hf import hf_factory, is_hf_source
 
 if TYPE_CHECKING:
     from .config import DataConfig
@@ -328,11 +329,12 @@ def resolve_model(name: str, data: DataConfig | str | None = None) -> str:
 
     A built-in that does not fit the data is refused; an import string is returned as it is.
     """
-    if is_import_string(name):
+    if is_import_string(name) or is_hf_source(name):
         return name
     if name not in MODELS:
         raise ConfigError(
-            f"model={name!r} is not allowed; choose one of {', '.join(MODELS)} or 'package.module:factory'"
+            f"model={name!r} is not allowed; choose one of {', '.join(MODELS)}, 'package.module:factory' "
+            "or 'hf:DIRECTORY'"
         )
     data = _as_config(data)
     info = dataset_info(data)
@@ -359,8 +361,10 @@ def model_factory(name: str, data: DataConfig | str | None = None) -> Callable[[
     """
     data = _as_config(data)
     concrete = resolve_model(name, data)
-    factory = BUILTIN_MODELS.get(concrete) or load_factory("model", concrete)
     info = dataset_info(data)
+    if is_hf_source(concrete):
+        return hf_factory(concrete, info.num_classes, info.vocab_size)
+    factory = BUILTIN_MODELS.get(concrete) or load_factory("model", concrete)
     kwargs = {"num_classes": info.num_classes, "input_shape": tuple(info.input_shape), "vocab_size": info.vocab_size}
 
     def build() -> nn.Module:
