@@ -25,7 +25,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedmud.bounds import bound_reply
 from fedmud.config import RunConfig, parse_run_config
 from fedmud.data import client_loader
-from fedmud.rounds import ClientModel, ModelFactory, SyncError
+from fedmud.rounds import ClientModel, ModelFactory, SyncError, data_seed
 from fedmud.task import Task
 from fedmud.training import describe_device
 from fedmud_wire import (
@@ -145,7 +145,7 @@ def run_client_round(
         context.state.array_records[HELD_MODEL] = ArrayRecord(state)
         context.state.config_records[HELD_SYNC] = ConfigRecord({"round": downlink.target_round})
 
-    seed = downlink.round_seed + partition_id
+    seed = data_seed(downlink.round_seed, partition_id)
     if loader_fn is None:
         loader = client_loader(run.data, partition_id, run.train.batch_size, seed=seed)
     else:

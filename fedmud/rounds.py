@@ -472,6 +472,12 @@ class RoundTally:
         return self.mean if self.enough else WeightedMean()
 
 
+def data_seed(round_seed: int, partition_id: int) -> int:
+    """The seed of a client's data order in a round (and of CIFAR's crops and flips): the round's
+    seed plus the partition, so each client and round draws its own and a rerun draws them again."""
+    return round_seed + partition_id
+
+
 class SyncError(RuntimeError):
     """The client cannot reach the global model the server expects; it needs the full model."""
 
@@ -593,9 +599,12 @@ def simulate_in_process(
     Chain sync with digests, seed-drawn factors, encoding, screening, exact aggregation
     and merges are the apps' own (:class:`ServerModel`, one :class:`ClientModel` serving
     every partition in turn); only the transport is left out, so studies run many
-    configurations fast. A reply the strategy would reject (non-finite values, e.g. a client
-    that diverged) is left out of the round the same way; a round without a valid reply is
-    skipped. Each round's clients are sampled as the strategy samples nodes
+    configurations fast. Each partition keeps what its node keeps between rounds (the global
+    model under ``client-state=keep``, its error feedback) and trains from the node's seeds
+    (:func:`data_seed`, its stochastic rounding), so a run ends bitwise as Flower's simulation
+    of the same config does (``tests/test_round_core.py``). A reply the strategy would reject
+    (non-finite values, e.g. a client that diverged) is left out of the round the same way; a
+    round with fewer than ``min-replies`` valid replies is skipped. Each round's clients are sampled as the strategy samples nodes
     (:func:`fedmud.privacy.sample_round`: every partition at ``fraction-train=1`` without DP;
     Poisson sampling from ``rng`` under DP). Returns (server, held-out metric after rounds
     0..R, payload bytes each client uploaded in rounds 1..R). ``on_round(r, server)`` runs
@@ -607,28 +616,33 @@ def simulate_in_process(
     rounds = run.rounds if rounds is None else rounds
     server = ServerModel(run, model_fn)
     client = ClientModel(run, torch.device("cpu"), model_fn)
-    held: dict[int, tuple[int, dict]] = {}
+    held: dict[int, tuple[int, dict]] = {}  # partition -> the global model it keeps (client-state=keep)
+    feedback: dict[int, dict | None] = {}  # partition -> what its codec has not sent yet (error-feedback)
     loader_test = test_loader(run.data)
     history = [server.evaluate(loader_test)[1]]
     uploaded = []
     for r in range(1, rounds + 1):
         seed = round_seed(run.seed, r)
-        uploads = []
+        uploads, rejected, target = [], [], server.round
         picked = sample_round(run, r, range(run.data.num_partitions), rng)
-        for pid in picked:
+        for pid in picked:  # what client.app.run_client_round does with the node's state
             downlink = server.downlink(server.plan(str(pid)), r)
             state = client.sync(held.get(pid), downlink)
-            held[pid] = (downlink.target_round, state)
-            loader = client_loader(run.data, pid, run.train.batch_size, seed=seed + pid)
-            parts, _, _ = client.train_round(seed, loader)
+            if run.client_state == "keep":
+                held[pid] = (downlink.target_round, state)
+            loader = client_loader(run.data, pid, run.train.batch_size, seed=data_seed(downlink.round_seed, pid))
+            parts, _, feedback[pid] = client.train_round(downlink.round_seed, loader, feedback.get(pid), client_id=pid)
             try:
-                uploads.append((server.codec.validate(parts), float(len(loader.dataset))))
+                uploads.append((server.codec.validate(parts), len(loader.dataset)))
             except PayloadError:  # as the strategy's reply check: refused, the round goes on
-                continue
+                rejected.append(pid)
         uploaded.append(server.codec.payload_nbytes)
         server.apply_round(r, seed, uploads, population=run.data.num_partitions)
-        for pid in picked:
-            server.records.synced(str(pid), r - 1)
+        for pid in picked:  # as the strategy records them: a refused reply's node gets the full model next
+            if pid in rejected:
+                server.records.unknown(str(pid))
+            else:
+                server.records.synced(str(pid), target)
         history.append(server.evaluate(loader_test)[1])
         if on_round is not None:
             on_round(r, server)
