@@ -604,9 +604,9 @@ def simulate_in_process(
     (:func:`data_seed`, its stochastic rounding), so a run ends bitwise as Flower's simulation
     of the same config does (``tests/test_round_core.py``). A reply the strategy would reject
     (non-finite values, e.g. a client that diverged) is left out of the round the same way; a
-    round with fewer than ``min-replies`` valid replies is skipped. Each round's clients are sampled as the strategy samples nodes
-    (:func:`fedmud.privacy.sample_round`: every partition at ``fraction-train=1`` without DP;
-    Poisson sampling from ``rng`` under DP). Returns (server, held-out metric after rounds
+    round with fewer than ``min-replies`` valid replies is skipped. Each round's clients are
+    sampled as the strategy samples nodes (:func:`fedmud.privacy.sample_round`: every partition
+    at ``fraction-train=1`` without DP; Poisson sampling from ``rng`` under DP). Returns (server, held-out metric after rounds
     0..R, payload bytes each client uploaded in rounds 1..R). ``on_round(r, server)`` runs
     after each merge.
     """
