@@ -261,6 +261,7 @@ def task_identity():
 # simulations at once on 2 cores: over 11 min).
 SLOW_FIRST = (
     "test_resume.py",
+    "test_round_core.py",
     "test_deployment.py",
     "test_bench.py",
     "test_simulation.py",
@@ -268,6 +269,7 @@ SLOW_FIRST = (
     "test_finetune.py",
     "test_full_downlink.py",
     "test_examples.py",
+    "test_hf_models.py",
     "test_seeds.py",
     "test_round_exchange.py",
     "test_sampling.py",

@@ -179,3 +179,10 @@ class NoLogits(nn.Module):
 def no_logits(input_shape):
     """A backbone without a head: its output is a dict of features, not predictions."""
     return NoLogits(input_shape)
+
+
+def timm_resnet(num_classes, input_shape):
+    """timm's ResNet-10-T (random weights): BatchNorm, strided and 1x1 convolutions, its own head."""
+    import timm
+
+    return timm.create_model("resnet10t", num_classes=num_classes, in_chans=input_shape[0], pretrained=False)

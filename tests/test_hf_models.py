@@ -10,6 +10,8 @@ from fedmud.config import ConfigError, parse_run_config
 from fedmud.rounds import build_decomposed, simulate_in_process
 from fedmud.sync import state_digest
 
+from .conftest import finished_run
+
 transformers = pytest.importorskip("transformers")
 
 RUN = {"num-partitions": 3, "local-epochs": 1, "test-fraction": 0.2, "lr": 0.02, "optimizer": "adam", "ratio": 0.125}
@@ -77,3 +79,15 @@ def test_a_text_model_on_image_data_is_refused_naming_the_head_it_lacks(tmp_path
 def test_the_model_key_names_the_hf_form_when_a_value_is_not_allowed():
     with pytest.raises(ConfigError, match="or a Hugging Face model as 'hf:DIRECTORY'"):
         parse_run_config({"model": "no-such-model"})
+
+
+def test_a_timm_model_trains_through_flowers_simulation_within_the_ratio(simulation_superlink, tmp_path):
+    pytest.importorskip("timm")
+    run = finished_run(
+        simulation_superlink, tmp_path, 'model="tests.factories:timm_resnet" num-server-rounds=2 local-epochs=1'
+    )
+    rows = run["results"]
+    assert all(r["accepted"] == 3 for r in rows[1:])
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.3  # 0.12 -> 0.86 in process when written
+    uploads = [r["bytes"] for r in run["ledger"]["records"] if r["direction"] == "up"]
+    assert max(uploads) <= 1.05 * run["ledger"]["dense_up_bytes"] / 32
