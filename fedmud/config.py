@@ -28,6 +28,9 @@ from .errors import ConfigError, is_import_string
 from .hf import is_hf_source
 from .methods import BUILTIN_METHODS, INITS, METHODS, method_named
 from .models import MODELS
+from .task import BUILTIN_TASKS
+
+TASKS = tuple(BUILTIN_TASKS)
 
 KINDS = ("kron", "mat")
 PATTERNS = ("ab", "fab", "aad")
@@ -40,7 +43,6 @@ CLIENT_STATES = ("keep", "none")
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "label-count")
 DOWNLINKS = ("chain", "full")
-TASKS = ("classification", "regression")
 NORM_ACTIONS = ("reject", "clip")
 DP_MODES = ("off", "server", "client")
 
@@ -570,7 +572,8 @@ class RunConfig:
     )
     task: str = key(
         "classification",
-        "loss and metric: cross-entropy and accuracy, MSE, or a `fedmud.task.Task` (see "
+        "loss and metric: cross-entropy and accuracy, MSE, next-token cross-entropy and accuracy over the "
+        "predicted tokens (`causal-lm`: perplexity is exp(loss)), or a `fedmud.task.Task` (see "
         "[your own model](#your-own-model-and-data))",
         parse=_task, allowed=", ".join(f"`{t}`" for t in (*TASKS, "package.module:factory")),
     )

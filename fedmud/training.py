@@ -98,8 +98,9 @@ def train_local(
                 loss = task.loss(forward(model, batch), batch.target)
             loss.backward()
             optimiser.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
+            n = task.count(batch.target)
+            total += loss.item() * n
+            count += n
     return total / max(count, 1)
 
 
@@ -117,7 +118,8 @@ def evaluate(
         else:
             out = forward(model, batch)
             batch_loss, batch_metric = task.loss(out, batch.target), task.metric(out, batch.target)
-        loss += batch_loss.item() * len(batch)
+        n = task.count(batch.target)
+        loss += batch_loss.item() * n
         metric += batch_metric
-        count += len(batch)
+        count += n
     return loss / max(count, 1), metric / max(count, 1)

@@ -4,6 +4,7 @@ Hugging Face ``ModelOutput``s, and one clear message when a model and its task d
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 
 import pytest
@@ -115,3 +116,55 @@ def test_flwr_run_with_a_model_whose_output_the_task_cannot_read_fails_before_ro
     summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
     assert summary["status"] == "failed" and "hidden_states" in summary["error"]
     assert not list(tmp_path.glob("*/results.json"))  # it stopped at the round-0 evaluation: no round ran
+
+
+# --- causal language modelling ---------------------------------------------------------------------
+
+
+def _gpt2():
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=24, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _lm_batches() -> list[dict]:
+    """Counting sequences (t, t+1, ...) mod 24, the later ones padded (-100 labels) at the end."""
+    out = []
+    for start in range(16):
+        ids = (torch.arange(12) + start) % 24
+        labels = ids.clone()
+        labels[12 - start % 5 :] = -100  # 0 to 4 padded positions
+        out.append({"input_ids": ids, "attention_mask": (labels != -100).long(), "labels": labels})
+    return out
+
+
+def test_causal_lm_loss_is_hugging_faces_own_next_token_loss():
+    from fedmud.task import CAUSAL_LM
+
+    model, batch = _gpt2(), torch.utils.data.default_collate(_lm_batches()[:4])
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    assert torch.allclose(CAUSAL_LM.loss(output.logits, batch["labels"]), output.loss, atol=1e-6)
+
+
+def test_causal_lm_means_are_over_predicted_tokens_not_sequences():
+    from fedmud.task import CAUSAL_LM
+
+    model, rows = _gpt2(), _lm_batches()
+    loss, _ = evaluate(model, DataLoader(rows, batch_size=3), torch.device("cpu"), CAUSAL_LM)
+    whole = torch.utils.data.default_collate(rows)
+    with torch.no_grad():
+        logits = model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"]).logits
+    assert loss == pytest.approx(CAUSAL_LM.loss(logits, whole["labels"]).item(), rel=1e-5)  # one mean over all tokens
+
+
+def test_a_language_model_learns_under_the_causal_lm_task_and_its_perplexity_falls():
+    from fedmud.task import CAUSAL_LM
+
+    assert parse_run_config({"task": "causal-lm"}).task == "causal-lm"
+    model, loader = _gpt2(), DataLoader(_lm_batches(), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    before, _ = evaluate(model, loader, torch.device("cpu"), CAUSAL_LM)
+    train_local(model, loader, TrainConfig(lr=3e-3, local_epochs=15, optimizer="adam"), torch.device("cpu"), CAUSAL_LM)
+    after, accuracy = evaluate(model, loader, torch.device("cpu"), CAUSAL_LM)
+    assert math.exp(after) < math.exp(before) / 4 and accuracy > 0.5  # perplexity
