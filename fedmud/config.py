@@ -400,6 +400,13 @@ class TrainConfig:
     weight_decay: float = key(0.0, "weight decay", low=0.0, high=MAX_STEP)
     local_epochs: int = key(2, "epochs over the client's partition each round", low=1)
     batch_size: int = key(32, "local batch size", low=1)
+    autocast: str = key(
+        "off",
+        "local training's forward and loss in lower precision (`torch.autocast`): `bf16`, or `fp16` with "
+        "a gradient scaler on CUDA; the factors, the merges and everything sent stay float32, so parties "
+        "still agree bitwise",
+        choices=("off", "bf16", "fp16"),
+    )
 
 
 @dataclass(frozen=True)

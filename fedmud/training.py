@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -13,6 +14,8 @@ from torch.utils.data import DataLoader
 from .config import TrainConfig
 from .model_io import check_first, forward, split_batch
 from .task import CLASSIFICATION, Task
+
+AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # TrainConfig.autocast
 
 # The oldest NVIDIA driver branch each CUDA major version runs on (NVIDIA, "CUDA Minor
 # Version Compatibility": 13.x >= 580, 12.x >= 525, 11.x >= 450); a torch wheel carries
@@ -86,18 +89,23 @@ def train_local(
     else:
         optimiser = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     total, count = 0.0, 0
+    precision = AUTOCAST[config.autocast]
+    # fp16's small range underflows gradients: scale the loss (CUDA's scaler; bf16 has float32's range)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision is torch.float16 and device.type == "cuda")
     first = True
     for _ in range(config.local_epochs):
         for raw in loader:
             batch = split_batch(raw).to(device)
             optimiser.zero_grad(set_to_none=True)
-            if first:
-                loss = check_first(model, batch, task, "local training")[1]
-                first = False
-            else:
-                loss = task.loss(forward(model, batch), batch.target)
-            loss.backward()
-            optimiser.step()
+            with torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext():
+                if first:
+                    loss = check_first(model, batch, task, "local training")[1]
+                    first = False
+                else:
+                    loss = task.loss(forward(model, batch), batch.target)
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
             n = task.count(batch.target)
             total += loss.item() * n
             count += n

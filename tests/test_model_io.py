@@ -168,3 +168,20 @@ def test_a_language_model_learns_under_the_causal_lm_task_and_its_perplexity_fal
     train_local(model, loader, TrainConfig(lr=3e-3, local_epochs=15, optimizer="adam"), torch.device("cpu"), CAUSAL_LM)
     after, accuracy = evaluate(model, loader, torch.device("cpu"), CAUSAL_LM)
     assert math.exp(after) < math.exp(before) / 4 and accuracy > 0.5  # perplexity
+
+
+def test_bf16_autocast_trains_and_leaves_everything_sent_float32():
+    from fedmud.models import CNN
+    from fedmud.mud import decompose
+
+    run = parse_run_config({"autocast": "bf16", "local-epochs": 1})
+    model = decompose(CNN(in_channels=1, num_classes=10, spatial=1), run.decomposition)
+    model.reset(3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+    loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    before = {n: t.clone() for n, t in model.uploaded_state().items()}
+    loss = train_local(model, loader, run.train, torch.device("cpu"))
+    after = model.uploaded_state()
+    assert math.isfinite(loss) and all(t.dtype == torch.float32 for t in after.values())
+    assert any(not torch.equal(after[n], before[n]) for n in before)  # it trained
