@@ -6,6 +6,8 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
+from fedmud.results import RoundResult
+
 # the columns of runs/<method>.csv, in order
 COLUMNS = (
     "round",
@@ -72,29 +74,30 @@ def comm_seconds(records: Iterable[Mapping], up_mbps: float, down_mbps: float) -
     }
 
 
-def enrich(results: Sequence[Mapping], comm: Mapping[int, float]) -> list[dict]:
-    """Rows of ``runs/<method>.csv``: the run's results plus compute and modelled comm time.
+def enrich(results: Sequence[RoundResult], comm: Mapping[int, float]) -> list[dict]:
+    """Rows of ``runs/<method>.csv``: the run's results rows plus compute and modelled comm time.
 
     compute_s: measured wall time of the round (ServerApp clock, start-up excluded);
-    comm_s: the bandwidth model's time of the round; est_time_s: wall_s + cumulative comm_s.
+    comm_s: the bandwidth model's time of the round; est_time_s: wall_s + cumulative comm_s;
+    train_loss is NaN and accepted empty for a round without them (round 0).
     """
     rows, previous_wall, cum_comm = [], 0.0, 0.0
     for r in results:
-        wall = float(r["wall_s"])
-        comm_s = float(comm.get(int(r["round"]), 0.0))
+        wall = float(r.wall_s)
+        comm_s = float(comm.get(r.round, 0.0))
         cum_comm += comm_s
         row = {
-            "round": int(r["round"]),
-            "accuracy": float(r["accuracy"]),
-            "loss": float(r["loss"]),
-            "train_loss": float(r.get("train-loss", float("nan"))),
-            "accepted": r.get("accepted", ""),
-            "up_bytes": int(r["up_bytes"]),
-            "down_bytes": int(r["down_bytes"]),
-            "cum_up_bytes": int(r["cum_up_bytes"]),
-            "cum_down_bytes": int(r["cum_down_bytes"]),
-            "dense_cum_up_bytes": int(r.get("dense_cum_up_bytes", 0)),
-            "dense_cum_down_bytes": int(r.get("dense_cum_down_bytes", 0)),
+            "round": r.round,
+            "accuracy": float(r.accuracy),
+            "loss": float(r.loss),
+            "train_loss": float("nan") if r.train_loss is None else float(r.train_loss),
+            "accepted": "" if r.accepted is None else r.accepted,
+            "up_bytes": r.up_bytes,
+            "down_bytes": r.down_bytes,
+            "cum_up_bytes": r.cum_up_bytes,
+            "cum_down_bytes": r.cum_down_bytes,
+            "dense_cum_up_bytes": r.dense_cum_up_bytes,
+            "dense_cum_down_bytes": r.dense_cum_down_bytes,
             "wall_s": wall,
             "compute_s": wall - previous_wall,
             "comm_s": comm_s,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from fedmud.ledger import strict_json
+from fedmud.results import read_results
 
 from .metrics import COLUMNS, comm_seconds, enrich, mean_std, over_seeds, pareto_front, run_summary
 from .runner import Outcome
@@ -25,7 +26,7 @@ def load_run(outcome: Outcome, suite: Suite) -> dict:
     same messages (``dense_up_bytes``, ``dense_down_bytes``).
     """
     run_dir = outcome.run_dir
-    results = json.loads((run_dir / "results.json").read_text())
+    results = read_results(run_dir / "results.json")
     ledger = json.loads((run_dir / "ledger.json").read_text())
     server_summary = json.loads((run_dir / "summary.json").read_text())
     rows = enrich(results, comm_seconds(ledger["records"], suite.up_mbps, suite.down_mbps))

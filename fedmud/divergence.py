@@ -12,33 +12,32 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .results import RoundResult
+
 DIVERGENCE_FACTOR = 100.0  # two orders of magnitude above the lowest held-out loss before it
 
 
-def divergence(history: Sequence[dict], factor: float = DIVERGENCE_FACTOR) -> dict | None:
+def divergence(history: Sequence[RoundResult], factor: float = DIVERGENCE_FACTOR) -> dict | None:
     """The first row of ``history`` whose held-out ``loss`` is not finite, or at least ``factor``
     times the lowest loss of the rows before it; None when no row is.
 
     Returns ``round``, ``loss`` (None when not finite), ``best_round``, ``best_loss`` and
-    ``reason``, one line for the log. A row without a loss is passed over; a loss of None is
-    one that was not finite (``results.json`` writes NaN and ±inf as null).
+    ``reason``, one line for the log (the summary's ``diverged``).
     """
     best: tuple[int, float] | None = None  # (round, loss)
     for row in history:
-        if "loss" not in row:
-            continue
-        loss = row["loss"]
-        finite = loss is not None and math.isfinite(loss)
+        loss = row.loss
+        finite = math.isfinite(loss)
         if not finite or (best is not None and best[1] > 0 and loss >= factor * best[1]):
             what = f"held-out loss {loss:.3g}" if finite else "held-out loss is not finite"
             before = f"{loss / best[1]:.3g}× the lowest before it, {best[1]:.3g} at round {best[0]}" if finite else ""
             return {
-                "round": row["round"],
+                "round": row.round,
                 "loss": loss if finite else None,
                 "best_round": best[0] if best else None,
                 "best_loss": best[1] if best else None,
-                "reason": f"diverging since round {row['round']}: {what}" + (f" ({before})" if before else ""),
+                "reason": f"diverging since round {row.round}: {what}" + (f" ({before})" if before else ""),
             }
         if best is None or loss < best[1]:
-            best = (row["round"], loss)
+            best = (row.round, loss)
     return None

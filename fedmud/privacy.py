@@ -48,11 +48,12 @@ import numpy as np
 
 from .bounds import update_norm
 from .config import DP_MODES, ConfigError, PrivacyConfig, RunConfig, run_config_key
+from .results import RoundResult
 from .seeds import sample_clients
 
 OFF, SERVER, CLIENT = DP_MODES
 NOISE_WIDTH = 8.0  # client noise beyond this many standard deviations is clipped by SecAgg+'s range
-# results-row keys of a DP run: the (σ, q) a training round ran at, and ε after it
+# the summary's keys of a DP run, named as RoundResult's fields: the (σ, q) a training round ran at, and ε after it
 NOISE_MULTIPLIER, SAMPLING_RATE, EPSILON = "noise_multiplier", "sampling_rate", "epsilon"
 # The largest noise the clipped updates can carry: the std per coordinate of the noise on the released
 # mean, over C (σ/(qN) under dp=server). The privacy study (docs/privacy.md; MNIST-5k, the paper CNN, 20
@@ -107,21 +108,21 @@ def epsilon(noise_multiplier: float, rate: float, rounds: int, delta: float) -> 
     return composed_epsilon([Rounds(noise_multiplier, rate, rounds)], delta)
 
 
-def round_events(history: Sequence[dict]) -> list[Rounds]:
+def round_events(history: Sequence[RoundResult]) -> list[Rounds]:
     """What the training rows of ``history`` (round ≥ 1; round 0 is the model before any) ran,
     identical consecutive rounds grouped. Every round counts, merged or skipped: it was sampled.
 
     Raises :class:`ConfigError` for a training row that does not say its (σ, q)."""
     events: list[Rounds] = []
     for row in history:
-        if row["round"] < 1:
+        if row.round < 1:
             continue
-        if row.get(NOISE_MULTIPLIER) is None or row.get(SAMPLING_RATE) is None:
+        if row.noise_multiplier is None or row.sampling_rate is None:
             raise ConfigError(
-                f"round {row['round']}'s results row does not record the {NOISE_MULTIPLIER} and {SAMPLING_RATE} it "
+                f"round {row.round}'s results row does not record the {NOISE_MULTIPLIER} and {SAMPLING_RATE} it "
                 "ran at (it was written before rows recorded them), so the ε of the run cannot be stated; start a new run"
             )
-        sigma, rate = float(row[NOISE_MULTIPLIER]), float(row[SAMPLING_RATE])
+        sigma, rate = float(row.noise_multiplier), float(row.sampling_rate)
         if events and events[-1][:2] == (sigma, rate):
             events[-1] = events[-1]._replace(rounds=events[-1].rounds + 1)
         else:
@@ -129,7 +130,7 @@ def round_events(history: Sequence[dict]) -> list[Rounds]:
     return events
 
 
-def accounted_epsilon(history: Sequence[dict], delta: float) -> float:
+def accounted_epsilon(history: Sequence[RoundResult], delta: float) -> float:
     """ε at ``delta`` after the rows of ``history``: the composition of the rounds that ran, each at
     the (σ, q) its row records, whatever resumes and settings came between them."""
     return composed_epsilon(round_events(history), delta)
@@ -227,10 +228,11 @@ class Mechanism:
         )
 
     def round_record(self) -> dict[str, float]:
-        """What a training round's results row records of it: the (σ, q) the round ran at."""
+        """What a training round's results row records of it: the (σ, q) the round ran at, by
+        :class:`~fedmud.results.RoundResult` field."""
         return {NOISE_MULTIPLIER: self.noise_multiplier, SAMPLING_RATE: self.rate}
 
-    def report(self, history: Sequence[dict]) -> dict:
+    def report(self, history: Sequence[RoundResult]) -> dict:
         """The summary's figures after the rows of ``history``: ε (their composition), δ, this
         run's σ, C and q, and ``accounted``: each stretch of rounds at one (σ, q) that ran."""
         events = round_events(history)
@@ -311,7 +313,7 @@ def mechanism(run: RunConfig) -> Mechanism:
     return Mechanism(p.dp, p.dp_clip, sigma, p.dp_delta, run.fraction_train, run.min_replies)
 
 
-def check_resume(run: RunConfig, history: Sequence[dict]) -> None:
+def check_resume(run: RunConfig, history: Sequence[RoundResult]) -> None:
     """Refuse a resumed DP run (``history``: the checkpoint's rows) whose ε could not be stated, or
     that would take a ``dp-epsilon`` run past its ε.
 
@@ -330,7 +332,7 @@ def check_resume(run: RunConfig, history: Sequence[dict]) -> None:
     ran = round_events(history) if p.dp != OFF else []
     if p.dp_epsilon <= 0 or not ran:
         return
-    dp, done = mechanism(run), int(history[-1]["round"])
+    dp, done = mechanism(run), int(history[-1].round)
     total = composed_epsilon([*ran, Rounds(dp.noise_multiplier, dp.rate, run.rounds - done)], dp.delta)
     if total <= p.dp_epsilon * WITHIN:
         return

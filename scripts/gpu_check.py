@@ -59,6 +59,7 @@ from bench.superlink import (  # noqa: E402
     superlink_command, wait_for_port,
 )
 from fedmud.models import TextTransformer  # noqa: E402
+from fedmud.results import RoundResult, read_results, to_json  # noqa: E402
 from fedmud.training import describe_device  # noqa: E402
 from step_time import MODELS as IMAGE_MODELS, machine, summary, trainable  # noqa: E402  (this file's directory)
 
@@ -212,22 +213,21 @@ def flwr_run(env: dict, args: list[str], log: Path, timeout: float) -> tuple[int
     return code, log.read_text(errors="replace")
 
 
-def run_rows(run_dir: Path) -> list[dict]:
+def run_rows(run_dir: Path) -> list[RoundResult]:
+    """The rows of the one run under ``run_dir``; none when it wrote no results.json."""
     results = sorted(run_dir.glob("*/results.json"))
-    return json.loads(results[0].read_text()) if results else []
+    return read_results(results[0]) if results else []
 
 
-def check_run(checks: Checks, part: str, code: int | None, output: str, rows: list[dict], rounds: int) -> bool:
+def check_run(checks: Checks, part: str, code: int | None, output: str, rows: list[RoundResult], rounds: int) -> bool:
     """The run ended well and, every round, both replies were merged with no resync."""
     if code != 0:
         why = "timed out" if code is None else f"exited {code}"
         return checks.record(False, f"{part} run", f"flwr run {why}; its last lines:\n{output[-3000:]}")
-    trained = [r for r in rows if r.get("round", 0) >= 1]
-    bad = [r["round"] for r in trained
-           if (r.get("accepted"), r.get("resync"), r.get("failed"), r.get("rejected")) != (2, 0, 0, 0)]
+    trained = [r for r in rows if r.round >= 1]
+    bad = [r.round for r in trained if (r.accepted, r.resync, r.failed, r.rejected) != (2, 0, 0, 0)]
     ok = len(trained) == rounds and not bad
-    counts = ", ".join(f"round {r['round']}: accepted {r.get('accepted')} resync {r.get('resync')} "
-                       f"failed {r.get('failed')}" for r in trained)
+    counts = ", ".join(f"round {r.round}: accepted {r.accepted} resync {r.resync} failed {r.failed}" for r in trained)
     return checks.record(ok, f"{part} digest", f"{len(trained)} of {rounds} rounds; {counts or 'no rows'}"
                          + (" (both nodes reached the server's digest every round)" if ok else ""))
 
@@ -275,7 +275,7 @@ def check_deployment(checks: Checks, work: Path, force_cpu: bool, timeout: float
         for partition, want in ((0, "CPU" if force_cpu else "CUDA"), (1, "CPU")):
             log = (work / f"deployment-supernode-{partition}.log").read_text(errors="replace")
             check_device_line(checks, f"deployment node {partition}", device_lines(log), want)
-    return rows
+    return json.loads(to_json(rows))  # for gpu-check.json, as results.json holds them
 
 
 def check_simulation(checks: Checks, work: Path, force_cpu: bool, timeout: float) -> list[dict]:
@@ -301,7 +301,7 @@ def check_simulation(checks: Checks, work: Path, force_cpu: bool, timeout: float
     if check_run(checks, f"simulation (client-resources-num-gpus={gpus})", code, output, rows, 2):
         text = output + (work / "simulation-superlink.log").read_text(errors="replace")
         check_device_line(checks, "simulation clients", device_lines(text), "CPU" if force_cpu else "CUDA")
-    return rows
+    return json.loads(to_json(rows))  # for gpu-check.json, as results.json holds them
 
 
 # ---------------------------------------------------------------------------------- main

@@ -4,8 +4,8 @@
     python scripts/round_time.py runs/20261125-225714 --workers 2 --json
 
 Reads the run's ``results.json`` (each round's row holds the ServerApp's timings, see
-``server/strategy.py``: plan, clients, aggregate, evaluate, checkpoint, and the seconds the
-replies report) and prints per round: its wall time, the clients' summed training time, the
+:class:`fedmud.results.RoundResult`: plan, clients, aggregate, evaluate, checkpoint, and the
+seconds the replies report) and prints per round: its wall time, the clients' summed training time, the
 floor ``training / workers + evaluation`` (``workers``: ClientApps that train at once, e.g.
 2 in a simulation on 2 cores with ``client-resources-num-cpus=1``) and the overhead ratio
 ``(round - evaluation) / (training / workers)``, 1.0 when the round is nothing but training.
@@ -21,30 +21,36 @@ import statistics
 import sys
 from pathlib import Path
 
+from fedmud.results import RoundResult, read_results
 from server.strategy import server_seconds
 
 
-def rows(run_dir: Path) -> list[dict]:
+def rows(run_dir: Path) -> list[RoundResult]:
+    """The run's timed rounds whose replies reported training seconds."""
     path = run_dir / "results.json"
     if not path.is_file():
         raise SystemExit(f"round_time: {path} not found; give a run directory (runs/<timestamp>)")
-    return [r for r in json.loads(path.read_text()) if "round_s" in r and r.get("client_train_s")]
+    try:
+        results = read_results(path)
+    except ValueError as err:
+        raise SystemExit(f"round_time: {path}: {err}") from None
+    return [r for r in results if r.round_s is not None and r.client_train_s]
 
 
-def table(timed: list[dict], workers: float) -> list[dict]:
+def table(timed: list[RoundResult], workers: float) -> list[dict]:
     out = []
     for r in timed:
-        training = r["client_train_s"] / workers
+        training = r.client_train_s / workers
         out.append(
             {
-                "round": r["round"],
-                "round_s": r["round_s"],
-                "clients_s": r["clients_s"],
-                "client_train_summed_s": r["client_train_s"],
-                "evaluate_s": r["evaluate_s"],
+                "round": r.round,
+                "round_s": r.round_s,
+                "clients_s": r.clients_s,
+                "client_train_summed_s": r.client_train_s,
+                "evaluate_s": r.evaluate_s,
                 "server_s": server_seconds(r),
-                "floor_s": training + r["evaluate_s"],
-                "overhead_ratio": (r["round_s"] - r["evaluate_s"]) / training,
+                "floor_s": training + r.evaluate_s,
+                "overhead_ratio": (r.round_s - r.evaluate_s) / training,
             }
         )
     return out

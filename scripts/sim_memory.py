@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.superlink import CONNECTION, PrivateSuperLink, processes_with_token  # noqa: E402
+from fedmud.results import read_results  # noqa: E402
 
 DEFAULT_OUT = Path("docs/perf/sim_memory.json")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -85,10 +86,10 @@ def one_case(clients: int, state: str, rounds: int) -> dict:
     if result.returncode != 0 or not completed:
         raise SystemExit(f"sim_memory: the run failed:\n{(result.stdout + result.stderr)[-3000:]}")
     run_dir = summaries[0].parent
-    rows = json.loads((run_dir / "results.json").read_text())
+    rows = read_results(run_dir / "results.json")
     ledger = json.loads((run_dir / "ledger.json").read_text())["records"]
     summary = json.loads(summaries[0].read_text())
-    after_first = started + rows[1]["wall_s"]  # wall_s counts from the strategy's start: a little after ours
+    after_first = started + rows[1].wall_s  # wall_s counts from the strategy's start: a little after ours
     first = [b for t, b in samples if t >= after_first and b[1]] or [samples[-1][1]]
     running = [b for _, b in samples if b[1]]  # while the simulation process is alive
     trained = {r["client"] for r in ledger if r["direction"] == "up"}

@@ -26,11 +26,12 @@ from fedmud.data import test_loader
 from fedmud.ledger import DOWN, PROTOCOL, UP, Ledger
 from fedmud.divergence import divergence
 from fedmud.privacy import check_resume, mechanism
+from fedmud.results import TIMED_AFTER_CHECKPOINT, RoundResult, read_results
 from fedmud.rounds import ModelFactory, ServerModel
 from fedmud.task import Task
 from fedmud.sync import CHAIN, FULL, Downlink, Link
 
-from .strategy import ROUND_PARTS, FedMUD, server_seconds
+from .strategy import FedMUD, server_seconds
 from fedmud_wire import TIMINGS, content_bytes, downlink_record, upload_record
 
 app = ServerApp()
@@ -65,14 +66,18 @@ def measure_message_sizes(server: ServerModel) -> tuple[int, int, int, int]:
     return dense_up, dense_full, full, one_link - no_link
 
 
-def _start(run, server: ServerModel) -> tuple[Path, Ledger, list[dict], int]:
+def _start(run, server: ServerModel) -> tuple[Path, Ledger, list[RoundResult], int]:
     """(run directory, ledger, history, first round): a new run, or the one ``run.resume`` names."""
     dense_up, dense_down, full, link = measure_message_sizes(server)
     server.full_bytes, server.link_bytes = full, link
     if run.resume:
         run_dir = Path(run.resume).expanduser()
         state = load_checkpoint(run_dir, run)
-        ledger, history = restore(state, server)
+        ledger, rows = restore(state, server)
+        try:
+            history = [RoundResult.from_dict(row) for row in rows]
+        except ValueError as err:
+            raise ConfigError(f"resume={run.resume!r} is not allowed; its checkpoint's {err}") from None
         history = _with_round_timings(history, run_dir)
         log(INFO, "resuming %s after round %d", run_dir, server.round)
         if server.round == run.rounds:
@@ -82,36 +87,31 @@ def _start(run, server: ServerModel) -> tuple[Path, Ledger, list[dict], int]:
     return run_dir, Ledger(dense_up_bytes=dense_up, dense_down_bytes=dense_down), [], 1
 
 
-# What the strategy adds to a round's row after the round's checkpoint is written (it times the checkpoint too).
-_ROUND_TIMINGS = ("round_s", "wall_s", "client_train_s", "client_s", *ROUND_PARTS)
-
-
-def _with_round_timings(history: list[dict], run_dir: Path) -> list[dict]:
+def _with_round_timings(history: list[RoundResult], run_dir: Path) -> list[RoundResult]:
     """``history`` as the checkpoint holds it, with the timings ``results.json`` holds for its rows.
 
     A round's checkpoint is written before the round is timed, and ``results.json`` after, so
-    the checkpoint's last row lacks its timings. They are taken from the ``results.json`` row
-    of that round when every other field agrees (the same row, written later) and are finite
-    seconds; otherwise the row stays untimed.
+    the checkpoint's last row lacks its timings (:data:`fedmud.results.TIMED_AFTER_CHECKPOINT`).
+    They are taken from the ``results.json`` row of that round when every other field agrees
+    (the same row, written later) and are finite seconds; otherwise the row stays untimed.
     """
     try:
-        rows = json.loads((run_dir / "results.json").read_text())
-        written = {row["round"]: row for row in rows if isinstance(row, dict) and "round" in row}
-    except (OSError, ValueError, TypeError):
+        written = {row.round: row for row in read_results(run_dir / "results.json")}
+    except (OSError, ValueError):
         return history
     out = []
     for row in history:
-        later = written.get(row.get("round"))
-        if "round_s" not in row and isinstance(later, dict) and _untimed(row) == _untimed(later):
-            row = {**row, **{key: later[key] for key in _ROUND_TIMINGS if _seconds(later.get(key))}}
+        later = written.get(row.round)
+        if row.round_s is None and later is not None and _untimed(row) == _untimed(later):
+            row = row.replace(**{name: getattr(later, name) for name in TIMED_AFTER_CHECKPOINT if _seconds(getattr(later, name))})
         out.append(row)
     return out
 
 
-def _untimed(row: dict) -> str:
+def _untimed(row: RoundResult) -> str:
     """``row`` without its timings, as ``results.json`` writes it (non-finite numbers as null)."""
     plain = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
-    return json.dumps({k: plain(v) for k, v in row.items() if k not in _ROUND_TIMINGS}, sort_keys=True, default=str)
+    return json.dumps({k: plain(v) for k, v in row.as_dict().items() if k not in TIMED_AFTER_CHECKPOINT}, sort_keys=True)
 
 
 def _seconds(value) -> bool:
@@ -178,11 +178,11 @@ class _Attempt:
             return RunFailed(reason)
         try:  # nothing here may hide the error being reported
             results = run_dir / "results.json"
-            rows = json.loads(results.read_text()) if results.exists() else []
+            rows = read_results(results) if results.exists() else []
             summary = {
                 "status": "failed",
                 "error": reason,
-                "last_round": rows[-1]["round"] if rows else None,
+                "last_round": rows[-1].round if rows else None,
                 "rounds": self.run_config.get("num-server-rounds"),
                 "run_dir": str(run_dir),
             }
@@ -254,7 +254,7 @@ def _qualified(obj) -> str:
 
 
 def report(
-    run, ledger: Ledger, history: list[dict], run_dir: Path, metric_name: str = "accuracy", names: dict | None = None
+    run, ledger: Ledger, history: list[RoundResult], run_dir: Path, metric_name: str = "accuracy", names: dict | None = None
 ) -> dict:
     totals, dense, protocol = ledger.totals(), ledger.dense_equivalent(), ledger.totals(PROTOCOL)
     final = history[-1]
@@ -270,7 +270,7 @@ def report(
         "dataset": run.data.dataset,
         **(names or {}),
         "metric": metric_name,
-        "final_accuracy": final["accuracy"],
+        "final_accuracy": final.accuracy,
         "up_bytes": totals[UP],
         "down_bytes": totals[DOWN],
         "dense_up_bytes": dense[UP],
@@ -283,12 +283,12 @@ def report(
         "diverged": divergence(history),
         "secagg_protocol_up_bytes": protocol[UP],
         "secagg_protocol_down_bytes": protocol[DOWN],
-        "wall_s": final["wall_s"],
+        "wall_s": final.wall_s,
         "seconds": time_split(history),
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    log(INFO, "FINAL %s %.4f after %d rounds", metric_name, final["accuracy"], run.rounds)
+    log(INFO, "FINAL %s %.4f after %d rounds", metric_name, final.accuracy, run.rounds)
     log(
         INFO,
         "FINAL uploaded %.3f MB (dense FedAvg %.3f MB, 1/%.1f); downloaded %.3f MB (dense FedAvg %.3f MB, 1/%.1f)",
@@ -317,7 +317,7 @@ def report(
     return summary
 
 
-def privacy_summary(run, history: list[dict]) -> dict:
+def privacy_summary(run, history: list[RoundResult]) -> dict:
     """Secure aggregation and DP as the run had them; under DP, ε composed over the rounds that ran
     (:meth:`fedmud.privacy.Mechanism.report`: across resumes, each at its own σ and q)."""
     out = {"secure_aggregation": run.privacy.secure_aggregation, "dp": run.privacy.dp}
@@ -326,7 +326,7 @@ def privacy_summary(run, history: list[dict]) -> dict:
     return out
 
 
-def time_split(history: list[dict]) -> dict:
+def time_split(history: list[RoundResult]) -> dict:
     """Where the run's time went, summed over the timed rounds of ``history`` (seconds).
 
     ``clients``: from sending a round's messages to the last reply (the clients' work,
@@ -336,8 +336,8 @@ def time_split(history: list[dict]) -> dict:
     training takes about ``client_training_summed / W``; ``server``: planning the
     downlinks, aggregating, checkpointing; ``start_up``: before the first round.
     """
-    timed = [row for row in history if "round_s" in row]
-    total = lambda key: sum(row.get(key, 0.0) for row in timed)  # noqa: E731
+    timed = [row for row in history if row.round_s is not None]
+    total = lambda name: sum(getattr(row, name) or 0.0 for row in timed)  # noqa: E731
     first = timed[0] if timed else None
     return {
         "timed_rounds": len(timed),
@@ -347,5 +347,5 @@ def time_split(history: list[dict]) -> dict:
         "server": sum(server_seconds(row) for row in timed),
         "client_training_summed": total("client_train_s"),
         "client_round_summed": total("client_s"),
-        "start_up": (first["wall_s"] - first["round_s"]) if first else 0.0,
+        "start_up": (first.wall_s - first.round_s) if first else 0.0,
     }

@@ -41,9 +41,10 @@ from fedmud.checkpoint import save_checkpoint
 from fedmud.codec import PayloadError
 from fedmud.config import RunConfig
 from fedmud.divergence import divergence
-from fedmud.ledger import CONTROL, DOWN, UP, Ledger, strict_json
+from fedmud.ledger import CONTROL, DOWN, UP, Ledger
 from fedmud.rounds import RoundTally, ServerModel
 from fedmud.privacy import accounted_epsilon, sample_round
+from fedmud.results import RoundResult, fields_of, to_json
 from fedmud.seeds import round_seed
 from fedmud.sync import FULL, Downlink
 
@@ -60,9 +61,7 @@ from fedmud_wire import (
 
 POLL_S = 0.05  # how often a round asks the SuperLink for replies (a pull is one small gRPC call)
 IDENTIFY_TIMEOUT_S = 60.0  # how long the partition query waits for nodes' answers (at most round-timeout)
-# where a round's time goes, in the order it is spent (results.json rows, the summary)
-ROUND_PARTS = ("plan_s", "clients_s", "aggregate_s", "evaluate_s", "checkpoint_s")
-SERVER_PARTS = ("plan_s", "aggregate_s", "checkpoint_s")  # the server's own work among them
+SERVER_PARTS = ("plan_s", "aggregate_s", "checkpoint_s")  # the server's own work among ROUND_PARTS
 MERGE_REFUSED = "merge-refused"  # a round whose merge would have made the model non-finite
 
 
@@ -81,7 +80,7 @@ class FedMUD(Strategy):
         Where ``results.json``, ``ledger.json``, ``checkpoint.pt`` and TensorBoard logs go.
     test_data : DataLoader
         The held-out data the global model is evaluated on after every round.
-    history : list[dict] (default: empty)
+    history : list[RoundResult] (default: empty)
         Per-round rows of a resumed run.
     max_upload_factor : float (default: 2.0)
         Replies whose payload exceeds this multiple of the expected size are rejected.
@@ -97,7 +96,7 @@ class FedMUD(Strategy):
         ledger: Ledger,
         run_dir: Path,
         test_data: DataLoader,
-        history: list[dict] | None = None,
+        history: list[RoundResult] | None = None,
         max_upload_factor: float = 2.0,
     ) -> None:
         self.run = run
@@ -105,15 +104,15 @@ class FedMUD(Strategy):
         self.ledger = ledger
         self.run_dir = run_dir
         self.max_upload_bytes = int(max_upload_factor * server_model.codec.payload_nbytes) + 1024
-        self.history: list[dict] = history or []
-        self._round_stats: dict[int, dict] = {}
+        self.history: list[RoundResult] = history or []
+        self._round_stats: dict[int, dict] = {}  # round -> what its merge did, by RoundResult field
         self._round_seconds: dict[str, float] = {}  # this round: ROUND_PARTS and the clients' reported seconds
         self._sent: dict[str, int] = {}  # this round: message id -> the node it was sent to
         self._resent: set[int] = set()  # this round: nodes sent the full model again after a sync error
         self._test_loader = test_data
         self._population = 0  # nodes available when the round sampled
         self._partitions: dict[int, int | None] = {}  # node -> the partition it said it holds (None: no answer)
-        self._started = time.monotonic() - (self.history[-1]["wall_s"] if self.history else 0.0)
+        self._started = time.monotonic() - (self.history[-1].wall_s if self.history else 0.0)
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
@@ -317,7 +316,7 @@ class FedMUD(Strategy):
                 "train-loss": sum(losses[n] * w for n, w in weights.items()) / total if total else float("nan"),
             }
         )
-        self._round_stats[server_round] = dict(metrics)
+        self._round_stats[server_round] = fields_of(metrics)
         self._round_seconds["aggregate_s"] = busy + time.monotonic() - started
         return None, metrics
 
@@ -402,7 +401,7 @@ class FedMUD(Strategy):
         counts = {**dict.fromkeys(EVENTS, 0), NORM_REJECTED: int(bool(refused)), MERGE_REFUSED: int(bool(server.refused))}
         failed = len(downlinks) - len(result.merged_nodes)
         metrics = MetricRecord({"accepted": merged, "failed": failed, "rejected": 0, "resync": 0, **counts})
-        self._round_stats[server_round] = dict(metrics)
+        self._round_stats[server_round] = fields_of(metrics)
         self._round_seconds["aggregate_s"] = time.monotonic() - started
         return metrics
 
@@ -436,7 +435,7 @@ class FedMUD(Strategy):
     def run_rounds(self, grid: Grid, first_round: int) -> None:
         """Rounds ``first_round`` .. ``run.rounds``: train, aggregate, evaluate, checkpoint.
 
-        Each step is timed (:data:`ROUND_PARTS`) into the round's row, beside the seconds
+        Each step is timed (:data:`fedmud.results.ROUND_PARTS`) into the round's row, beside the seconds
         the clients report (``client_train_s``, ``client_s``: summed over the replies).
         """
         if first_round == 1:
@@ -467,16 +466,16 @@ class FedMUD(Strategy):
             log(INFO, "\t└──> %s", dict(metrics))
             self.evaluate(server_round)
             lap("evaluate_s")
-            save_checkpoint(self.run_dir, self.server_model, self.ledger, self.history)
+            save_checkpoint(self.run_dir, self.server_model, self.ledger, [row.as_dict() for row in self.history])
             lap("checkpoint_s")
-            row = self.history[-1]
-            row.update(round_s=time.monotonic() - started, **self._round_seconds)
-            row["wall_s"] = time.monotonic() - self._started
+            row = self.history[-1] = self.history[-1].replace(
+                round_s=time.monotonic() - started, wall_s=time.monotonic() - self._started, **self._round_seconds
+            )
             self._write_results()
             log(INFO, "round %d took %s", server_round, describe_round_time(row))
 
     def _write_results(self) -> None:
-        (self.run_dir / "results.json").write_text(strict_json(self.history))
+        (self.run_dir / "results.json").write_text(to_json(self.history))
         self.ledger.save(self.run_dir / "ledger.json")
 
     def evaluate(self, server_round: int) -> MetricRecord:
@@ -486,30 +485,30 @@ class FedMUD(Strategy):
         round_bytes = self.ledger.round_totals(server_round)
         total = self.ledger.totals()
         dense = self.ledger.dense_equivalent()
-        row = {
-            "round": server_round,
-            "accuracy": accuracy,
-            "loss": loss,
-            "up_bytes": round_bytes[UP],
-            "down_bytes": round_bytes[DOWN],
-            "cum_up_bytes": total[UP],
-            "cum_down_bytes": total[DOWN],
-            "dense_cum_up_bytes": dense[UP],
-            "dense_cum_down_bytes": dense[DOWN],
-            "wall_s": time.monotonic() - self._started,
+        row = RoundResult(
+            round=server_round,
+            accuracy=accuracy,
+            loss=loss,
+            up_bytes=round_bytes[UP],
+            down_bytes=round_bytes[DOWN],
+            cum_up_bytes=total[UP],
+            cum_down_bytes=total[DOWN],
+            dense_cum_up_bytes=dense[UP],
+            dense_cum_down_bytes=dense[DOWN],
+            wall_s=time.monotonic() - self._started,
             **self._round_stats.get(server_round, {}),
-        }
+        )
         dp = self.server_model.dp
         if dp.on:  # every round sampled counts, merged or not, at the (σ, q) it ran at: ε survives any resume
-            row.update(dp.round_record() if server_round > 0 else {})
-            row["epsilon"] = accounted_epsilon([*self.history, row], dp.delta)
+            row = row.replace(**(dp.round_record() if server_round > 0 else {}))
+            row = row.replace(epsilon=accounted_epsilon([*self.history, row], dp.delta))
         self.history.append(row)
         for key in ("accuracy", "loss", "up_bytes", "down_bytes", "cum_up_bytes", "cum_down_bytes"):
-            self.writer.add_scalar(key, row[key], server_round)
+            self.writer.add_scalar(key, getattr(row, key), server_round)
         self.writer.flush()
-        if "epsilon" in row:
-            self.writer.add_scalar("epsilon", row["epsilon"], server_round)
-            log(INFO, "round %d: ε = %.4g at δ = %g", server_round, row["epsilon"], self.server_model.dp.delta)
+        if row.epsilon is not None:
+            self.writer.add_scalar("epsilon", row.epsilon, server_round)
+            log(INFO, "round %d: ε = %.4g at δ = %g", server_round, row.epsilon, self.server_model.dp.delta)
         log(
             INFO,
             "round %d: %s %.4f loss %.4f | up %s down %s | cumulative up %s down %s",
@@ -528,18 +527,18 @@ class FedMUD(Strategy):
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
 
-def server_seconds(row: dict) -> float:
-    """A round's seconds in the server's own work (:data:`SERVER_PARTS`)."""
-    return sum(row.get(part, 0.0) for part in SERVER_PARTS)
+def server_seconds(row: RoundResult) -> float:
+    """A round's seconds in the server's own work (:data:`SERVER_PARTS`; an untimed part counts 0)."""
+    return sum(getattr(row, part) or 0.0 for part in SERVER_PARTS)
 
 
-def describe_round_time(row: dict) -> str:
+def describe_round_time(row: RoundResult) -> str:
     """'5.31 s: clients 4.10 s (training 3.52 s summed over the replies), evaluation 0.40 s, server 0.81 s'."""
     server = server_seconds(row)
-    training = f" (training {row['client_train_s']:.2f} s summed over the replies)" if "client_train_s" in row else ""
+    training = f" (training {row.client_train_s:.2f} s summed over the replies)" if row.client_train_s is not None else ""
     return (
-        f"{row.get('round_s', 0.0):.2f} s: clients {row.get('clients_s', 0.0):.2f} s{training}, "
-        f"evaluation {row.get('evaluate_s', 0.0):.2f} s, server {server:.2f} s"
+        f"{row.round_s or 0.0:.2f} s: clients {row.clients_s or 0.0:.2f} s{training}, "
+        f"evaluation {row.evaluate_s or 0.0:.2f} s, server {server:.2f} s"
     )
 
 

@@ -31,6 +31,7 @@ from bench.suites import FIRST_NINE, METHODS, STATS_FIVE, SUITES, render_overrid
 from bench.superlink import processes_with_token
 
 from .conftest import ROOT
+from .test_results_row import results_row
 
 
 # ---------------------------------------------------------------------- pure functions
@@ -80,12 +81,11 @@ def test_bandwidth_model_is_the_slowest_client_of_each_round():
 
 def test_enrich_adds_compute_comm_and_estimated_time():
     results = [
-        {"round": 0, "accuracy": 0.1, "loss": 2.3, "up_bytes": 0, "down_bytes": 0, "cum_up_bytes": 0,
-         "cum_down_bytes": 0, "wall_s": 1.0},
-        {"round": 1, "accuracy": 0.9, "loss": 0.3, "up_bytes": 10, "down_bytes": 20, "cum_up_bytes": 10,
-         "cum_down_bytes": 20, "wall_s": 11.0, "accepted": 2, "train-loss": 0.5},
-        {"round": 2, "accuracy": 0.97, "loss": 0.1, "up_bytes": 10, "down_bytes": 20, "cum_up_bytes": 20,
-         "cum_down_bytes": 40, "wall_s": 19.0, "accepted": 2, "train-loss": 0.2},
+        results_row(0, accuracy=0.1, loss=2.3, wall_s=1.0),
+        results_row(1, accuracy=0.9, loss=0.3, up_bytes=10, down_bytes=20, cum_up_bytes=10, cum_down_bytes=20,
+                    wall_s=11.0, accepted=2, train_loss=0.5),
+        results_row(2, accuracy=0.97, loss=0.1, up_bytes=10, down_bytes=20, cum_up_bytes=20, cum_down_bytes=40,
+                    wall_s=19.0, accepted=2, train_loss=0.2),
     ]
     out = enrich(results, {1: 3.0, 2: 1.5})
     assert set(out[0]) == set(COLUMNS)
@@ -239,9 +239,8 @@ def test_pareto_front_keeps_the_points_nothing_cheaper_beats():
 def synthetic_run(name, seed, accuracies, up_per_round, down_per_round=0):
     """A finished run as load_run returns it; dense FedAvg would send 3.2 MB each way per round."""
     results = [
-        {"round": i, "accuracy": a, "loss": 1.0, "up_bytes": up_per_round * (i > 0),
-         "down_bytes": down_per_round * (i > 0), "cum_up_bytes": up_per_round * i,
-         "cum_down_bytes": down_per_round * i, "wall_s": 10.0 * i}
+        results_row(i, accuracy=a, loss=1.0, up_bytes=up_per_round * (i > 0), down_bytes=down_per_round * (i > 0),
+                    cum_up_bytes=up_per_round * i, cum_down_bytes=down_per_round * i, wall_s=10.0 * i)
         for i, a in enumerate(accuracies)
     ]
     rows = enrich(results, {})
@@ -427,8 +426,8 @@ def stub_run(self, index, method, seed):
     directory.mkdir(parents=True)
     up, down = (1_000_000, 1_000_000) if method == "fedavg" else (31_250, 31_250)
     accuracies = [0.1, 0.9, 0.95 + 0.01 * seed]
-    results = [{"round": r, "accuracy": a, "loss": 1.0, "up_bytes": up * (r > 0), "down_bytes": down * (r > 0),
-                "cum_up_bytes": up * r, "cum_down_bytes": down * r, "wall_s": 5.0 * r}
+    results = [results_row(r, accuracy=a, loss=1.0, up_bytes=up * (r > 0), down_bytes=down * (r > 0),
+                           cum_up_bytes=up * r, cum_down_bytes=down * r, wall_s=5.0 * r).as_dict()
                for r, a in enumerate(accuracies)]
     records = [{"round": r, "client": c, "direction": d, "bytes": (up if d == "up" else down) // 2}
                for r in (1, 2) for c in ("1", "2") for d in ("up", "down")]

@@ -13,6 +13,7 @@ from fedmud.rounds import ServerModel
 from fedmud.seeds import round_seed
 from server.strategy import FedMUD
 from .federation import reply_from
+from .test_results_row import results_row
 from fedmud_wire import upload_record
 
 ROUND = 3
@@ -145,7 +146,7 @@ def test_huge_reported_seconds_are_left_out_and_results_json_stays_strict_json(t
     try:
         strategy.aggregate_train(ROUND, replies)
         assert all(v <= server.run.round_timeout for v in strategy._round_seconds.values())
-        strategy.history = [{"round": ROUND, "train-loss": float("nan"), **strategy._round_seconds}]
+        strategy.history = [results_row(ROUND, train_loss=float("nan"), **strategy._round_seconds)]
         strategy._write_results()
     finally:
         strategy.writer.close()

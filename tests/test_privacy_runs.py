@@ -25,10 +25,12 @@ from client.app import app as client_app
 from fedmud.config import ConfigError, parse_run_config
 from fedmud.divergence import divergence
 from fedmud.privacy import CARRYABLE_NOISE, Mechanism, accounted_epsilon, calibrate, check_resume, mechanism
+from fedmud.results import RoundResult
 from server.app import RunFailed, run_server
 
 from .conftest import ROOT
 from .federation import InProcessGrid
+from .test_results_row import results_row
 
 DELTA = 1e-5
 # a small federation: 3 nodes, each one partition of 100 of scikit-learn's digits (~14 images), one local epoch
@@ -157,13 +159,13 @@ def test_a_dp_epsilon_run_that_stopped_resumes_with_its_own_settings_and_ends_at
     assert last["privacy"]["epsilon"] <= 4.0
 
 
-def _rows_at(*events: tuple[float, float, int]) -> list[dict]:
+def _rows_at(*events: tuple[float, float, int]) -> list[RoundResult]:
     """The results rows of a run whose rounds ran at ``events`` ((σ, q, rounds), in order)."""
-    rows, r = [{"round": 0, "loss": 2.3}], 0
+    rows, r = [results_row(0, loss=2.3)], 0
     for sigma, rate, rounds in events:
         for _ in range(rounds):
             r += 1
-            rows.append({"round": r, "loss": 1.0, "noise_multiplier": sigma, "sampling_rate": rate})
+            rows.append(results_row(r, loss=1.0, noise_multiplier=sigma, sampling_rate=rate))
     return rows
 
 
@@ -193,7 +195,7 @@ def test_a_dp_epsilon_resume_that_would_overspend_is_refused_naming_key_value_an
 
 
 def test_rows_that_do_not_say_their_sigma_and_q_cannot_be_resumed_under_dp():
-    rows = [{"round": 0, "loss": 2.3}, {"round": 1, "loss": 1.0, "epsilon": 3.0}]
+    rows = [results_row(0, loss=2.3), results_row(1, loss=1.0, epsilon=3.0)]
     with pytest.raises(ConfigError, match="round 1's results row does not record the noise_multiplier and sampling_rate"):
         check_resume(parse_run_config({"dp": "server", "dp-noise-multiplier": 1.0}), rows)
 
@@ -261,13 +263,13 @@ def test_the_old_readme_example_is_warned_naming_the_population_that_would_carry
 
 # ---------------------------------------------------------------------------- divergence
 def test_a_loss_that_grows_by_orders_of_magnitude_is_divergence_and_an_ordinary_wobble_is_not():
-    readme_run = [{"round": r, "loss": loss} for r, loss in enumerate((2.3, 299.0, 2.2e9, 1.2e8))]  # the issue's figures
+    readme_run = [results_row(r, loss=loss) for r, loss in enumerate((2.3, 299.0, 2.2e9, 1.2e8))]  # the issue's figures
     flagged = divergence(readme_run)
     assert (flagged["round"], flagged["best_round"], flagged["loss"]) == (1, 0, 299.0)
     assert "diverging since round 1" in flagged["reason"] and "130×" in flagged["reason"]
-    learning = [{"round": r, "loss": loss} for r, loss in enumerate((2.3, 1.2, 0.8, 1.5, 0.6, 0.9))]
+    learning = [results_row(r, loss=loss) for r, loss in enumerate((2.3, 1.2, 0.8, 1.5, 0.6, 0.9))]
     assert divergence(learning) is None
-    assert divergence([{"round": 0, "loss": 2.3}, {"round": 1, "loss": None}])["round"] == 1  # null: not finite
+    assert divergence([results_row(0, loss=2.3), results_row(1, loss=float("nan"))])["round"] == 1  # not finite
 
 
 def test_a_run_whose_noise_the_updates_cannot_carry_is_warned_at_start_and_flagged_when_it_diverges(

@@ -94,11 +94,11 @@ def test_a_restarted_node_trains_in_its_round_and_a_dead_node_is_named(task_iden
         fedmud.run_rounds(grid, first_round=1)
     finally:
         fedmud.writer.close()
-    rows = {row["round"]: row for row in fedmud.history}
-    assert [rows[r]["accepted"] for r in (1, 2)] == [3, 3]
+    rows = {row.round: row for row in fedmud.history}
+    assert [rows[r].accepted for r in (1, 2)] == [3, 3]
 
     # node 202 lost its model, said so, got the full model and trained in the same round
-    assert (rows[3]["accepted"], rows[3]["resync"], rows[3]["failed"]) == (2, 1, 1)
+    assert (rows[3].accepted, rows[3].resync, rows[3].failed) == (2, 1, 1)
     assert "round 3: node(s) 202 could not sync; resending the full model" in logged
     assert sorted(d for r, c, d, _ in ledger.records if (r, c) == (3, "202")) == [DOWN, DOWN, UP, UP]
     assert sorted(d for r, c, d, _ in ledger.records if (r, c) == (3, "101")) == [DOWN, UP]
@@ -109,7 +109,7 @@ def test_a_restarted_node_trains_in_its_round_and_a_dead_node_is_named(task_iden
     assert not any("node 1 " in line for line in logged), logged
     assert server.records.get("303", 0) is None and server.records.get("1", "never seen") == "never seen"
     assert [c for r, c, d, _ in ledger.records if (r, d) == (3, DOWN)].count("303") == 1
-    assert all(row["accepted"] <= len(NODES) for row in rows.values() if "accepted" in row)
+    assert all(row.accepted <= len(NODES) for row in rows.values() if row.accepted is not None)
 
 
 def test_a_second_upload_from_a_node_is_not_counted(task_identity, logged, tmp_path):

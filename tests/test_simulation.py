@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from server.strategy import ROUND_PARTS
+from fedmud.results import ROUND_PARTS
 
 from .conftest import ROOT, finished_run, flwr_run
 
