@@ -32,7 +32,6 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping
-from dataclasses import replace
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -52,19 +51,10 @@ def content_bytes(content: RecordDict) -> int:
 
 
 # ---------------------------------------------------------------------------- downlink
-_ROUND_CONTEXT = ("server_round", "round_seed", "digest", "full_state")
 
 
-def downlink_record(downlink: Downlink, *round_context) -> RecordDict:
-    """``downlink`` (:class:`fedmud.sync.Downlink`, as the server completed it) as a message's content.
-
-    ``round_context`` (server round, round seed, digest, full state), when given, is put into
-    ``downlink`` first: the older call form, which ``server.app.measure_message_sizes`` still uses.
-    """
-    if round_context:
-        if len(round_context) > len(_ROUND_CONTEXT):
-            raise TypeError(f"downlink_record takes a Downlink and at most {len(_ROUND_CONTEXT)} round values ({', '.join(_ROUND_CONTEXT)})")
-        downlink = replace(downlink, **dict(zip(_ROUND_CONTEXT, round_context)))
+def downlink_record(downlink: Downlink) -> RecordDict:
+    """``downlink`` (:class:`fedmud.sync.Downlink`, completed for its round) as a message's content."""
     config = ConfigRecord(
         {
             "server-round": downlink.server_round,

@@ -55,14 +55,14 @@ def measure_message_sizes(server: ServerModel) -> tuple[int, int, int, int]:
             else torch.zeros(t.shape, dtype=t.dtype)
             for name, t in like.items()
         }
-        return content_bytes(downlink_record(Downlink(FULL, 0), 1, 1, digest, state))
+        return content_bytes(downlink_record(Downlink(FULL, 0).for_round(1, 1, digest, state)))
 
     full = full_downlink(server.global_state())
     dense_full = full_downlink(server.model.reference_state)
     residual = rng.standard_normal(server.codec.layout.numel, dtype=np.float32)
     parts = server.link_codec.pack(server.link_codec.encode(residual))
-    no_link = content_bytes(downlink_record(Downlink(CHAIN, 0, 0, ()), 1, 1, digest, None))
-    one_link = content_bytes(downlink_record(Downlink(CHAIN, 1, 0, (Link(1, 1, parts),)), 1, 1, digest, None))
+    no_link = content_bytes(downlink_record(Downlink(CHAIN, 0, 0, ()).for_round(1, 1, digest)))
+    one_link = content_bytes(downlink_record(Downlink(CHAIN, 1, 0, (Link(1, 1, parts),)).for_round(1, 1, digest)))
     return dense_up, dense_full, full, one_link - no_link
 
 
