@@ -240,9 +240,13 @@ def _run_server(
     )
     strategy.run_rounds(grid, first_round)
     strategy.writer.close()
+    plan = server.model.plan
     names = {
         "model": run.model if model_fn is None else _qualified(model_fn),
         "dataset": run.data.dataset if test_data is None else _qualified(test_data),
+        # values uploaded per client and round, against dense FedAvg of the whole model (full
+        # fine-tuning) and of the tensors that train (frozen ones left out)
+        "values": {"upload": plan.upload, "dense": plan.dense_reference, "trained": plan.trained_reference},
     }
     return report(run, ledger, strategy.history, run_dir, server.task.metric_name, names)
 

@@ -91,3 +91,5 @@ def test_a_timm_model_trains_through_flowers_simulation_within_the_ratio(simulat
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.3  # 0.12 -> 0.86 in process when written
     uploads = [r["bytes"] for r in run["ledger"]["records"] if r["direction"] == "up"]
     assert max(uploads) <= 1.05 * run["ledger"]["dense_up_bytes"] / 32
+    values = run["summary"]["values"]  # nothing frozen: dense FedAvg of the whole model is of what trains
+    assert values["trained"] == values["dense"] and values["upload"] <= values["dense"] / 32
