@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("committed", type=Path, help="a committed suite's directory, e.g. docs/bench/iid")
     parser.add_argument("fresh", type=Path, help="the new run's --out directory")
+    parser.add_argument("--rounds", type=int, help="compare the first ROUNDS rounds only (one run was cut shorter)")
     args = parser.parse_args(argv)
     committed, fresh = runs(args.committed), runs(args.fresh)
     both = sorted(set(committed) & set(fresh))
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     differ = 0
     for key in both:
         old, new = curves(committed[key]), curves(fresh[key])
+        if args.rounds is not None:
+            old, new = ({k: v[: args.rounds + 1] for k, v in c.items()} for c in (old, new))
         same_bytes = old["up_bytes"] == new["up_bytes"] and old["total_bytes"] == new["total_bytes"]
         same_accuracy = old["accuracy"] == new["accuracy"]
         differ += not same_bytes
