@@ -1,8 +1,9 @@
 """Model update decomposition (MUD) on any PyTorch model.
 
-:func:`decompose` plans every floating tensor of the model (:mod:`fedmud.plan`) and
-registers a :class:`DecomposedUpdate` as a PyTorch parametrisation
-(``torch.nn.utils.parametrize``) on each tensor it decomposes: the module keeps
+:func:`decompose` has the run's method (:mod:`fedmud.methods`) plan every floating tensor of
+the model and registers the method's parametrisation (``torch.nn.utils.parametrize``) on each
+tensor it plans; under ``method=fedmud`` that is a
+:class:`~fedmud.methods.fedmud.DecomposedUpdate`, ``W -> W + ΔW(factors)``. The module keeps
 running its own forward, and reads ``W + ΔW(factors)`` wherever it reads the tensor
 (Linear, convolutions, Embedding, attention ``in_proj_weight``, LSTM/GRU weights, a
 bare ``nn.Parameter``). The base weight ``W`` is frozen for the round. A round is::
@@ -37,6 +38,7 @@ from .seeds import derive_seed
 
 if TYPE_CHECKING:
     from .config import DecompositionConfig
+
 # a parametrised tensor's state_dict entries: "<module.>parametrizations.<tensor>.original" and
 # "<module.>parametrizations.<tensor>.0.<factor>"
 _PARAMETRISED = re.compile(r"^(?P<module>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]+)\.(?:original|0\.(?P<part>.+))$")
