@@ -269,6 +269,7 @@ SLOW_FIRST = (
     "test_finetune.py",
     "test_full_downlink.py",
     "test_examples.py",
+    "test_model_zoo.py",
     "test_hf_models.py",
     "test_seeds.py",
     "test_round_exchange.py",
