@@ -41,7 +41,7 @@ LOSSY_UPLINKS = tuple(name for name, scheme in SCHEMES.items() if scheme.residua
 LEVELLED_UPLINKS = tuple(n for n, scheme in SCHEMES.items() if scheme.residual and scheme.bits <= 8 and not scheme.sparse)
 CLIENT_STATES = ("keep", "none")
 OPTIMIZERS = ("sgd", "adam")
-PARTITIONS = ("iid", "dirichlet", "label-count")
+PARTITIONS = ("iid", "dirichlet", "label-count", "natural")
 DOWNLINKS = ("chain", "full")
 NORM_ACTIONS = ("reject", "clip")
 DP_MODES = ("off", "server", "client")
@@ -282,6 +282,22 @@ def _task(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, A
     return value
 
 
+def _tokenizer(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
+    """``auto``, ``bytes``, ``hf:SOURCE`` or ``package.module:factory`` (loaded with the text). ``auto``
+    becomes the model's ``hf:SOURCE`` when the ``model`` key names one (its directory holds the tokenizer
+    it was trained with); with any other model it stays ``auto``, refused only if the data is text."""
+    value = cfg.get(key, default)
+    if value == "auto":
+        model = cfg.get("model", RunConfig.model)
+        return model.strip() if is_hf_source(model) else value
+    if isinstance(value, str) and (value == "bytes" or is_hf_source(value) or is_import_string(value)):
+        return value.strip()
+    raise ConfigError(
+        f"{key}={value!r} is not allowed; choose auto, bytes, 'hf:DIRECTORY' (or a hub name) or give a factory "
+        "as 'package.module:factory'"
+    )
+
+
 def _median_multiple(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> float:
     multiple = _number(cfg, key, default, low=0.0)
     if 0 < multiple < 1:  # below the median: half of the honest replies would be cut
@@ -411,7 +427,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Dataset, held-out split and partitioning over clients (see :mod:`fedmud.data`)."""
+    """Dataset, the task its labels serve, text tokenisation, held-out split and partitioning over
+    clients (see :mod:`fedmud.data`). The task is declared here because the data depends on it: under
+    ``causal-lm`` a text's labels are its own tokens; :attr:`RunConfig.task` reads it."""
 
     dataset: str = key(
         "mnist5k",
@@ -420,10 +438,28 @@ class DataConfig:
         "[your own data](#your-own-model-and-data)",
         choices=DATASETS, factory=True,
     )
+    task: str = key(
+        "classification",
+        "loss and metric, and what the data's labels are: cross-entropy and accuracy over class labels "
+        "(`sequence-classification`: the same, over text's `label` column), MSE, next-token cross-entropy and "
+        "accuracy over the predicted tokens (`causal-lm`: perplexity is exp(loss); the labels are the tokens), "
+        "or a `fedmud.task.Task` (see [your own model](#your-own-model-and-data))",
+        parse=_task, allowed=", ".join(f"`{t}`" for t in (*TASKS, "package.module:factory")),
+    )
+    tokenizer: str = key(
+        "auto",
+        "text datasets (a `text` column): `auto` is the tokenizer saved in the `hf:DIRECTORY` model's directory; "
+        "`bytes` a built-in byte-level one (UTF-8 bytes and pad, bos, eos; no files); `hf:DIRECTORY` (or a hub "
+        "name) what `save_pretrained` wrote; or a factory returning a Hugging Face tokenizer; see "
+        "[Text](#text-datasets)",
+        parse=_tokenizer, allowed="`auto`, `bytes`, `hf:DIRECTORY`, `package.module:factory`",
+    )
+    max_length: int = key(128, "text datasets: tokens kept of each text (special tokens included)", low=2)
     partition: str = key(
         "iid",
         "flwr-datasets partitioner: `dirichlet` draws label proportions from Dir(`alpha`); `label-count`: each "
-        "client holds a fixed number of classes; at most one partition per train example (`dirichlet`: per "
+        "client holds a fixed number of classes; `natural`: one partition per distinct label (a domain split; "
+        "`num-partitions` must equal their number); at most one partition per train example (`dirichlet`: per "
         "two), checked where the data is loaded, the server's held-out split included",
         choices=PARTITIONS,
     )
@@ -538,7 +574,8 @@ class RunConfig:
         "auto",
         "`auto` picks the paper's CNN: `cnn-mnist` for 1×28×28 datasets, `cnn-cifar` for 3×32×32; see "
         "[built-in models](#built-in-models); `hf:DIRECTORY` loads what Hugging Face's `save_pretrained` "
-        "wrote, with a classification head for the data (`hf:NAME` from the hub, where reachable)",
+        "wrote, with a head for the task and data (`causal-lm`: its language-model head; text: its tokenizer is "
+        "`tokenizer=auto`) (`hf:NAME` from the hub, where reachable)",
         choices=MODELS, parse=_model,
         allowed=", ".join(f"`{m}`" for m in MODELS) + ", `package.module:factory`, `hf:DIRECTORY`",
     )
@@ -577,13 +614,6 @@ class RunConfig:
     fault_corrupt_state_round: int = key(
         0, "fault injection for tests: clients corrupt their copy in that round (`0` = off)", low=0
     )
-    task: str = key(
-        "classification",
-        "loss and metric: cross-entropy and accuracy, MSE, next-token cross-entropy and accuracy over the "
-        "predicted tokens (`causal-lm`: perplexity is exp(loss)), or a `fedmud.task.Task` (see "
-        "[your own model](#your-own-model-and-data))",
-        parse=_task, allowed=", ".join(f"`{t}`" for t in (*TASKS, "package.module:factory")),
-    )
     init_weights: str = key(
         "",
         "pretrained weights every party loads as round 0 (see "
@@ -596,6 +626,11 @@ class RunConfig:
     uplink: UplinkConfig = section(UplinkConfig)
     train: TrainConfig = section(TrainConfig)
     data: DataConfig = section(DataConfig)
+
+    @property
+    def task(self) -> str:
+        """The ``task`` key (declared on :class:`DataConfig`, whose labels depend on it)."""
+        return self.data.task
 
 
 def _is_section(f: Field) -> bool:

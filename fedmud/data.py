@@ -35,7 +35,15 @@ keyword arguments it declares among
   token ids), ``y`` an integer class label ``>= 0``. Labels are read from a ``.targets``
   attribute when the dataset has one, else by reading every item once; or
 - a Hugging Face ``datasets.Dataset`` with a ``label`` column and exactly one other
-  column holding the input as numbers of one shape; it is converted to tensors.
+  column holding the input as numbers of one shape; it is converted to tensors; or
+- a Hugging Face ``datasets.Dataset`` of text (below).
+
+Text: a Hugging Face ``datasets.Dataset`` with a string ``text`` column (and a ``label`` column for
+classification tasks) is tokenised once per process with the ``tokenizer`` key's tokenizer, at most
+``max-length`` tokens a text, into padded dict batches ``{input_ids, attention_mask, labels}``;
+under ``task = "causal-lm"`` the labels are the tokens and a ``label`` column only partitions
+(``partition = "natural"``: one client per label). :mod:`fedmud.text` does this; its docstring says
+how ``auto``, ``bytes``, ``hf:DIRECTORY`` and factory tokenizers are read.
 
 Nothing is normalised or augmented here: the user's Dataset does that. Batches are only
 cast to the models' dtypes (floating point to float32, integers to int64). The data's
@@ -50,6 +58,7 @@ from __future__ import annotations
 
 import pickle
 import socket
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -60,6 +69,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset, default_collate
 
+from . import text
 from .errors import ConfigError
 from .factories import call_factory, load_factory, refusal, register_builtins, type_phrase
 
@@ -178,7 +188,7 @@ def splits(config: DataConfig) -> tuple[Split, Split]:
 
 # The fewest train examples each partitioner gives a partition (dirichlet: its min_partition_size); a
 # client needs at least one to train.
-MIN_PARTITION_SIZE = {"iid": 1, "dirichlet": 2, "label-count": 1}
+MIN_PARTITION_SIZE = {"iid": 1, "dirichlet": 2, "label-count": 1, "natural": 1}
 
 
 def check_partition_count(config: DataConfig, train_examples: int) -> None:
@@ -362,14 +372,35 @@ def partitioner_for(config: DataConfig):
     works on it. ``label-count`` gives each client ``max(1, round(label_fraction ·
     num_classes))`` classes (flwr-datasets' PathologicalPartitioner, first class of client
     i is class i mod num_classes, the others drawn with ``data-seed``; a class that no
-    client draws is left out).
+    client draws is left out). ``natural`` makes partition i of the i-th smallest label
+    (flwr-datasets' NaturalIdPartitioner): a domain split when labels name domains.
     """
     from datasets import Dataset as TableDataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+    )
 
     labels = train_labels(config)
+    if config.partition != "iid" and not is_builtin(config.dataset) and not custom_data(config).labelled:
+        raise ConfigError(
+            f"partition={config.partition!r} is not allowed with dataset={config.dataset!r}: it splits by the "
+            "'label' column, which the text has none of; choose partition='iid', or return a 'label' column "
+            "(under task='causal-lm' it only partitions: a domain per label)"
+        )
     table = TableDataset.from_dict({"index": np.arange(len(labels)), "label": labels})
-    if config.partition == "iid":
+    if config.partition == "natural":
+        distinct = len(np.unique(labels))
+        if config.num_partitions != distinct:
+            raise ConfigError(
+                f"num-partitions={config.num_partitions} is not allowed with partition='natural' and "
+                f"dataset={config.dataset!r}: it makes one partition per distinct label, and the train split has "
+                f"{distinct}; set num-partitions={distinct}"
+            )
+        partitioner = NaturalIdPartitioner(partition_by="label")
+    elif config.partition == "iid":
         partitioner = IidPartitioner(num_partitions=config.num_partitions)
     elif config.partition == "dirichlet":
         partitioner = DirichletPartitioner(
@@ -390,7 +421,9 @@ def partitioner_for(config: DataConfig):
             seed=config.seed,
         )
     else:
-        raise ConfigError(f"partition={config.partition!r} is not allowed; choose one of iid, dirichlet, label-count")
+        raise ConfigError(
+            f"partition={config.partition!r} is not allowed; choose one of iid, dirichlet, label-count, natural"
+        )
     partitioner.dataset = table
     try:
         partitioner.num_partitions  # PathologicalPartitioner assigns classes here; fails early on impossible setups
@@ -475,8 +508,9 @@ def client_loader(config: DataConfig, partition_id: int, batch_size: int, seed: 
     indices = partition_indices(config)[partition_id]
     generator = torch.Generator().manual_seed(seed)
     if not is_builtin(config.dataset):
-        own = Subset(custom_data(config).train, indices.tolist())
-        return DataLoader(own, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=model_dtypes)
+        data = custom_data(config)
+        own = Subset(data.train, indices.tolist())
+        return DataLoader(own, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=data.collate)
     train, _ = splits(config)
     data = to_tensors(train, indices, config.dataset)
     spec = dataset_spec(config.dataset)
@@ -494,7 +528,8 @@ def client_loader(config: DataConfig, partition_id: int, batch_size: int, seed: 
 def test_loader(config: DataConfig, batch_size: int = 500) -> DataLoader:
     """The held-out split, in order."""
     if not is_builtin(config.dataset):
-        return DataLoader(custom_data(config).test, batch_size=batch_size, collate_fn=model_dtypes)
+        data = custom_data(config)
+        return DataLoader(data.test, batch_size=batch_size, collate_fn=data.collate)
     _, test = splits(config)
     return DataLoader(to_tensors(test, dataset=config.dataset), batch_size=batch_size)
 
@@ -503,6 +538,13 @@ def test_loader(config: DataConfig, batch_size: int = 500) -> DataLoader:
 
 PAIR = "a pair (train, test) of torch.utils.data.Dataset or datasets.Dataset"
 ITEM = "items (x, y) with x a tensor or array and y an integer class label >= 0"
+
+
+def model_dtypes(batch):
+    """Collate ``(x, y)`` items and cast to what models take: float32 inputs (int64 tokens), int64 labels."""
+    x, y = default_collate(batch)
+    x = x.float() if x.is_floating_point() else x.long()
+    return x, torch.as_tensor(y).long()
 
 
 @dataclass(frozen=True)
@@ -514,24 +556,33 @@ class CustomData:
     train_labels: np.ndarray  # int64, one per train item
     test_labels: np.ndarray
     info: DatasetInfo
+    collate: Callable = model_dtypes  # the loaders' collate_fn; text's: padded dict batches (fedmud.text)
+    labelled: bool = True  # False: text without a label column (causal-lm), partitioned only iid
+    tokenizer: str | None = None  # text: the tokenizer key's value it was tokenised with
 
 
 def custom_data(config: DataConfig) -> CustomData:
-    """The user dataset ``config.dataset`` names, loaded once per process; a ``num-partitions`` its
-    train set cannot fill is refused here (:func:`check_partition_count`)."""
-    data = _custom_data(config.dataset, config.root, config.seed, config.test_fraction)
+    """The user dataset ``config.dataset`` names, loaded (and text tokenised) once per process; a
+    ``num-partitions`` its train set cannot fill is refused here (:func:`check_partition_count`)."""
+    data = _custom_data(
+        config.dataset, config.root, config.seed, config.test_fraction, config.tokenizer, config.max_length, config.task
+    )
     check_partition_count(config, len(data.train_labels))
     return data
 
 
 @lru_cache(maxsize=4)
-def _custom_data(dataset: str, root: str, seed: int, test_fraction: float) -> CustomData:
+def _custom_data(
+    dataset: str, root: str, seed: int, test_fraction: float, tokenizer: str, max_length: int, task: str
+) -> CustomData:
     factory = load_factory("dataset", dataset)
     result = call_factory(
         "dataset", dataset, factory, root=str(resolve_root(root)), seed=seed, test_fraction=test_fraction
     )
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise refusal("dataset", dataset, f"the factory returned {type_phrase(result)}", PAIR)
+    if text.is_text(result[0]):
+        return _text_data(text.tokenise(dataset, *result, tokenizer, max_length, task), max_length, tokenizer)
     train, test = (_as_torch(dataset, split, data) for split, data in zip(("train", "test"), result))
     seen_train, seen_test = _scan(dataset, "train", train), _scan(dataset, "test", test)
     if seen_test.shape != seen_train.shape:
@@ -545,11 +596,13 @@ def _custom_data(dataset: str, root: str, seed: int, test_fraction: float) -> Cu
     return CustomData(train, test, seen_train.labels, seen_test.labels, info)
 
 
-def model_dtypes(batch):
-    """Collate ``(x, y)`` items and cast to what models take: float32 inputs (int64 tokens), int64 labels."""
-    x, y = default_collate(batch)
-    x = x.float() if x.is_floating_point() else x.long()
-    return x, torch.as_tensor(y).long()
+def _text_data(tokenised: text.Text, max_length: int, tokenizer: str) -> CustomData:
+    info = DatasetInfo((max_length,), tokenised.num_classes, tokenised.vocab_size)
+    train, test = tokenised.train, tokenised.test
+    return CustomData(
+        train, test, train.labels, test.labels, info, collate=tokenised.collate, labelled=tokenised.labelled,
+        tokenizer=tokenizer,
+    )
 
 
 def _as_torch(dataset: str, split: str, data: object) -> Dataset:

@@ -1,8 +1,10 @@
 """Hugging Face models by name or directory: ``model = "hf:SOURCE"``.
 
 ``SOURCE`` is a directory that ``save_pretrained`` wrote (``config.json`` and the weights), or a
-hub name where the hub is reachable (``hf:distilbert-base-uncased``). The head follows the data:
-token data (a ``vocab_size``) gets ``AutoModelForSequenceClassification``, images get
+hub name where the hub is reachable (``hf:distilbert-base-uncased``). The head follows the task
+and the data: ``task = "causal-lm"`` gets ``AutoModelForCausalLM`` (the saved language-model head);
+otherwise token data (a ``vocab_size``: text, tokenised by :mod:`fedmud.text` with the tokenizer
+saved in the same directory by default) gets ``AutoModelForSequenceClassification``, images get
 ``AutoModelForImageClassification``, each with ``num_labels`` = the data's classes. A head whose
 size differs from the saved one (a new task) is drawn fresh from torch's global generator, which
 every party seeds with the run seed, so round 0 is the same everywhere (the digest checks it).
@@ -26,9 +28,9 @@ def is_hf_source(value: object) -> bool:
     return isinstance(value, str) and value.startswith(PREFIX) and bool(value[len(PREFIX):].strip())
 
 
-def hf_factory(value: str, num_classes: int, vocab_size: int | None) -> Callable[[], nn.Module]:
-    """A zero-argument callable loading ``value``'s model with a head for the data; the source is
-    checked now (one :class:`ConfigError` naming it and what is allowed)."""
+def hf_factory(value: str, num_classes: int, vocab_size: int | None, task: str = "classification") -> Callable[[], nn.Module]:
+    """A zero-argument callable loading ``value``'s model with a head for the task and data; the source
+    is checked now (one :class:`ConfigError` naming it and what is allowed)."""
     source = value[len(PREFIX):].strip()
     try:
         import transformers
@@ -51,16 +53,24 @@ def hf_factory(value: str, num_classes: int, vocab_size: int | None) -> Callable
             f"model={value!r} is not allowed: {source} is not a local directory and the hub did not give it "
             f"({str(err).splitlines()[0]}); give 'hf:DIRECTORY' with what save_pretrained wrote"
         ) from None
-    head = transformers.AutoModelForSequenceClassification if vocab_size else transformers.AutoModelForImageClassification
     where = str(local) if looks_local else source
+    if task == "causal-lm":
+        head = transformers.AutoModelForCausalLM
 
-    def build() -> nn.Module:
-        return head.from_pretrained(where, num_labels=num_classes, ignore_mismatched_sizes=True)
+        def build() -> nn.Module:
+            return head.from_pretrained(where)
 
+        within = "with task='causal-lm'"
+    else:
+        head = transformers.AutoModelForSequenceClassification if vocab_size else transformers.AutoModelForImageClassification
+
+        def build() -> nn.Module:
+            return head.from_pretrained(where, num_labels=num_classes, ignore_mismatched_sizes=True)
+
+        within = f"with {'token' if vocab_size else 'image'} data"
     if type(config) not in head._model_mapping:  # the architecture has no such head
-        kind = "token" if vocab_size else "image"
         raise ConfigError(
-            f"model={value!r} is not allowed with {kind} data: {type(config).__name__} has no "
+            f"model={value!r} is not allowed {within}: {type(config).__name__} has no "
             f"{head.__name__.removeprefix('AutoModelFor')} head; give a model that has one"
         )
     return build

@@ -22,6 +22,7 @@ from deep inside the loss after the run has started.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -117,13 +118,16 @@ def check_first(
 ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """(predictions, loss, the metric's sum when ``metric``) of the first batch of a pass, or one
     :class:`ModelIOError` saying what did not fit: the batch the model was given, what it
-    returned, what the task expects."""
-    name = type(getattr(model, "model", model)).__name__
+    returned, what the task expects. A mapping batch the forward refuses is compared with the
+    forward's parameters: the message names the inputs it lacks and the keys it does not take."""
+    inner = getattr(model, "model", model)
+    name = type(inner).__name__
     given = ", ".join([_describe(a) for a in batch.args] + [f"{k}={_describe(v)}" for k, v in batch.kwargs.items()])
     try:
         output = model(*batch.args, **batch.kwargs)
     except (TypeError, ValueError, RuntimeError, KeyError, IndexError) as err:
-        raise ModelIOError(f"{where}: the model {name} cannot take a batch of {given}: {err}") from None
+        keys = _key_mismatch(inner, batch) if batch.kwargs else ""
+        raise ModelIOError(f"{where}: the model {name} cannot take a batch of {given}{keys}: {err}") from None
     out = predictions(output)
     try:
         loss = task.loss(out, batch.target)
@@ -136,3 +140,27 @@ def check_first(
             f"{_describe(output)}, read as predictions {_describe(out)}, against targets {_describe(batch.target)}: {err}"
         ) from None
     return out, loss, value
+
+
+def _key_mismatch(model: nn.Module, batch: Batch) -> str:
+    """For a mapping batch the forward refused: the inputs it lacks (the forward's parameters without a
+    default, else its first one, which a Hugging Face model reads as input_ids or pixel_values), the
+    keys it does not name, and its parameters; '' when the keys are not the problem."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ""
+    named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = [p.name for p in parameters if p.name in named and p.default is p.empty]
+    missing = [n for n in (required or named[:1]) if n not in batch.kwargs]
+    unnamed = [k for k in batch.kwargs if k not in named]
+    if not (missing or unnamed):
+        return ""
+    parts = [f"it lacks {', '.join(missing)}"] if missing else []
+    if unnamed:
+        parts.append(f"{', '.join(unnamed)} {'is' if len(unnamed) == 1 else 'are'} not among the forward's parameters")
+    shown = ", ".join(named[:8]) + (", ..." if len(named) > 8 else "")
+    return (
+        f" ({'; '.join(parts)}; {type(model).__name__}.forward takes {shown}: name the batch's keys after them, "
+        f"the target as {' or '.join(TARGET_KEYS)})"
+    )

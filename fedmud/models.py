@@ -49,10 +49,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .data import DatasetInfo, dataset_info
+from .data import DatasetInfo, custom_data, dataset_info, is_builtin
 from .errors import ConfigError, is_import_string
 from .factories import call_factory, load_factory, refusal, register_builtins, type_phrase
 from .hf import hf_factory, is_hf_source
+from .text import check_vocabulary
 
 if TYPE_CHECKING:
     from .config import DataConfig
@@ -363,14 +364,23 @@ def model_factory(name: str, data: DataConfig | str | None = None) -> Callable[[
     concrete = resolve_model(name, data)
     info = dataset_info(data)
     if is_hf_source(concrete):
-        return hf_factory(concrete, info.num_classes, info.vocab_size)
-    factory = BUILTIN_MODELS.get(concrete) or load_factory("model", concrete)
-    kwargs = {"num_classes": info.num_classes, "input_shape": tuple(info.input_shape), "vocab_size": info.vocab_size}
+        make = hf_factory(concrete, info.num_classes, info.vocab_size, data.task)
+    else:
+        factory = BUILTIN_MODELS.get(concrete) or load_factory("model", concrete)
+        kwargs = {"num_classes": info.num_classes, "input_shape": tuple(info.input_shape), "vocab_size": info.vocab_size}
+
+        def make() -> nn.Module:
+            return call_factory("model", concrete, factory, **kwargs)
+
+    # text's tokenizer, which a vocabulary too large for the model's embedding is blamed on
+    tokenizer = None if is_builtin(data.dataset) else custom_data(data).tokenizer
 
     def build() -> nn.Module:
-        model = call_factory("model", concrete, factory, **kwargs)
+        model = make()
         if not isinstance(model, nn.Module):
             raise refusal("model", concrete, f"the factory returned {type_phrase(model)}", "a torch.nn.Module")
+        if info.vocab_size is not None:
+            check_vocabulary(model, info.vocab_size, tokenizer, concrete, data.dataset)
         return model
 
     return build

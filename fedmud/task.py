@@ -12,7 +12,8 @@ arguments and returns a :class:`Task`, e.g. for regression::
         )
 
 ``regression`` is built in (mean squared error; the metric is the negated MSE, so
-that higher is better everywhere), and ``causal-lm``: next-token cross-entropy on a language
+that higher is better everywhere), ``sequence-classification`` (classification of texts: the same
+loss and accuracy, over a sequence classifier's ``logits``), and ``causal-lm``: next-token cross-entropy on a language
 model's ``logits`` (batch, length, vocabulary) against ``labels`` (batch, length; ``-100``
 where no token is predicted, as Hugging Face pads), the means over predicted tokens, not
 sequences; the metric is next-token accuracy and perplexity is ``exp(loss)``.
@@ -83,7 +84,14 @@ REGRESSION = Task(loss=F.mse_loss, metric=_neg_sum_squared_error, metric_name="n
 CAUSAL_LM = Task(
     loss=_next_token_loss, metric=_next_token_correct, metric_name="token_accuracy", count=_predicted_tokens
 )
-BUILTIN_TASKS = {"classification": CLASSIFICATION, "regression": REGRESSION, "causal-lm": CAUSAL_LM}
+# sequence-classification is classification named for text (what the text data path is told, and what
+# Hugging Face calls the head): the same loss and metric over the logits a sequence classifier returns
+BUILTIN_TASKS = {
+    "classification": CLASSIFICATION,
+    "sequence-classification": CLASSIFICATION,
+    "regression": REGRESSION,
+    "causal-lm": CAUSAL_LM,
+}
 
 
 def resolve_task(value: str) -> Task:
