@@ -238,7 +238,9 @@ def plan_to_ratio(model: nn.Module, config: DecompositionConfig, sizing: Sizing)
         return sum(math.prod(s) if n in dense_names else sizing.smallest(s) for n, s in floating.items())
 
     if need(dense) > target:
-        raise _unreachable(config, floating, dense, sizing, need(dense))
+        frozen = frozen_tensors(model)
+        frozen_values = sum(t.numel() for n, t in unique_state(model).items() if n in frozen)
+        raise _unreachable(config, floating, dense, sizing, need(dense), frozen_values)
     for name in preferred:  # the paper's first/last layers, dense only when the rest still fits
         if name not in dense and need({**dense, name: ""}) <= target:
             dense[name] = "first/last layer, fits the ratio"
@@ -262,8 +264,10 @@ def _unreachable(
     dense: Mapping[str, str],
     sizing: Sizing,
     need: int,
+    frozen: int = 0,
 ) -> ConfigError:
-    """The error for a ratio the model cannot reach: the smallest ratio, and what uses it."""
+    """The error for a ratio the model cannot reach: the smallest ratio, and what uses it (of the
+    values that train: ``frozen`` values are no part of the target)."""
     total = sum(math.prod(s) for s in floating.values())
     uses: dict[str, int] = {}
     for name, shape in floating.items():
@@ -278,9 +282,10 @@ def _unreachable(
     top = sorted(uses.items(), key=lambda kv: -kv[1])[:5]
     floor = need / total
     listed = "; ".join(f"{what} {n}" for what, n in top)
+    values = f"{total} trained values (its {frozen} frozen ones upload nothing)" if frozen else f"{total} values"
     return ConfigError(
         f"ratio={config.ratio:.6g} (1/{1 / config.ratio:.1f}) cannot be reached with "
-        f"dense-layers={','.join(config.dense_layers)}: at least {need} of the model's {total} values must "
+        f"dense-layers={','.join(config.dense_layers)}: at least {need} of the model's {values} must "
         f"upload, so allowed: ratio >= {floor:.4g} (1/{1 / floor:.1f}). Most of it: {listed}. "
         f"Raise ratio or keep fewer tensors dense"
     )
