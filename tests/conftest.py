@@ -269,6 +269,7 @@ SLOW_FIRST = (
     "test_finetune.py",
     "test_full_downlink.py",
     "test_examples.py",
+    "test_example_hf_text.py",
     "test_model_zoo.py",
     "test_hf_models.py",
     "test_seeds.py",
