@@ -24,7 +24,7 @@ from .config import ConfigError, RunConfig
 from .mud import DecomposedModel, decompose
 from .pretrained import load_init_weights
 from .privacy import mechanism, sample_round
-from .seeds import numpy_rng
+from .seeds import derive_seed, numpy_rng
 from .sync import FULL, ChainStore, Downlink, Link, SyncRecords, plan_downlink, state_digest
 from .task import Task, resolve_task
 from .training import evaluate, train_local
@@ -555,12 +555,17 @@ class ClientModel:
 
         Returns (encoded upload, mean loss, error-feedback state to keep); ``feedback``
         is the state kept from this client's previous upload (None: start at zero).
-        ``client_id`` (the partition id) seeds this client's stochastic rounding with
-        ``round_seed``, so clients' rounding errors are independent and a rerun repeats them.
+        ``client_id`` (the partition id) seeds, with ``round_seed``, this client's stochastic rounding
+        and the random draws of its local training (dropout): independent across clients, repeated
+        by a rerun whatever the process did before.
         """
         self.model.load_global_state(self.global_model.global_state())
         reference = round_start(self.model, self.codec, round_seed, values=self.codec.residual or self.dp.on)
-        loss = train_local(self.model, loader, self.run.train, self.device, self.task)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            # dropout and any other draw of local training: a function of (round, client), not of the
+            # process's history, so Flower's nodes and simulate_in_process train alike and a rerun repeats
+            torch.manual_seed(derive_seed(round_seed, "local-training", str(client_id)))
+            loss = train_local(self.model, loader, self.run.train, self.device, self.task)
         values = self.codec.layout.flatten(self.model.uploaded_state())
         if self.dp.on:  # clipped, and with dp=client this client's share of the noise, before it is coded
             update = self.dp.privatise(values.astype(np.float64) - reference)

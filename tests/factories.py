@@ -20,6 +20,14 @@ def linear_model(num_classes, input_shape):
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
 
 
+def dropout_mlp(num_classes, input_shape):
+    """A two-layer classifier with dropout between: local training draws random masks, as every
+    Hugging Face transformer does."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(math.prod(input_shape), 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, num_classes)
+    )
+
+
 def no_arguments():
     """Declares nothing: called bare."""
     return nn.Linear(784, 10)

@@ -6,16 +6,18 @@ Studies trust the in-process loop to stand for a real run; any drift between the
 client trains from, its seeds, its error feedback, which replies count) shows up here.
 """
 
+import numpy as np
 import pytest
 import torch
 
 from fedmud.config import parse_run_config
-from fedmud.rounds import simulate_in_process
+from fedmud.data import client_loader
+from fedmud.rounds import ClientModel, simulate_in_process
 from fedmud.sync import state_digest
 
 from .conftest import finished_run
 
-pytestmark = pytest.mark.integration
+DROPOUT = {"model": "tests.factories:dropout_mlp", "uplink": "int8"}  # int8: the update itself is uploaded
 
 PARTITIONS = 3  # finished_run's simulated SuperNodes, one partition each
 COMMON = {"num-server-rounds": 2, "local-epochs": 1}
@@ -47,6 +49,7 @@ def _assert_same_rounds(flwr: dict, in_process: list, digest: str) -> None:
     assert state_digest(checkpoint["global_state"]) == digest
 
 
+@pytest.mark.integration
 def test_a_run_with_lossy_uploads_error_feedback_and_stochastic_rounding_ends_bitwise_alike(simulation_superlink, tmp_path):
     """Every client's own state between rounds (the model it holds, what its codec has not sent yet,
     its rounding seed) and the median norm bound's history take part."""
@@ -56,6 +59,7 @@ def test_a_run_with_lossy_uploads_error_feedback_and_stochastic_rounding_ends_bi
     _assert_same_rounds(flwr, in_process, digest)
 
 
+@pytest.mark.integration
 def test_a_round_with_fewer_valid_replies_than_min_replies_is_skipped_on_both(simulation_superlink, tmp_path):
     """Two of the three partitions a round (sampled from the seed); each update is bounded by the
     lower median norm (1x): in round 1, of its own two replies, so the larger is dropped
@@ -70,3 +74,28 @@ def test_a_round_with_fewer_valid_replies_than_min_replies_is_skipped_on_both(si
     rows = {row["round"]: row for row in flwr["results"]}
     assert (rows[1]["norm-rejected"], rows[1]["accepted"], rows[2]["accepted"]) == (1, 0, 2)
     _assert_same_rounds(flwr, in_process, digest)
+
+
+@pytest.mark.integration
+def test_a_model_with_dropout_trains_alike_on_both_paths(simulation_superlink, tmp_path):
+    """Dropout draws from torch's global generator, which each path's processes have advanced
+    differently by the time a client trains; local training draws from (round, client) instead."""
+    flwr, in_process, digest = _both_paths(simulation_superlink, tmp_path, DROPOUT)
+    _assert_same_rounds(flwr, in_process, digest)
+
+
+def test_local_training_draws_from_the_round_and_the_client_not_from_the_process():
+    run = parse_run_config({**DROPOUT, "local-epochs": 1, "num-partitions": PARTITIONS})
+    client = ClientModel(run, torch.device("cpu"))
+
+    def upload(client_id: int) -> np.ndarray:
+        return client.train_round(123, client_loader(run.data, 0, 32, seed=5), client_id=client_id)[0]["payload"]
+
+    first = upload(0)
+    torch.rand(1000)  # the process draws in between, as a node does between rounds
+    again = upload(0)
+    before = torch.random.get_rng_state()
+    other = upload(1)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)  # another client draws other masks from the same data
+    assert torch.equal(torch.random.get_rng_state(), before)  # and leaves the process's generator as it was
