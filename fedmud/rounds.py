@@ -606,8 +606,11 @@ def simulate_in_process(
     every partition in turn); only the transport is left out, so studies run many
     configurations fast. Each partition keeps what its node keeps between rounds (the global
     model under ``client-state=keep``, its error feedback) and trains from the node's seeds
-    (:func:`data_seed`, its stochastic rounding), so a run ends bitwise as Flower's simulation
-    of the same config does (``tests/test_round_core.py``). A reply the strategy would reject
+    (:func:`data_seed`, its stochastic rounding, its dropout), so a run ends bitwise as Flower's
+    simulation of the same config does (``tests/test_round_core.py``) at the same number of torch
+    threads: a simulated node gets one, and a transformer's sums in another order differ in the last
+    bits, which rounds of training grow (``examples/hf-text``: 0.3929 at one thread on both paths, 0.413
+    in process at two). A reply the strategy would reject
     (non-finite values, e.g. a client that diverged) is left out of the round the same way; a
     round with fewer than ``min-replies`` valid replies is skipped. Each round's clients are
     sampled as the strategy samples nodes (:func:`fedmud.privacy.sample_round`: every partition

@@ -12,7 +12,7 @@ from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
 
 def distilbert(num_classes: int, vocab_size: int, input_shape: tuple[int, ...]) -> DistilBertForSequenceClassification:
-    """DistilBERT, 2 layers of width 128 (4 heads, feed-forward 256)."""
+    """DistilBERT, 1 layer of width 64 (4 heads, feed-forward 128): 169k parameters with 2,000 words."""
     config = DistilBertConfig(
         vocab_size=vocab_size,
         max_position_embeddings=input_shape[0],
