@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import log
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 
 from fedmud.bounds import bound_reply
 from fedmud.config import RunConfig, parse_run_config
@@ -31,6 +31,7 @@ from fedmud.training import describe_device
 from fedmud_wire import (
     hide_weight,
     identity_record,
+    pack_masked_vector,
     read_downlink,
     secure_upload_record,
     sync_error_record,
@@ -75,12 +76,15 @@ def _held(context: Context) -> tuple[int, dict[str, torch.Tensor]] | None:
 def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower's ``secaggplus_mod`` for the rounds that run SecAgg+ (``secure-aggregation=true``):
     their messages carry its config record; any other message goes straight through. The weight
-    the mod leaves readable in its reply is blanked: the server gets it only inside the sum."""
+    the mod leaves readable in its reply is blanked: the server gets it only inside the sum. The
+    masked vector the mod made (int64 values below the round's modulus) goes packed into
+    log2(modulus) bits a value (the server unpacks it before it sums)."""
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
     reply = secaggplus_mod(msg, context, call_next)
     if reply.has_content():
         hide_weight(reply.content)
+        pack_masked_vector(reply.content, int(context.state.config_records[RECORD_KEY_STATE]["mod_range"]))
     return reply
 
 

@@ -35,9 +35,12 @@ from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedmud.codec import Codec, Parts, PayloadError
+from fedmud.secagg import pack_values, unpack_values
 from fedmud.sync import CHAIN, FULL, Downlink, Link
 
 UPDATE_KEY, PAYLOAD_KEY, METRICS_KEY = "update", "payload", "metrics"
@@ -262,7 +265,9 @@ def _finite_number(value: object) -> bool:
 # record; the one of the collect stage also carries the downlink above. The client answers it
 # in Flower's FitRes layout, which the mod reads, masks and clears: the update (decoded upload
 # minus the round-start values) and the weight leave the client only inside the
-# masked vector. What stays readable is the client's seconds (``fitres.metrics``).
+# masked vector. What stays readable is the client's seconds (``fitres.metrics``). The masked
+# vector travels packed, log2(modulus) bits a value (the server sizes the field each round,
+# :func:`fedmud.secagg.size_field`), and is unpacked to Flower's int64 before it is summed.
 def secure_upload_record(update: np.ndarray, weight: int, seconds: Mapping[str, float] | None = None) -> RecordDict:
     """A client's collect-stage reply, for Flower's ``secaggplus_mod`` to mask."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
@@ -284,6 +289,36 @@ def hide_weight(content: RecordDict) -> None:
     key = "fitres.num_examples"
     if key in content.metric_records:
         content.metric_records[key] = MetricRecord({"num_examples": 0})
+
+
+def pack_masked_vector(content: RecordDict, modulus: int) -> None:
+    """Send a masked reply's values (Flower's int64, each in [0, ``modulus``)) in log2(``modulus``)
+    bits each (:func:`fedmud.secagg.pack_values`): 4 bytes or fewer instead of 8 in a field of 2^32
+    or less. The integers are those Flower's mod made; only their encoding changes."""
+    configs = content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is None or Key.MASKED_PARAMETERS not in configs:
+        return
+    bits = int(modulus).bit_length() - 1
+    vectors = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
+    configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(pack_values(v, bits)) for v in vectors]
+
+
+def unpack_masked_vector(content: RecordDict, modulus: int) -> None:
+    """The server's inverse of :func:`pack_masked_vector`, before Flower's workflow sums the
+    vectors: each uint8 vector back to Flower's int64 values. Any other array (a client that sends
+    Flower's own int64, or a malformed one) is left as it came, for the workflow and the mean's
+    checks to judge."""
+    configs = content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is None or Key.MASKED_PARAMETERS not in configs:
+        return
+    bits = int(modulus).bit_length() - 1
+    vectors = []
+    for data in configs[Key.MASKED_PARAMETERS]:
+        vector = bytes_to_ndarray(data)
+        if vector.dtype == np.uint8 and vector.ndim:
+            data = ndarray_to_bytes(unpack_values(vector, bits))
+        vectors.append(data)
+    configs[Key.MASKED_PARAMETERS] = vectors
 
 
 def secure_reply_seconds(metrics: Mapping[str, object]) -> dict[str, float]:

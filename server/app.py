@@ -21,13 +21,14 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmud.checkpoint import load_checkpoint, new_run_dir, restore
-from fedmud.config import ConfigError, parse_run_config
+from fedmud.config import BoundsConfig, ConfigError, parse_run_config
 from fedmud.data import test_loader
 from fedmud.ledger import DOWN, PROTOCOL, UP, Ledger
 from fedmud.divergence import divergence
 from fedmud.privacy import check_resume, mechanism
 from fedmud.results import TIMED_AFTER_CHECKPOINT, RoundResult, read_results
 from fedmud.rounds import ModelFactory, ServerModel
+from fedmud.secagg import STEP
 from fedmud.task import Task
 from fedmud.sync import CHAIN, FULL, Downlink, Link
 
@@ -229,6 +230,13 @@ def _run_server(
             log(WARNING, "%s", too_noisy)
     if run.privacy.secure_aggregation:
         log(INFO, "secure aggregation: Flower's SecAgg+, shares %g, threshold %g of them", run.privacy.secagg_shares, run.privacy.secagg_threshold)
+        if not server.dp.on and run.bounds.max_examples == BoundsConfig().max_examples:
+            log(
+                WARNING,
+                "secure aggregation quantises weight/max-examples · update, and max-examples is the default %d: a "
+                "client of E examples is carried within %.2g × %d/E a coordinate; set max-examples near your "
+                "largest partition", run.bounds.max_examples, STEP, run.bounds.max_examples,
+            )
     log(INFO, "downlink: full model %d B, one chain link %d B", server.full_bytes, server.link_bytes)
     strategy = FedMUD(
         run,

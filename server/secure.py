@@ -14,13 +14,16 @@ protocol is rewritten:
   parameters are the same unmasked mean; each client's array records were cleared by
   its mod);
 - :class:`MeteredGrid` puts every message of every stage in the ledger, by node and
-  direction: the collect stage as the model's exchange, the others as protocol traffic.
+  direction: the collect stage as the model's exchange, the others as protocol traffic; and
+  it unpacks each masked vector to Flower's int64 after counting the bytes it came in.
 
 Quantisation: the workflow maps each coordinate of ``weight/max_weight · update`` from
-[-clipping_range, clipping_range] onto ``QUANTIZATION_RANGE`` integer levels, by
-stochastic rounding; sums are taken modulo ``MODULUS_RANGE``. With 2^30 levels and a
-2^42 modulus (up to 4,096 clients a round) a coordinate's error is about
-``2·clipping_range/2^30`` over the mean weight ratio.
+[-clipping_range, clipping_range] onto integer levels, by stochastic rounding, and sums
+modulo a power of two. Both are sized each round (:func:`fedmud.secagg.size_field`) from the
+clipping range and the round's sampled clients (every client in the sum was sampled): a step
+of at most 2^-22 at full weight, in the smallest field that sums them exactly (30 bits for 10
+clients over [-8, 8]); the client's mod wrapper sends each masked value in that many bits.
+A coordinate of the mean is off by at most the step over the mean weight ratio.
 """
 
 from __future__ import annotations
@@ -44,10 +47,9 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from fedmud.config import RunConfig
 from fedmud.ledger import DOWN, MODEL, PROTOCOL, UP, Ledger
 from fedmud.privacy import Mechanism
-from fedmud_wire import content_bytes, secure_reply_seconds
+from fedmud.secagg import Field, size_field
+from fedmud_wire import content_bytes, secure_reply_seconds, unpack_masked_vector
 
-QUANTIZATION_RANGE = 1 << 30  # integer levels per coordinate (Flower's quantiser rounds into int32)
-MODULUS_RANGE = 1 << 42  # masks and sums modulo this: a round may sum up to 2^12 clients' 2^30 levels
 DEFAULT_CLIPPING_RANGE = 8.0  # Flower's default, for runs with neither a DP clip nor an update-norm bound
 
 
@@ -67,6 +69,12 @@ def max_weight(run: RunConfig, dp: Mechanism) -> float:
     return 1.0 if dp.on else float(run.bounds.max_examples)
 
 
+def secure_field(run: RunConfig, dp: Mechanism, clients: int) -> Field:
+    """The integers a round of ``clients`` sampled clients sums in: its levels from the clipping
+    range (:func:`clipping_range`), its modulus the smallest that sums them exactly."""
+    return size_field(clients, clipping_range(run, dp))
+
+
 @dataclass
 class SecureResult:
     """What one secure round gave the server: the mean, never one client's update."""
@@ -78,10 +86,12 @@ class SecureResult:
 
 
 class MeteredGrid:
-    """The Grid, with every message the workflow sends and receives put in the ledger."""
+    """The Grid, with every message the workflow sends and receives put in the ledger, as it
+    travelled; a masked vector then goes to the workflow as Flower's int64 (``modulus``: the
+    round's field, whose log2 is the bits a packed value takes)."""
 
-    def __init__(self, grid, ledger: Ledger, server_round: int) -> None:
-        self._grid, self._ledger, self._round = grid, ledger, server_round
+    def __init__(self, grid, ledger: Ledger, server_round: int, modulus: int) -> None:
+        self._grid, self._ledger, self._round, self._modulus = grid, ledger, server_round, modulus
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
@@ -97,6 +107,7 @@ class MeteredGrid:
         for reply in replies:
             if not reply.has_error():
                 self._ledger.record(self._round, str(reply.metadata.src_node_id), UP, content_bytes(reply.content), part)
+                unpack_masked_vector(reply.content, self._modulus)
         return replies
 
 
@@ -182,7 +193,14 @@ def secure_round(
     downlinks: Mapping[int, RecordDict],
     population: int = 0,
 ) -> SecureResult:
-    """One round of SecAgg+ over ``grid`` with each node's downlink; the ledger gets every message."""
+    """One round of SecAgg+ over ``grid`` with each node's downlink; the ledger gets every message.
+
+    Raises ValueError when the round samples more clients than a 64-bit sum can hold
+    (:func:`fedmud.secagg.size_field`).
+    """
+    round_field = secure_field(run, dp, len(downlinks))
+    if round_field.bits > 32:
+        log(WARNING, "round %d: %d clients need more than 32 bits a value: %s", server_round, len(downlinks), round_field.describe())
     strategy = _RoundStrategy(sorted(downlinks))
     state = RecordDict(
         {
@@ -201,13 +219,13 @@ def secure_round(
         reconstruction_threshold=float(run.privacy.secagg_threshold),
         max_weight=max_weight(run, dp),
         clipping_range=clipping_range(run, dp),
-        quantization_range=QUANTIZATION_RANGE,
-        modulus_range=MODULUS_RANGE,
+        quantization_range=round_field.levels,
+        modulus_range=round_field.modulus,
         timeout=run.round_timeout,
     )
     started = time.monotonic()
     try:
-        workflow(MeteredGrid(grid, ledger, server_round), context)
+        workflow(MeteredGrid(grid, ledger, server_round, round_field.modulus), context)
     except Exception as err:  # a malformed masked vector (wrong shape) stops Flower's workflow mid-round
         log(WARNING, "round %d: secure aggregation failed: %s: %s", server_round, type(err).__name__, err)
         return SecureResult(None, error=f"{type(err).__name__}: {err}")
@@ -219,5 +237,8 @@ def secure_round(
         for key, value in secure_reply_seconds(fitres.metrics).items():
             seconds[key] = seconds.get(key, 0.0) + value
     nodes = sorted(proxy.node_id for proxy, _ in strategy.results)
-    log(INFO, "round %d: secure aggregation of %d clients in %.2f s", server_round, len(nodes), time.monotonic() - started)
+    log(
+        INFO, "round %d: secure aggregation of %d clients in %.2f s, %s",
+        server_round, len(nodes), time.monotonic() - started, round_field.describe(),
+    )
     return SecureResult(np.asarray(mean, dtype=np.float64), nodes, seconds)

@@ -17,7 +17,8 @@ from fedmud.privacy import Mechanism, calibrate, epsilon, mechanism, sample_roun
 from fedmud.rounds import ClientModel, ServerModel
 from fedmud.seeds import round_seed
 from fedmud.sync import CHAIN, Downlink
-from server.secure import DEFAULT_CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, clipping_range, max_weight
+from fedmud.secagg import packed_nbytes
+from server.secure import DEFAULT_CLIPPING_RANGE, clipping_range, max_weight, secure_field
 
 from .conftest import ROOT, finished_run
 from .federation import loader
@@ -236,7 +237,8 @@ def test_secure_aggregation_carries_the_privatised_range_and_weighs_one_under_dp
     assert clipping_range(plain, mechanism(plain)) == DEFAULT_CLIPPING_RANGE and max_weight(plain, mechanism(plain)) == 500
     bounded = parse_run_config({"secure-aggregation": True, "update-norm-bound": 3.0})
     assert clipping_range(bounded, mechanism(bounded)) == 3.0
-    assert MODULUS_RANGE // QUANTIZATION_RANGE >= 4096  # clients a round can sum without wrapping
+    field = secure_field(plain, mechanism(plain), 4096)  # clients a round, summed without wrapping
+    assert 4096 * field.levels < field.modulus
 
 
 def test_the_ledger_keeps_protocol_traffic_apart_from_the_models_and_counts_both():
@@ -265,9 +267,11 @@ def _probe_run(env, run_dir, config: str) -> dict:
     return out
 
 
-# the protocol's quantisation: a coordinate of weight/max-examples · update is rounded to one of 2^30
-# levels over [-8, 8]; with ~1,000 examples a client of max-examples 100,000, the mean's error is
-# about 2·8/2^30 / 0.01 = 1.5e-6 (measured: 1.5e-6 to 2.7e-6 with 2 or 3 clients); the bound leaves ~10x
+# the protocol's quantisation: a coordinate of weight/max-examples · update is rounded to one of the
+# round's levels over [-8, 8] (fedmud.secagg.size_field: a step of at most 2^-22 = 2.4e-7; 4 clients sum
+# in 29 bits at a step of 1.2e-7), so the mean's error is at most the step over the mean weight ratio:
+# 1.2e-7 with max-examples at the clients' 1,000 examples (README: set it near your largest partition),
+# 1.2e-5 at the default 100,000. (Measured with 2^30 levels at 100,000: 1.5e-6 to 2.7e-6.)
 SECAGG_TOLERANCE = 2e-5
 
 
@@ -279,7 +283,7 @@ def test_secure_aggregation_survives_a_dropout_merges_to_the_plain_weights_and_t
     before the round (it fails at the first message: under SecAgg+ before it shares its keys, which
     Flower 1.39's workflow alone cannot survive) and partition 3 drops out in training (after it
     shared its keys, so the others' masks with it must be rebuilt from their shares)."""
-    base = 'downlink="full" probe.lost-partitions="1" probe.drop-partitions="3"'
+    base = 'downlink="full" max-examples=1000 probe.lost-partitions="1" probe.drop-partitions="3"'
     plain = _probe_run(simulation_superlink, tmp_path / "plain", base)
     secure = _probe_run(simulation_superlink, tmp_path / "secure", f"{base} secure-aggregation=true")
 
@@ -306,10 +310,12 @@ def test_secure_aggregation_survives_a_dropout_merges_to_the_plain_weights_and_t
     assert summary["secagg_protocol_up_bytes"] > 0 and summary["secagg_protocol_down_bytes"] > 0
     every = ledger["records"] + ledger["protocol"] + ledger["control"]  # control: the partition queries
     assert summary["up_bytes"] == sum(r["bytes"] for r in every if r["direction"] == UP)
-    # a masked upload is int64 per coordinate: about twice the plain float32 upload
+    # a masked value travels in the round's bits (4 clients: 29), not Flower's int64: below the float32 upload
     masked = [r["bytes"] for r in ledger["records"] if r["direction"] == UP]
     clear = [r["bytes"] for r in plain["ledger"]["records"] if r["direction"] == UP]
-    assert len(masked) == 2 and 1.7 < min(masked) / max(clear) < 2.3
+    numel = ServerModel(parse_run_config({})).codec.layout.numel  # the values of an upload (and one weight)
+    assert len(masked) == 2 and max(masked) < min(clear)
+    assert 0 < max(masked) - packed_nbytes(numel, 29) - packed_nbytes(1, 29) < 1500  # Flower's framing
     assert summary["privacy"] == {"secure_aggregation": True, "dp": "off"}
 
 
