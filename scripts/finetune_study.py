@@ -1,7 +1,8 @@
 """Fine-tuning study (issue 12): federated LoRA, its initialisations, FFA-LoRA, FedMUD and full
 fine-tuning of a pretrained model, over learning-rate sweeps.
 
-    python scripts/finetune_study.py --docs docs           # the committed study (all arms)
+    python scripts/finetune_study.py --docs docs           # the committed image study (its three arms)
+    python scripts/finetune_study.py --arms lm --docs docs # the language-model study (docs/finetune-lm.md)
     python scripts/finetune_study.py --arms cnn-mnist --partitions iid --seeds 0 --lrs 0.01,0.1   # a slice
 
 The task runs offline: a model pretrained centrally on MNIST-5k digits 0-4
@@ -27,6 +28,15 @@ Dirichlet draw); the pretrained weights are the same. Writes ``OUT/runs.json`` (
 resumable), and with ``--docs``: ``DOCS/finetune/summary.json``, ``DOCS/finetune/tables.md``
 and ``DOCS/finetune/<arm>.png`` (accuracy against learning rate). Runs two at a time
 (``--workers``), one thread each.
+
+The ``lm`` arm (issue 26, ``docs/finetune-lm.md``; not in the default ``--arms``) is the two
+initialisation papers' home setting: a small Llama-style causal language model pretrained on the
+Python Language Reference (``scripts/pretrain.py --model llama``, made here when missing) and
+fine-tuned federated on the docstrings of twelve standard-library packages, one client per package
+(``partition="natural"``), with Adam, all seven methods. Its metric is the held-out perplexity
+(lower is better); it also records each round's downlink (the chain link every client that
+keeps state receives) beside the upload. Its files go to ``results/finetune-lm/runs.json`` and
+``DOCS/finetune-lm/`` (``summary.json``, ``tables.md``, ``lm.png``, ``lm-bytes.png``).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -55,7 +66,12 @@ PRETRAIN = {"cnn-mnist": {"epochs": 4, "lr": 3e-3}, "vit": {"epochs": 25, "lr": 
 SGD_METHODS = ("fedavg", "fedmud", "lora-zero", "lora-nonzero", "lora-hrp", "ffa-lora")
 CNN_SGD_METHODS = (*SGD_METHODS, "lora-nonzero-x10")
 INIT_AB = ("lora-nonzero", "lora-nonzero-x10")  # compared with lora-zero (Init[A])
-# one arm: a model, an optimiser, its methods, learning rates (300x, 100x, 100x) and rounds
+LM_METHODS = ("fedavg", "fedmud", "lora-zero", "lora-nonzero", "lora-nonzero-x10", "lora-hrp", "ffa-lora")
+LM_DIR = "llama-python-reference"  # the pretrained language model's directory under --pretrained
+# one arm: a model, an optimiser, its methods, learning rates (300x, 100x, 100x) and rounds; optional:
+# "config" (run-config keys over COMMON), "metric" ("accuracy" or "perplexity"), "compare" (the
+# variants compared with lora-zero, paired by seed), "docs" (the folder under --docs), "default"
+# (False: left out of the default --arms)
 ARMS = {
     "cnn-mnist": {"model": "cnn-mnist", "optimizer": "sgd", "methods": CNN_SGD_METHODS,
                   "lrs": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3), "rounds": 10, "partitions": ("iid", "dirichlet")},
@@ -65,7 +81,15 @@ ARMS = {
     # the non-zero init paper's own setting: Adam; Init[A] against Init[AB] at two initial scales
     "cnn-mnist-adam": {"model": "cnn-mnist", "optimizer": "adam", "methods": ("lora-zero", "lora-nonzero", "lora-nonzero-x10"),
                        "lrs": (0.0001, 0.0003, 0.001, 0.003, 0.01), "rounds": 10, "partitions": ("iid", "dirichlet")},
+    # issue 26: a Llama-style LM pretrained on the language reference, fine-tuned on stdlib docstrings,
+    # one client per package; Adam (LoRA's usual optimiser and the init paper's analysis), 100x of rates
+    "lm": {"model": "llama", "optimizer": "adam", "methods": LM_METHODS,
+           "lrs": (0.0001, 0.0003, 0.001, 0.003, 0.01), "rounds": 6, "partitions": ("natural",),
+           "config": {"dataset": "fedmud.corpora:stdlib_docstrings", "task": "causal-lm", "tokenizer": "auto",
+                      "classes": "", "num-partitions": 12, "max-length": 32, "batch-size": 16},
+           "metric": "perplexity", "compare": (*INIT_AB, "lora-hrp"), "docs": "finetune-lm", "default": False},
 }
+DOCS = "finetune"  # the default folder under --docs
 COMMON = {
     "dataset": "mnist5k",
     "classes": "5-9",
@@ -78,7 +102,10 @@ COMMON = {
 
 
 def pretrained_path(model: str, directory: Path) -> Path:
-    """The pretrained checkpoint of ``model`` on digits 0-4, made once (``scripts/pretrain.py``)."""
+    """The pretrained checkpoint of ``model`` on digits 0-4, or the language model's directory, made
+    once (``scripts/pretrain.py``)."""
+    if model == "llama":
+        return pretrained_lm(directory / LM_DIR)
     path = directory / f"{model}-0to4.pt"
     if not path.exists():
         import sys
@@ -94,6 +121,27 @@ def pretrained_path(model: str, directory: Path) -> Path:
     return path
 
 
+def pretrained_lm(path: Path) -> Path:
+    """The language model and tokenizer ``save_pretrained`` wrote into ``path``, made when missing
+    (``scripts/pretrain.py --model llama``, seed 0, two threads)."""
+    if not (path / "config.json").is_file():
+        import sys
+
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import torch
+        from pretrain import pretrain_lm
+
+        torch.set_num_threads(2)
+        figures = pretrain_lm(path, seed=0, eval_length=ARMS["lm"]["config"]["max-length"])
+        print(f"pretrained the language model: {json.dumps(figures)}", flush=True)
+    return path
+
+
+def link_nbytes(link) -> int:
+    """A chain link's payload: its coded arrays, and the HRP directions it may carry."""
+    return sum(a.nbytes for a in link.parts.values()) + (0 if link.basis is None else link.basis.nbytes)
+
+
 def run_one(job: dict) -> dict:
     import torch
 
@@ -101,11 +149,13 @@ def run_one(job: dict) -> dict:
     from fedmud.rounds import simulate_in_process
 
     torch.set_num_threads(1)
+    lm = job.get("metric") == "perplexity"
     config = {
         **COMMON,
+        **job.get("config", {}),
         **METHODS[job["method"]],
-        "model": job["model"],
-        "init-weights": job["weights"],
+        "model": f"hf:{job['weights']}" if lm else job["model"],
+        "init-weights": "" if lm else job["weights"],
         "partition": job["partition"],
         "lr": job["lr"],
         "seed": job["seed"],
@@ -115,9 +165,15 @@ def run_one(job: dict) -> dict:
     }
     run = parse_run_config(config)
     started = time.monotonic()
-    server, history, uploaded = simulate_in_process(run)
+    links: list[int] = []  # each round's chain link: what a client holding the previous round downloads
+
+    def on_round(r: int, server) -> None:
+        last = server.chain.links[-1] if server.chain.links else None
+        links.append(link_nbytes(last) if last is not None and last.round == r else 0)
+
+    server, history, uploaded = simulate_in_process(run, on_round=on_round)
     clients = run.data.num_partitions
-    return {
+    row = {
         **{k: job[k] for k in ("arm", "model", "optimizer", "method", "partition", "lr", "seed", "rounds")},
         "accuracy": history,
         "final": history[-1],
@@ -126,6 +182,22 @@ def run_one(job: dict) -> dict:
         "dense_upload_bytes_per_client_round": server.model.dense_reference_numel * 4,
         "seconds": time.monotonic() - started,
     }
+    if lm:  # the headline is the held-out perplexity, exp(mean next-token loss over predicted tokens)
+        from fedmud.data import test_loader
+        from fedmud.rounds import ServerModel
+
+        loader = test_loader(run.data)
+        initial = ServerModel(run).evaluate(loader)[0]  # round 0: Init[AB] keeps its initial product
+        row.update({
+            "token_accuracy": row.pop("accuracy"),
+            "final": math.exp(server.evaluate(loader)[0]),
+            "perplexity_round0": math.exp(initial),
+            "upload_bytes_per_round": list(uploaded),
+            "download_bytes_per_round": links,
+            "download_bytes_per_client": sum(links),
+            "seconds": time.monotonic() - started,
+        })
+    return row
 
 
 def key(row: dict) -> tuple:
@@ -134,9 +206,10 @@ def key(row: dict) -> tuple:
 
 
 def summarise(rows: list[dict], lrs: list[float]) -> dict:
-    """Mean ± std over seeds of the final accuracy and the upload, per (arm, partition, method, lr),
-    and Init[AB]'s advantage over Init[A] (each of :data:`INIT_AB` − lora-zero, paired by seed)
-    at each learning rate."""
+    """Mean ± std over seeds of the final metric (accuracy; the ``lm`` arm's perplexity) and the
+    upload, per (arm, partition, method, lr), and each compared variant's difference from Init[A]
+    (the arm's ``compare``, by default :data:`INIT_AB`, − lora-zero, paired by seed) at each
+    learning rate (the key ``init_ab_minus_init_a`` holds them all)."""
     cells: dict = {}
     for row in rows:
         cells.setdefault((key(row)[0], row["partition"], row["method"], row["lr"]), []).append(row)
@@ -151,12 +224,21 @@ def summarise(rows: list[dict], lrs: list[float]) -> dict:
             "upload_mb_per_client": group[0]["upload_bytes_per_client"] / 1e6,
             "dense_upload_mb_per_client": group[0]["dense_upload_bytes_per_client_round"] * group[0]["rounds"] / 1e6,
         }
+        if "download_bytes_per_client" in group[0]:
+            ordered = sorted(group, key=lambda r: r["seed"])
+            entry.update({
+                "perplexity_round0": [r["perplexity_round0"] for r in ordered],
+                "token_accuracy_final": [r["token_accuracy"][-1] for r in ordered],
+                "upload_kb_per_client_round": statistics.fmean(r["upload_bytes_per_client"] / r["rounds"] for r in group) / 1e3,
+                "download_kb_per_client_round": statistics.fmean(r["download_bytes_per_client"] / r["rounds"] for r in group) / 1e3,
+                "dense_kb_per_client_round": group[0]["dense_upload_bytes_per_client_round"] / 1e3,
+            })
         out.setdefault(model, {}).setdefault(partition, {}).setdefault(method, {})[f"{lr:g}"] = entry
     for model, partitions in out.items():
         for partition, methods in partitions.items():
             zero = methods.get("lora-zero", {})
             gaps: dict = {}
-            for variant in INIT_AB:
+            for variant in ARMS.get(model, {}).get("compare", INIT_AB):
                 nonzero = methods.get(variant, {})
                 for lr in lrs:
                     a, b = zero.get(f"{lr:g}"), nonzero.get(f"{lr:g}")
@@ -181,12 +263,16 @@ def tables(summary: dict) -> list[str]:
     for arm, partitions in summary.items():
         spec = ARMS[arm]
         lrs = arm_lrs(partitions)
+        lm = spec.get("metric") == "perplexity"
+        digits = 2 if lm else 4
         for partition, methods in partitions.items():
+            what = "held-out perplexity (lower is better)" if lm else "accuracy"
+            columns = "kB up / down per client per round" if lm else "MB uploaded per client"
             lines += [
-                f"### {spec['model']}, {spec['optimizer'].upper()}, {partition}: final accuracy after {spec['rounds']} rounds "
+                f"### {spec['model']}, {spec['optimizer'].upper()}, {partition}: final {what} after {spec['rounds']} rounds "
                 "(mean ± std over seeds)",
                 "",
-                "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | MB uploaded per client |",
+                "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + f" | {columns} |",
                 "|---" * (len(lrs) + 2) + "|",
             ]
             for method in spec["methods"]:
@@ -194,15 +280,21 @@ def tables(summary: dict) -> list[str]:
                 if not cells:
                     continue
                 vals = [cells.get(f"{lr:g}") for lr in lrs]
-                shown = " | ".join("–" if v is None else f"{v['mean']:.4f} ± {v['std']:.4f}" for v in vals)
-                mb = next(v["upload_mb_per_client"] for v in vals if v)
-                lines.append(f"| {method} | {shown} | {mb:.3f} |")
+                shown = " | ".join("–" if v is None else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}" for v in vals)
+                first = next(v for v in vals if v)
+                size = (f"{first['upload_kb_per_client_round']:.1f} / {first['download_kb_per_client_round']:.1f}" if lm
+                        else f"{first['upload_mb_per_client']:.3f}")
+                lines.append(f"| {method} | {shown} | {size} |")
             for variant, gaps in methods.get("init_ab_minus_init_a", {}).items():
                 shown = " | ".join(
-                    f"{gaps[f'{lr:g}']['mean']:+.4f} ± {gaps[f'{lr:g}']['std']:.4f}" if f"{lr:g}" in gaps else "–"
+                    f"{gaps[f'{lr:g}']['mean']:+.{digits}f} ± {gaps[f'{lr:g}']['std']:.{digits}f}" if f"{lr:g}" in gaps else "–"
                     for lr in lrs
                 )
                 lines.append(f"| {variant} − lora-zero (paired by seed) | {shown} | |")
+            if lm:
+                dense = next(v for c in methods.values() for v in c.values() if "dense_kb_per_client_round" in v)
+                lines += ["", f"Dense FedAvg of the whole model in float32: {dense['dense_kb_per_client_round']:.1f} kB "
+                          "per client per round each way. Differences are in perplexity: negative, the variant is better."]
             lines.append("")
     return lines
 
@@ -216,6 +308,9 @@ def plot(summary: dict, directory: Path) -> None:
     for arm, partitions in summary.items():
         spec = ARMS[arm]
         lrs = arm_lrs(partitions)
+        if spec.get("metric") == "perplexity":
+            plot_lm(arm, spec, partitions, lrs, directory, plt)
+            continue
         fig, axes = plt.subplots(1, len(partitions), figsize=(6 * len(partitions), 4.2), squeeze=False)
         for ax, (partition, methods) in zip(axes[0], partitions.items()):
             for method, marker in zip(spec["methods"], "osD^v<>P"):
@@ -239,9 +334,59 @@ def plot(summary: dict, directory: Path) -> None:
         plt.close(fig)
 
 
+def plot_lm(arm: str, spec: dict, partitions: dict, lrs: list[float], directory: Path, plt) -> None:
+    """``<arm>.png``: perplexity against learning rate; ``<arm>-bytes.png``: each method's best
+    perplexity against its bytes per client per round, up and down."""
+    markers = dict(zip(spec["methods"], "osD^v<>P"))
+    for partition, methods in partitions.items():
+        fig, ax = plt.subplots(figsize=(7, 4.6))
+        for method in spec["methods"]:
+            cells = methods.get(method)
+            if not cells:
+                continue
+            pts = [(lr, cells[f"{lr:g}"]) for lr in lrs if f"{lr:g}" in cells]
+            ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
+                        marker=markers[method], capsize=3, label=method)
+        round0 = methods.get("lora-zero", {})
+        if round0:
+            start = statistics.fmean(next(iter(round0.values()))["perplexity_round0"])
+            ax.axhline(start, color="grey", ls=":", lw=1, label=f"pretrained ({start:.1f})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"learning rate ({spec['optimizer']})")
+        ax.set_ylabel("held-out perplexity after fine-tuning")
+        ax.set_title(f"Llama-style LM ({spec['rounds']} rounds, {partition} split over 12 packages), mean ± sd of 3 seeds", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        directory.mkdir(parents=True, exist_ok=True)
+        fig.savefig(directory / f"{arm}.png", dpi=110)
+        plt.close(fig)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        for ax, (direction, field) in zip(axes, (("upload", "upload_kb_per_client_round"), ("download", "download_kb_per_client_round"))):
+            for method in spec["methods"]:
+                cells = methods.get(method)
+                if not cells:
+                    continue
+                best = min(cells.values(), key=lambda c: c["mean"])
+                ax.errorbar([best[field]], [best["mean"]], yerr=[best["std"]], marker=markers[method], capsize=3, ls="", label=method)
+            dense = next(v for c in methods.values() for v in c.values() if "dense_kb_per_client_round" in v)
+            ax.axvline(dense["dense_kb_per_client_round"], color="grey", ls=":", lw=1, label="dense FedAvg, float32")
+            ax.set_xscale("log")
+            ax.set_xlabel(f"kB {direction}ed per client per round (payload)")
+            ax.grid(alpha=0.3, which="both")
+        axes[0].set_ylabel("best held-out perplexity over the learning rates")
+        axes[1].legend(fontsize=8)
+        fig.suptitle("each method at its best learning rate: perplexity against bytes", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(directory / f"{arm}-bytes.png", dpi=110)
+        plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"from {', '.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(a for a, spec in ARMS.items() if spec.get("default", True)),
+                        help=f"from {', '.join(ARMS)} (default: all but lm)")
     parser.add_argument("--methods", default=None, help="only these methods of each arm")
     parser.add_argument("--lrs", default=None, help="learning rates for every arm (default: each arm's)")
     parser.add_argument("--partitions", default=None, help="partitions for every arm (default: each arm's)")
@@ -249,8 +394,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="rounds for every arm (default: each arm's)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pretrained", type=Path, default=ROOT / "pretrained", help="where the checkpoints are made")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "finetune")
-    parser.add_argument("--docs", type=Path, default=None, help="write DOCS/finetune/{summary.json,tables.md,*.png}")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where runs.json is kept (default results/finetune; the lm arm's results/finetune-lm)")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="write DOCS/finetune/{summary.json,tables.md,*.png} (the lm arm: DOCS/finetune-lm/)")
     args = parser.parse_args()
     arms = {}
     for name in args.arms.split(","):
@@ -264,18 +411,24 @@ def main() -> None:
         if args.partitions:
             spec["partitions"] = tuple(args.partitions.split(","))
         arms[name] = spec
+    groups = {spec.get("docs", DOCS) for spec in arms.values()}
+    if len(groups) > 1:
+        parser.error(f"--arms {args.arms}: run the lm arm on its own (its files go elsewhere)")
+    group = groups.pop()
     weights = {spec["model"]: str(pretrained_path(spec["model"], args.pretrained).resolve()) for spec in arms.values()}
     jobs = [
         {"arm": name, "model": spec["model"], "optimizer": spec["optimizer"], "method": method, "partition": p,
-         "lr": lr, "seed": int(s), "rounds": spec["rounds"], "weights": weights[spec["model"]]}
+         "lr": lr, "seed": int(s), "rounds": spec["rounds"], "weights": weights[spec["model"]],
+         **{k: spec[k] for k in ("config", "metric") if k in spec}}
         for name, spec in arms.items()
         for p in spec["partitions"]
         for s in args.seeds.split(",")
         for lr in spec["lrs"]
         for method in spec["methods"]
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    runs_path = args.out / "runs.json"
+    out = args.out or ROOT / "results" / group
+    out.mkdir(parents=True, exist_ok=True)
+    runs_path = out / "runs.json"
     rows = json.loads(runs_path.read_text()) if runs_path.exists() else []
     done = {key(r) for r in rows}
     todo = [j for j in jobs if key(j) not in done]
@@ -293,9 +446,15 @@ def main() -> None:
     wanted = {key(j) for j in jobs}
     summary = summarise([r for r in rows if key(r) in wanted], sorted({lr for a in arms.values() for lr in a["lrs"]}))
     if args.docs:
-        directory = args.docs / "finetune"
+        directory = args.docs / group
         directory.mkdir(parents=True, exist_ok=True)
         setup = {**COMMON, "arms": arms, "seeds": args.seeds, "methods": METHODS, "pretrain": PRETRAIN}
+        if group != DOCS:  # the lm arm: its own data keys, the pretrained model's figures, the Python its corpora came from
+            for spec in arms.values():
+                setup.update(spec.get("config", {}))
+            setup["pretrain"] = json.loads((Path(weights["llama"]) / "pretrain.json").read_text())
+            setup["python"] = platform.python_version()
+            setup["run_seconds_summed"] = round(sum(r["seconds"] for r in rows if key(r) in wanted))
         (directory / "summary.json").write_text(json.dumps({"setup": setup, "results": summary}, indent=1))
         (directory / "tables.md").write_text("\n".join(tables(summary)))
         plot(summary, directory)
