@@ -36,7 +36,7 @@ CHECKPOINT = "checkpoint.pt"
 FORMAT = 2  # 2: readable with weights_only=True, with a content digest
 # Keys that must match for a resumed run to be the same run.
 _FIXED = (
-    "decomposition", "uplink", "model", "task", "seed", "data", "train", "downlink", "downlink_codec", "client_state",
+    "decomposition", "uplink", "model", "seed", "data", "train", "downlink", "downlink_codec", "client_state",
     "init_weights", "privacy",
 )
 # What a checkpoint holds, section by section (read before anything in it is used).
@@ -274,6 +274,8 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     the behaviour it was made with.
     """
     defaults = asdict(RunConfig())
+    if "task" in saved:  # made before the task key moved into the data section (2026-12)
+        saved = {**saved, "data": {"task": saved["task"], **(saved.get("data") or {})}}
     out = []
     for section in _FIXED:
         new = now[section]

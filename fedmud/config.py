@@ -339,8 +339,8 @@ class DecompositionConfig:
     init: str = key(
         "nonzero-compensated",
         "how factors start (see [Initialisation](#initialisation)); `auto` is `nonzero-compensated` for "
-        "`fedmud`, `nonzero` (Init[AB]) for `lora` and `zero` (Init[A]) for `ffa-lora` "
-        "([why](docs/finetune.md)); the LoRA methods take `zero`, `nonzero` and (`lora` only) `hrp`",
+        "`fedmud` and `zero` (Init[A]) for `lora` and `ffa-lora` "
+        "([why](docs/finetune-lm.md)); the LoRA methods take `zero`, `nonzero` and (`lora` only) `hrp`",
         shown="auto", parse=_init, allowed=", ".join(f"`{i}`" for i in ("auto", *INITS)),
     )
     init_scale: float = key(

@@ -258,9 +258,9 @@ def test_bad_fine_tuning_keys_are_refused_naming_key_value_and_allowed(overrides
     assert message in str(err.value)
 
 
-def test_init_auto_is_init_ab_for_lora_init_a_for_ffa_lora_and_fedmuds_default_for_fedmud():
-    assert parse_run_config({"method": "lora", "init": "auto"}).decomposition.init == "nonzero"
-    assert parse_run_config({"method": "lora"}).decomposition.init == "nonzero"
+def test_init_auto_is_init_a_for_the_lora_methods_and_fedmuds_default_for_fedmud():
+    assert parse_run_config({"method": "lora", "init": "auto"}).decomposition.init == "zero"
+    assert parse_run_config({"method": "lora"}).decomposition.init == "zero"
     assert parse_run_config({"method": "ffa-lora", "init": "auto"}).decomposition.init == "zero"
     assert parse_run_config({"method": "fedmud", "init": "auto"}).decomposition.init == "nonzero-compensated"
 
@@ -309,6 +309,10 @@ def test_a_checkpoint_from_before_the_fine_tuning_keys_resumes_and_another_init_
     old = asdict(parse_run_config({}))
     del old["init_weights"], old["data"]["classes"], old["decomposition"]["lora_rank"]
     assert config_differences(old, now) == []
+    old["task"] = old["data"].pop("task")  # made when the task key was not in the data section
+    assert config_differences(old, now) == []
+    old["task"] = "regression"
+    assert config_differences(old, now) == ["task='regression' (this run: 'classification')"]
     other = asdict(parse_run_config({"init-weights": "/models/a.pt"}))
     assert config_differences(other, now) == ["init-weights='/models/a.pt' (this run: '')"]
 
