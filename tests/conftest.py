@@ -218,6 +218,13 @@ def flwr_run(env: dict, *args: str, timeout: float = 600, app: str = ".") -> sub
     )
 
 
+def app_config(app: Path) -> dict:
+    """The run config an app's ``pyproject.toml`` declares (``[tool.flwr.app.config]``)."""
+    import tomllib
+
+    return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
 def finished_run(env: dict, run_dir: Path, run_config: str, supernodes: int = 3, app: str = ".") -> dict:
     """Run `flwr run` to its end with ``-c run_config run-dir=RUN_DIR``; asserts it succeeded and
     returns its output and what it wrote: summary, results, ledger, and its directory."""

@@ -1,22 +1,16 @@
 """examples/hf-text: a Hugging Face text classifier federated by FedMUD from the run config alone (model,
 dataset, tokenizer and task by name), run for real through Flower's simulation."""
 
-import tomllib
-
 import pytest
 
 from fedmud.config import parse_run_config
 
-from .conftest import ROOT, finished_run
+from .conftest import ROOT, app_config, finished_run
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("transformers")
 
 APP = ROOT / "examples" / "hf-text"
-
-
-def _app_config() -> dict:
-    return tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,7 @@ def test_the_example_learns_which_package_wrote_a_docstring(example_run):
 
 
 def test_the_examples_uploads_are_within_the_ratio_bound(example_run):
-    num, _, den = str(_app_config()["ratio"]).partition("/")
+    num, _, den = str(app_config(APP)["ratio"]).partition("/")
     ratio = float(num) / float(den or 1)
     ledger = example_run["ledger"]
     uploads = [r["bytes"] for r in ledger["records"] if r["direction"] == "up"]
@@ -45,7 +39,7 @@ def test_the_examples_uploads_are_within_the_ratio_bound(example_run):
 
 
 def test_the_example_names_its_model_data_tokenizer_and_task_in_its_config():
-    run = parse_run_config(_app_config())
+    run = parse_run_config(app_config(APP))
     assert (run.model, run.data.dataset, run.data.tokenizer, run.task) == (
         "hf_text.model:distilbert", "fedmud.corpora:stdlib_docstrings", "hf_text.tokenizer:docstring_words",
         "sequence-classification",

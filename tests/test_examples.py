@@ -1,22 +1,17 @@
 """examples/custom-app: a Flower app with its own model and data, run for real through Flower's simulation."""
 
 import io
-import tomllib
 import zipfile
 
 import pytest
 
 from fedmud.config import parse_run_config
 
-from .conftest import ROOT, finished_run
+from .conftest import ROOT, app_config, finished_run
 
 pytestmark = pytest.mark.integration
 
 APP = ROOT / "examples" / "custom-app"
-
-
-def _app_config() -> dict:
-    return tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +33,7 @@ def test_example_trains_its_own_model_on_its_own_data(example_run):
 
 
 def test_example_uploads_are_within_the_ratio_bound(example_run):
-    num, _, den = str(_app_config()["ratio"]).partition("/")
+    num, _, den = str(app_config(APP)["ratio"]).partition("/")
     ratio = float(num) / float(den or 1)
     ledger = example_run["ledger"]
     uploads = [r["bytes"] for r in ledger["records"] if r["direction"] == "up"]
@@ -47,7 +42,7 @@ def test_example_uploads_are_within_the_ratio_bound(example_run):
 
 
 def test_example_config_is_valid_and_leaves_out_the_data_and_model_keys():
-    config = _app_config()
+    config = app_config(APP)
     parse_run_config(config)  # raises ConfigError on a bad value
     assert not {"model", "dataset", "task"} & set(config)
 
