@@ -25,19 +25,30 @@ PREFIX = "hf:"
 
 
 def is_hf_source(value: object) -> bool:
-    return isinstance(value, str) and value.startswith(PREFIX) and bool(value[len(PREFIX):].strip())
+    return isinstance(value, str) and value.startswith(PREFIX) and bool(source_of(value))
+
+
+def transformers_for(key: str, value: str):
+    """The ``transformers`` module, or one ConfigError naming the key that needs it and how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(
+            f"{key}={value!r} needs Hugging Face transformers, which is not installed: pip install -e \".[hf]\""
+        ) from None
+    return transformers
+
+
+def source_of(value: str) -> str:
+    """What follows ``hf:``: a directory or a hub name."""
+    return value[len(PREFIX):].strip()
 
 
 def hf_factory(value: str, num_classes: int, vocab_size: int | None, task: str = "classification") -> Callable[[], nn.Module]:
     """A zero-argument callable loading ``value``'s model with a head for the task and data; the source
     is checked now (one :class:`ConfigError` naming it and what is allowed)."""
-    source = value[len(PREFIX):].strip()
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError(
-            f"model={value!r} needs Hugging Face transformers, which is not installed: pip install -e \".[hf]\""
-        ) from None
+    source = source_of(value)
+    transformers = transformers_for("model", value)
     local = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or local.exists()
     if looks_local and not (local / "config.json").is_file():

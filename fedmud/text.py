@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from .errors import ConfigError, is_import_string
 from .factories import call_factory, load_factory, refusal, type_phrase
-from .hf import PREFIX, is_hf_source
+from .hf import is_hf_source, source_of, transformers_for
 from .task import IGNORE
 
 TEXT, LABEL = "text", "label"
@@ -100,13 +100,8 @@ def load_tokenizer(value: str, dataset: str):
 def _from_pretrained(value: str):
     from pathlib import Path
 
-    source = value[len(PREFIX):].strip()
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError(
-            f"tokenizer={value!r} needs Hugging Face transformers, which is not installed: pip install -e \".[hf]\""
-        ) from None
+    source = source_of(value)
+    transformers = transformers_for("tokenizer", value)
     local = Path(source).expanduser()
     if local.is_dir() and not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise ConfigError(
