@@ -71,7 +71,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 
 from . import text
 from .errors import ConfigError
-from .factories import call_factory, load_factory, refusal, register_builtins, type_phrase
+from .factories import call_factory, class_count, class_labels, load_factory, refusal, register_builtins, type_phrase
 
 if TYPE_CHECKING:
     from .config import DataConfig
@@ -514,15 +514,15 @@ def client_loader(config: DataConfig, partition_id: int, batch_size: int, seed: 
     train, _ = splits(config)
     data = to_tensors(train, indices, config.dataset)
     spec = dataset_spec(config.dataset)
-    collate = None
-    if spec.augment:
-        augment = CropFlip(spec, torch.Generator().manual_seed(seed + 0x9E3779B9))
+    augment = CropFlip(spec, torch.Generator().manual_seed(seed + 0x9E3779B9)) if spec.augment else None
 
-        def collate(batch):
-            x, y = default_collate(batch)
-            return augment(x), y
+    def augmented(batch):
+        x, y = default_collate(batch)
+        return augment(x), y
 
-    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)
+    return DataLoader(
+        data, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=None if augment is None else augmented
+    )
 
 
 def test_loader(config: DataConfig, batch_size: int = 500) -> DataLoader:
@@ -591,7 +591,7 @@ def _custom_data(
             "train and test inputs of one shape",
         )
     vocab = max(seen_train.top_token, seen_test.top_token) + 1 if seen_train.tokens else None
-    classes = _num_classes(dataset, train, max(seen_train.labels.max(), seen_test.labels.max()) + 1)
+    classes = class_count(dataset, _declared_classes(train), max(seen_train.labels.max(), seen_test.labels.max()) + 1)
     info = DatasetInfo(seen_train.shape, classes, vocab)
     return CustomData(train, test, seen_train.labels, seen_test.labels, info)
 
@@ -668,11 +668,11 @@ def _scan(dataset: str, split: str, data: Dataset) -> _Seen:
     shape = tuple(first.shape)
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:  # whole tensors at hand: no pass needed
         x, y = data.tensors
-        labels = _targets(dataset, split, y, len(data))
+        labels = class_labels(dataset, split, y, len(data), ITEM)
         return _Seen(labels, shape, tokens, int(x.max()) if tokens else -1)
     targets = getattr(data, "targets", None)
     if targets is not None and not tokens:
-        return _Seen(_targets(dataset, split, targets, len(data)), shape, False, -1)
+        return _Seen(class_labels(dataset, split, targets, len(data), ITEM), shape, False, -1)
     labels, top = [], -1
     for i in range(len(data)):
         x, y = _pair(dataset, split, i, data[i])
@@ -719,24 +719,9 @@ def _label(y: object) -> int | None:
     return int(y)
 
 
-def _targets(dataset: str, split: str, targets: object, length: int) -> np.ndarray:
-    """A ``.targets`` attribute (or label tensor) as int64 labels, checked: one integer >= 0 per item."""
-    labels = np.asarray(targets.numpy() if isinstance(targets, torch.Tensor) else targets)
-    if labels.ndim != 1 or len(labels) != length or labels.dtype.kind not in "iu" or (labels < 0).any():
-        raise refusal("dataset", dataset, f"the {split} set's labels are not one integer >= 0 per item", ITEM)
-    return labels.astype(np.int64)
-
-
-def _num_classes(dataset: str, train: Dataset, observed: int) -> int:
-    """The train set's declared ``num_classes`` (or ``len(classes)``), else the largest label + 1."""
+def _declared_classes(train: Dataset) -> object:
+    """The train set's declared ``num_classes`` (or ``len(classes)``); None when it declares neither."""
     declared = getattr(train, "num_classes", None)
     if declared is None and hasattr(getattr(train, "classes", None), "__len__"):
         declared = len(train.classes)
-    if not isinstance(declared, (int, np.integer)) or isinstance(declared, bool):
-        return int(observed)
-    if declared < observed:
-        raise refusal(
-            "dataset", dataset, f"the train set declares {declared} classes but a label is {observed - 1}",
-            "labels below the declared number of classes",
-        )
-    return int(declared)
+    return declared

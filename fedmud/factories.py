@@ -14,6 +14,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from .errors import ConfigError, is_import_string
 
 BUILTINS: dict[str, tuple[str, ...]] = {}  # key -> its built-in names, each registry's own
@@ -112,3 +114,28 @@ def type_phrase(value: object) -> str:
 def _describe(err: BaseException) -> str:
     """``Type: message`` on one line, short enough for a log line."""
     return " ".join(f"{type(err).__name__}: {err}".split())[:300]
+
+
+def class_labels(dataset: str, split: str, values: object, length: int, allowed: str) -> np.ndarray:
+    """``values`` (a ``.targets`` attribute, a label tensor or column) as int64 class labels,
+    checked: one integer >= 0 per item; the refusal names ``dataset`` and says what is ``allowed``."""
+    labels = np.asarray(values.numpy() if hasattr(values, "numpy") and not isinstance(values, np.ndarray) else values)
+    if labels.ndim != 1 or len(labels) != length or labels.dtype.kind not in "iu" or (labels < 0).any():
+        raise refusal(
+            "dataset", dataset, f"the {split} set's labels are not one integer >= 0 per item (found {labels.dtype})", allowed
+        )
+    return labels.astype(np.int64)
+
+
+def class_count(dataset: str, declared: object, observed: int) -> int:
+    """How many classes: ``declared`` (a dataset's ``num_classes``, a ClassLabel's) when it is an
+    integer, refused when a label is past it; else ``observed``, the largest label + 1."""
+    if not isinstance(declared, (int, np.integer)) or isinstance(declared, bool):
+        return int(observed)
+    if declared < observed:
+        raise refusal(
+            "dataset", dataset, f"the train set declares {declared} classes but a label is {observed - 1}",
+            "labels below the declared number of classes",
+        )
+    return int(declared)
+

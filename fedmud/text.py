@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import ConfigError, is_import_string
-from .factories import call_factory, load_factory, refusal, type_phrase
+from .factories import call_factory, class_count, class_labels, load_factory, refusal, type_phrase
 from .hf import is_hf_source, source_of, transformers_for
 from .task import IGNORE
 
@@ -98,8 +99,6 @@ def load_tokenizer(value: str, dataset: str):
 
 
 def _from_pretrained(value: str):
-    from pathlib import Path
-
     source = source_of(value)
     transformers = transformers_for("tokenizer", value)
     local = Path(source).expanduser()
@@ -203,7 +202,11 @@ def tokenise(dataset: str, train, test, tokenizer_value: str, max_length: int, t
     tokenizer = load_tokenizer(tokenizer_value, dataset)
     sequences = {split: _encode(dataset, split, tokenizer, data, max_length) for split, data in (("train", train), ("test", test))}
     labels = {"train": _labels(dataset, "train", train, labelled), "test": _labels(dataset, "test", test, labelled and not causal)}
-    classes = _num_classes(train, labels) if labelled else 1
+    if labelled:
+        observed = int(max(labels["train"].max(), labels["test"].max())) + 1
+        classes = class_count(dataset, getattr(train.features[LABEL], "num_classes", None), observed)
+    else:
+        classes = 1
     return Text(
         TokenisedText(sequences["train"], labels["train"]),
         TokenisedText(sequences["test"], labels["test"]),
@@ -235,19 +238,8 @@ def _labels(dataset: str, split: str, data, labelled: bool) -> np.ndarray:
     """The ``label`` column as int64 (zeros where the split is not labelled: causal-lm's)."""
     if not labelled:
         return np.zeros(len(data), dtype=np.int64)
-    labels = np.asarray(data.with_format("numpy")[LABEL])
-    if labels.ndim != 1 or labels.dtype.kind not in "iu" or (labels < 0).any():
-        raise refusal(
-            "dataset", dataset, f"the {split} set's {LABEL!r} column holds {labels.dtype} values, not class labels",
-            f"a {LABEL!r} column of integer class labels >= 0 (a datasets.ClassLabel names them)",
-        )
-    return labels.astype(np.int64)
-
-
-def _num_classes(train, labels: dict[str, np.ndarray]) -> int:
-    feature = train.features[LABEL]
-    observed = int(max(labels["train"].max(), labels["test"].max())) + 1
-    return max(int(feature.num_classes), observed) if hasattr(feature, "num_classes") else observed
+    allowed = f"a {LABEL!r} column of integer class labels >= 0 (a datasets.ClassLabel names them)"
+    return class_labels(dataset, split, data.with_format("numpy")[LABEL], len(data), allowed)
 
 
 def check_vocabulary(model: nn.Module, vocab_size: int, tokenizer: str | None, model_value: str, dataset: str) -> None:
