@@ -142,15 +142,11 @@ def link_nbytes(link) -> int:
     return sum(a.nbytes for a in link.parts.values()) + (0 if link.basis is None else link.basis.nbytes)
 
 
-def run_one(job: dict) -> dict:
-    import torch
-
-    from fedmud.config import parse_run_config
-    from fedmud.rounds import simulate_in_process
-
-    torch.set_num_threads(1)
+def run_config(job: dict) -> dict:
+    """The run config of one study run: ``COMMON``, the arm's keys, the method's and the job's
+    (model, weights, partition, rate, seeds, rounds, optimiser). ``scripts/peft_study.py`` builds on it."""
     lm = job.get("metric") == "perplexity"
-    config = {
+    return {
         **COMMON,
         **job.get("config", {}),
         **METHODS[job["method"]],
@@ -163,7 +159,17 @@ def run_one(job: dict) -> dict:
         "num-server-rounds": job["rounds"],
         "optimizer": job["optimizer"],
     }
-    run = parse_run_config(config)
+
+
+def run_one(job: dict) -> dict:
+    import torch
+
+    from fedmud.config import parse_run_config
+    from fedmud.rounds import simulate_in_process
+
+    torch.set_num_threads(1)
+    lm = job.get("metric") == "perplexity"
+    run = parse_run_config(run_config(job))
     started = time.monotonic()
     links: list[int] = []  # each round's chain link: what a client holding the previous round downloads
 

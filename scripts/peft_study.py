@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from finetune_study import ARMS, COMMON, LM_DIR, pretrained_lm  # noqa: E402  (the study's setting)
+from finetune_study import ARMS, LM_DIR, pretrained_lm, run_config  # noqa: E402  (the study's setting)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
@@ -77,20 +77,12 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     variant = VARIANTS[job["variant"]]
-    config = {
-        **COMMON,
-        **ARMS["lm"]["config"],
-        "model": f"hf:{job['weights']}",
-        "tokenizer": f"hf:{job['weights']}",
-        "method": variant["method"],
-        "partition": ARMS["lm"]["partitions"][0],
-        "optimizer": ARMS["lm"]["optimizer"],
-        "lr": job["lr"],
-        "seed": job["seed"],
-        "data-seed": 42 + job["seed"],
-        "num-server-rounds": ROUNDS,
-        **({"ratio": variant["ratio"]} if "ratio" in variant else {}),
-    }
+    arm = ARMS["lm"]
+    study = {"metric": "perplexity", "config": arm["config"], "method": variant["method"], "model": arm["model"],
+             "weights": job["weights"], "partition": arm["partitions"][0], "optimizer": arm["optimizer"],
+             "lr": job["lr"], "seed": job["seed"], "rounds": ROUNDS}
+    # the LM study's run, with the tokenizer named (a PEFT model's directory is the base's) and the variant's ratio
+    config = {**run_config(study), "tokenizer": f"hf:{job['weights']}", **({"ratio": variant["ratio"]} if "ratio" in variant else {})}
     run = parse_run_config(config)
     model_fn = peft_llama(job["weights"]) if variant["peft"] else None
     started = time.monotonic()
