@@ -225,6 +225,15 @@ def app_config(app: Path) -> dict:
     return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
+def assert_uploads_within_ratio(app: Path, ledger: dict, uploads: int) -> None:
+    """The run's ``uploads`` uploads (ledger records) are each at most 1.05 x the dense upload x the app's ``ratio``."""
+    num, _, den = str(app_config(app)["ratio"]).partition("/")
+    ratio = float(num) / float(den or 1)
+    sizes = [r["bytes"] for r in ledger["records"] if r["direction"] == "up"]
+    assert len(sizes) == uploads
+    assert max(sizes) <= 1.05 * ledger["dense_up_bytes"] * ratio
+
+
 def finished_run(env: dict, run_dir: Path, run_config: str, supernodes: int = 3, app: str = ".") -> dict:
     """Run `flwr run` to its end with ``-c run_config run-dir=RUN_DIR``; asserts it succeeded and
     returns its output and what it wrote: summary, results, ledger, and its directory."""

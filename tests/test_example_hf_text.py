@@ -5,7 +5,7 @@ import pytest
 
 from fedmud.config import parse_run_config
 
-from .conftest import ROOT, app_config, finished_run
+from .conftest import ROOT, app_config, assert_uploads_within_ratio, finished_run
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("transformers")
@@ -30,12 +30,7 @@ def test_the_example_learns_which_package_wrote_a_docstring(example_run):
 
 
 def test_the_examples_uploads_are_within_the_ratio_bound(example_run):
-    num, _, den = str(app_config(APP)["ratio"]).partition("/")
-    ratio = float(num) / float(den or 1)
-    ledger = example_run["ledger"]
-    uploads = [r["bytes"] for r in ledger["records"] if r["direction"] == "up"]
-    assert len(uploads) == 2 * 3
-    assert max(uploads) <= 1.05 * ledger["dense_up_bytes"] * ratio
+    assert_uploads_within_ratio(APP, example_run["ledger"], uploads=2 * 3)  # clients x rounds
 
 
 def test_the_example_names_its_model_data_tokenizer_and_task_in_its_config():

@@ -7,7 +7,7 @@ import pytest
 
 from fedmud.config import parse_run_config
 
-from .conftest import ROOT, app_config, finished_run
+from .conftest import ROOT, app_config, assert_uploads_within_ratio, finished_run
 
 pytestmark = pytest.mark.integration
 
@@ -33,12 +33,7 @@ def test_example_trains_its_own_model_on_its_own_data(example_run):
 
 
 def test_example_uploads_are_within_the_ratio_bound(example_run):
-    num, _, den = str(app_config(APP)["ratio"]).partition("/")
-    ratio = float(num) / float(den or 1)
-    ledger = example_run["ledger"]
-    uploads = [r["bytes"] for r in ledger["records"] if r["direction"] == "up"]
-    assert len(uploads) == 3 * 2
-    assert max(uploads) <= 1.05 * ledger["dense_up_bytes"] * ratio
+    assert_uploads_within_ratio(APP, example_run["ledger"], uploads=3 * 2)  # clients x rounds
 
 
 def test_example_config_is_valid_and_leaves_out_the_data_and_model_keys():
