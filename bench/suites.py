@@ -22,6 +22,8 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     # EF-signSGD (Karimireddy et al. 2019): 1 bit per value of the dense update, with error feedback
     "ef-signsgd": {"method": "fedavg", **DENSE_DOWNLINK, "uplink": "sign", "error-feedback": True},
+    # the same with the chain downlink FedMUD uses (int4 links): the fairest 1-bit rival both ways
+    "ef-signsgd-int4": {"method": "fedavg", "uplink": "sign", "error-feedback": True, "downlink-codec": "int4"},
     "fedlmt": {"method": "fedlmt", "kind": "mat", "ratio": "1/32"},
     "fedpara": {"method": "fedpara", "ratio": "1/32"},  # FedPara: low-rank Hadamard-product weights
     "mud-mat-ab": {"method": "fedmud", "kind": "mat", "pattern": "ab", "ratio": "1/32"},

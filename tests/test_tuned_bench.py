@@ -1,0 +1,58 @@
+"""scripts/tuned_bench.py: learning rates chosen on a tuning seed, bytes counted as the server plans them."""
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("tuned_bench", ROOT / "scripts" / "tuned_bench.py")
+tuned_bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tuned_bench)
+
+
+def tuning_runs(curves: dict[float, list[float]]) -> dict:
+    return {
+        tuned_bench.key_of({"suite": "p10", "method": "fedmud", "lr": lr, "seed": 100, "rounds": 4}): {"accuracy": acc}
+        for lr, acc in curves.items()
+    }
+
+
+def test_each_budget_takes_the_rate_best_at_its_own_round_and_flags_a_grid_edge():
+    runs = tuning_runs({0.03: [0.1, 0.5, 0.6, 0.7, 0.8], 0.1: [0.1, 0.7, 0.8, 0.8, 0.75], 0.3: [0.1, 0.2, 0.8, 0.3, 0.2]})
+    short = tuned_bench.choose(runs, "p10", "fedmud", [0.03, 0.1, 0.3], 100, 4, at=2)
+    full = tuned_bench.choose(runs, "p10", "fedmud", [0.03, 0.1, 0.3], 100, 4, at=4)
+    assert short["lr"] == 0.1 and not short["edge"]  # 0.8 at round 2, tied with 0.3: the smaller rate
+    assert full["lr"] == 0.03 and full["edge"]  # best at the end, and at the grid's low edge
+    assert full["scores"] == {"0.03": 0.8, "0.1": 0.75, "0.3": 0.2}
+
+
+def test_figures_interpolate_bytes_to_the_target_over_the_budget_only():
+    row = {"accuracy": [0.1, 0.5, 0.9, 0.99], "up_bytes": [100, 100, 100], "down_bytes": [0, 50, 50],
+           "dense_bytes_per_round": 1000}
+    two = tuned_bench.figures(row, rounds=2, target=0.7)
+    assert (two["final"], two["up"], two["down"], two["total"]) == (0.9, 200, 50, 250)
+    assert two["up_to_target"] == pytest.approx(150)  # halfway from 0.5 to 0.9, between 100 and 200 B
+    assert two["round_to_target"] == pytest.approx(1.5)
+    assert two["up_vs_dense"] == pytest.approx(0.1) and two["total_vs_dense"] == pytest.approx(250 / 4000)
+    assert tuned_bench.figures(row, rounds=2, target=0.95)["up_to_target"] is None  # reached only in round 3
+
+
+def test_a_reported_seed_cannot_be_the_tuning_seed():
+    result = subprocess.run(
+        [sys.executable, "scripts/tuned_bench.py", "--seeds", "0,100", "--tune-seed", "100"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--tune-seed 100 is one of the reported --seeds" in result.stderr
+
+
+def test_a_run_counts_each_upload_and_the_chain_the_server_plans_for_each_client():
+    row = tuned_bench.run_one({"suite": "smoke", "method": "fedmud", "lr": 0.05, "seed": 0, "rounds": 3, "phase": "test"})
+    assert len(row["accuracy"]) == 4 and len(row["up_bytes"]) == len(row["down_bytes"]) == 3
+    assert len(set(row["up_bytes"])) == 1 and row["up_bytes"][0] < row["dense_bytes_per_round"] / 30  # 1/32 of dense
+    # both clients train every round: round 1 needs nothing (both hold round 0), later rounds one link each
+    assert row["down_bytes"] == [0, 2 * row["link_bytes"], 2 * row["link_bytes"]]
+    assert row["link_bytes"] < row["full_bytes"] / 50  # an int4 link of the factors
