@@ -355,7 +355,7 @@ SCHEMES: dict[str, Scheme] = {
 }
 INT8_CHUNK = SCHEMES["int8"].chunk
 PACKED = "packed"  # several parts in one array on the wire (Codec.pack)
-STATS_PREFIX = "stats-"  # parts of the running statistics when a low-bit code sends them as int8
+INT8_PREFIX = "int8-"  # parts of the tensors a split code sends as int8 (Codec._int8_split)
 
 
 # --------------------------------------------------------------------------- the codec
@@ -366,6 +366,7 @@ class Codec:
     layout: UploadLayout
     scheme: str = "float32"
     k: int = 0  # values kept by ``topk``
+    int8_names: frozenset[str] = frozenset()  # tensors sent as int8 when the scheme has more bits
     stats: CodecStats = field(default_factory=CodecStats)
 
     def __post_init__(self) -> None:
@@ -375,36 +376,45 @@ class Codec:
         if self.spec.sparse and not 0 < self.k <= self.layout.numel:
             raise PayloadError(f"{self.scheme} needs 0 < k <= {self.layout.numel}, got k={self.k}")
         self.chunks = Chunks.of(self.layout, self.spec.chunk)
-        self._split = self._statistics_split()
+        self._split = self._int8_split()
 
-    def _statistics_split(self) -> tuple[np.ndarray, Codec, np.ndarray, Codec] | None:
-        """Codes below 8 bits carry norm layers' running statistics as int8, the rest in the scheme.
+    def _int8_split(self) -> tuple[np.ndarray, Codec, np.ndarray, Codec] | None:
+        """Some tensors travel as int8 (their residual), the rest in the scheme:
 
-        Running means and variances are not gradients: ``sign`` and ``int2`` have no zero level,
-        so a variance that did not move would still be sent as ± a step, and a small one can go
-        negative (BatchNorm's evaluation then divides by the square root of a negative number).
-        int8 keeps zero at zero and errs by at most 1/254 of a chunk's largest change.
+        - below 8 bits, norm layers' running statistics (``layout.statistics``). They are not
+          gradients: ``sign`` and ``int2`` have no zero level, so a variance that did not move
+          would still be sent as ± a step, and a small one can go negative (BatchNorm's
+          evaluation then divides by the square root of a negative number). int8 keeps zero at
+          zero and errs by at most 1/254 of a chunk's largest change;
+        - above 8 bits, :attr:`int8_names` (the plan's vectors under ``vector-uplink``): their
+          bytes leave the ratio to the factors. A float32 code then sends the residual too, so
+          the whole upload decodes as ``reference + residual``.
         """
-        names = self.layout.statistics & {name for name, _ in self.layout.entries}
-        if not names or self.spec.sparse or not self.spec.residual or self.spec.bits >= 8:
+        entries = {name for name, _ in self.layout.entries}
+        if self.spec.sparse or self.spec.bits == 8:
             return None
-        main_names = {name for name, _ in self.layout.entries} - names
-        main_layout, main_index = self.layout.subset(main_names)
-        stats_layout, stats_index = self.layout.subset(names)
-        return main_index, Codec(main_layout, self.scheme), stats_index, Codec(stats_layout, "int8")
+        if self.spec.bits < 8:
+            names = self.layout.statistics & entries if self.spec.residual else set()
+        else:
+            names = self.int8_names & entries
+        if not names:
+            return None
+        main_layout, main_index = self.layout.subset(entries - names)
+        int8_layout, int8_index = self.layout.subset(names)
+        return main_index, Codec(main_layout, self.scheme), int8_index, Codec(int8_layout, "int8")
 
     # ------------------------------------------------------------------ layout
     @property
     def residual(self) -> bool:
-        """Whether the codec encodes values relative to the round-start reference."""
-        return self.spec.residual
+        """Whether the codec encodes values relative to the round-start reference (a split code does)."""
+        return self.spec.residual or self._split is not None
 
     @property
     def parts(self) -> PartSizes:
         """Name -> (dtype, size) of every array an upload holds."""
         if self._split is not None:
-            _, main, _, stats = self._split
-            return {**main.parts, **{STATS_PREFIX + name: size for name, size in stats.parts.items()}}
+            _, main, _, int8 = self._split
+            return {**main.parts, **{INT8_PREFIX + name: size for name, size in int8.parts.items()}}
         return self.spec.parts(self)
 
     @property
@@ -456,10 +466,10 @@ class Codec:
         if values.shape != (self.layout.numel,):
             raise PayloadError(f"vector shape is {values.shape}, expected ({self.layout.numel},)")
         if self._split is not None:
-            main_index, main, stats_index, stats = self._split
+            main_index, main, int8_index, int8 = self._split
             out = {
                 **main.encode(values[main_index], rng),
-                **{STATS_PREFIX + n: a for n, a in stats.encode(values[stats_index], rng).items()},
+                **{INT8_PREFIX + n: a for n, a in int8.encode(values[int8_index], rng).items()},
             }
         else:
             out = self.spec.encode(self, values, rng)
@@ -489,9 +499,9 @@ class Codec:
                 raise PayloadError(f"{name} has {int((~np.isfinite(array)).sum())} non-finite values")
         parts = dict(parts)
         if self._split is not None:
-            _, main, _, stats = self._split
-            main.validate({n: a for n, a in parts.items() if not n.startswith(STATS_PREFIX)})
-            stats.validate({n[len(STATS_PREFIX) :]: a for n, a in parts.items() if n.startswith(STATS_PREFIX)})
+            _, main, _, int8 = self._split
+            main.validate({n: a for n, a in parts.items() if not n.startswith(INT8_PREFIX)})
+            int8.validate({n[len(INT8_PREFIX) :]: a for n, a in parts.items() if n.startswith(INT8_PREFIX)})
         else:
             self.spec.check(self, parts)
         return parts
@@ -501,11 +511,11 @@ class Codec:
         parts = self.validate(parts)
         if self._split is None:
             return self.spec.decode(self, parts)
-        main_index, main, stats_index, stats = self._split
+        main_index, main, int8_index, int8 = self._split
         out = np.empty(self.layout.numel, dtype=np.float32)
-        out[main_index] = main.spec.decode(main, {n: a for n, a in parts.items() if not n.startswith(STATS_PREFIX)})
-        out[stats_index] = stats.spec.decode(
-            stats, {n[len(STATS_PREFIX) :]: a for n, a in parts.items() if n.startswith(STATS_PREFIX)}
+        out[main_index] = main.spec.decode(main, {n: a for n, a in parts.items() if not n.startswith(INT8_PREFIX)})
+        out[int8_index] = int8.spec.decode(
+            int8, {n[len(INT8_PREFIX) :]: a for n, a in parts.items() if n.startswith(INT8_PREFIX)}
         )
         return out
 

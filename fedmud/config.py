@@ -34,6 +34,7 @@ TASKS = tuple(BUILTIN_TASKS)
 
 KINDS = ("kron", "mat")
 PATTERNS = ("ab", "fab", "aad")
+VECTOR_UPLINKS = ("auto", "int8", "uplink")
 UPLINKS = tuple(SCHEMES)  # the codec's table of schemes
 LINK_CODECS = tuple(name for name, scheme in SCHEMES.items() if not scheme.sparse)  # a chain link codes every value
 LOSSY_UPLINKS = tuple(name for name, scheme in SCHEMES.items() if scheme.residual)
@@ -326,8 +327,8 @@ class DecompositionConfig:
     )
     ratio: float = key(
         1 / 32,
-        "upload target vs dense FedAvg, dense layers and BatchNorm included (not the LoRA methods: their size "
-        "is `lora-rank`)",
+        "upload target in bytes vs dense FedAvg's float32 upload, dense layers and BatchNorm included, as the "
+        "float32 `uplink` codes it (a lossy one sends fewer; not the LoRA methods: their size is `lora-rank`)",
         shown="1/32", parse=_ratio, allowed="(0, 1], as a number or a fraction",
     )
     dense_layers: tuple[str, ...] = key(
@@ -335,6 +336,14 @@ class DecompositionConfig:
         "tensors trained densely; `auto`: the paper's first and last layers when they fit the ratio (see "
         "[Any model](#any-model-and-dataset)); for `lora`/`ffa-lora` the last layer (the head)",
         shown="auto", parse=_dense_layers, allowed="`auto`, `first`, `last`, tensor names, module names",
+    )
+    vector_uplink: str = key(
+        "auto",
+        "how 1-D tensors and buffers (biases, norm weights, running statistics), which always upload dense, "
+        "travel when `uplink` codes at more than 8 bits: `int8` (their residual, 1 byte a value), `uplink` "
+        "(as the rest), `auto` int8 only when `ratio` cannot be reached with them at float32 (see "
+        "[Any model](#any-model-and-dataset))",
+        choices=VECTOR_UPLINKS,
     )
     init: str = key(
         "nonzero-compensated",

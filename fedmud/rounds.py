@@ -68,11 +68,12 @@ def build_decomposed(
         torch.random.set_rng_state(generator_state)
 
 def build_codec(run: RunConfig, model: DecomposedModel) -> Codec:
-    """The uplink codec the run config names (``topk``'s k from the dense bytes it may use)."""
+    """The uplink codec the run config names (``topk``'s k from the dense bytes it may use), with the
+    vectors the plan sends at int8 (``vector-uplink``)."""
     layout = model.upload_layout()
     sparse = SCHEMES[run.uplink.codec].sparse
     k = topk_count(layout.numel, model.dense_reference_numel, run.uplink.topk_ratio) if sparse else 0
-    return Codec(layout, run.uplink.codec, k)
+    return Codec(layout, run.uplink.codec, k, model.plan.int8_names())
 
 
 def build_link_codec(run: RunConfig, model: DecomposedModel) -> Codec:

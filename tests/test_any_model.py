@@ -175,18 +175,43 @@ def test_merging_the_mean_of_factors_equals_the_mean_of_the_clients_updates_for_
 
 # --------------------------------------------------------------------------- the planner's refusals
 def test_a_ratio_the_model_cannot_reach_gives_the_smallest_ratio_and_what_uses_it():
+    float32 = DecompositionConfig(ratio=1 / 64, vector_uplink="uplink")  # every value at 4 bytes
     with pytest.raises(ConfigError) as err:
-        decompose(tvm.mobilenet_v3_small(num_classes=10), DecompositionConfig(ratio=1 / 64))
+        decompose(tvm.mobilenet_v3_small(num_classes=10), float32)
     message = str(err.value)
     assert message.startswith("ratio=0.015625 (1/64.0) cannot be reached")
     floor = float(message.split("allowed: ratio >= ")[1].split(" ")[0])
     assert 1 / 64 < floor < 1 / 32
     assert "1-D tensors and buffers (biases, norms, running statistics) 28146" in message
-    decompose(tvm.mobilenet_v3_small(num_classes=10), DecompositionConfig(ratio=floor * 1.001))  # and it is reachable
+    assert message.endswith("or send the vectors at int8 (vector-uplink=int8)")
+    reachable = DecompositionConfig(ratio=floor * 1.001, vector_uplink="uplink")
+    decompose(tvm.mobilenet_v3_small(num_classes=10), reachable)  # and it is reachable
+
+
+def test_vectors_go_to_int8_only_when_the_ratio_needs_it_and_the_plan_counts_their_bytes():
+    """mobilenet_v3_small's vectors are 1.8% of it: 1/32 plans them at float32 as before, 1/64 at int8."""
+    at_32 = decompose(tvm.mobilenet_v3_small(num_classes=10), DecompositionConfig())
+    assert not at_32.plan.int8_names() and at_32.plan.upload_bytes == 4 * at_32.plan.upload
+    at_64 = decompose(tvm.mobilenet_v3_small(num_classes=10), DecompositionConfig(ratio=1 / 64))
+    vectors = {t.name for t in at_64.plan.tensors if t.reason in ("1-D", "buffer")}
+    assert at_64.plan.int8_names() == vectors
+    assert at_64.plan.upload_bytes <= at_64.plan.dense_reference_bytes / 64 < at_64.plan.upload * 4
+    assert at_64.summary()[-1].endswith(f"bytes (float32): ratio {at_64.plan.upload_bytes / at_64.plan.dense_reference_bytes:.5f} (1/64.0)")
+    assert any(line.endswith(" at int8, 20 bytes") for line in at_64.summary())  # 16 values and a scale
+
+
+def test_a_ratio_out_of_reach_even_with_int8_vectors_is_refused_in_bytes():
+    with pytest.raises(ConfigError) as err:
+        decompose(tvm.mobilenet_v3_small(num_classes=10), DecompositionConfig(ratio=1 / 256))
+    message = str(err.value)
+    assert "bytes (vectors at int8, vector-uplink=auto) of the 6160872 float32 bytes of the model's 1540218 values" in message
+    assert "1-D tensors and buffers (biases, norms, running statistics) at int8 " in message
+    floor = float(message.split("allowed: ratio >= ")[1].split(" ")[0])
+    decompose(tvm.mobilenet_v3_small(num_classes=10), DecompositionConfig(ratio=floor * 1.001))
 
 
 def test_an_explicit_dense_layer_that_breaks_the_ratio_is_named():
-    with pytest.raises(ConfigError, match=r"embed.weight \(dense: dense-layers: embed\) 640000"):
+    with pytest.raises(ConfigError, match=r"embed.weight \(dense: dense-layers: embed\) 2560000"):  # bytes
         decompose(TextTransformer(), DecompositionConfig(dense_layers=("embed",)))
 
 

@@ -195,3 +195,18 @@ def peft_gpt2(num_classes, vocab_size):
 
     lora = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
     return peft.get_peft_model(gpt2(num_classes, vocab_size), lora)
+
+
+# --- models whose norms and biases alone exceed 1/32 (they send them at int8: ``vector-uplink``) ---
+
+
+def shufflenet(num_classes, input_shape):
+    """torchvision's ShuffleNet-V2 x1.0: its 1-D tensors and BatchNorm statistics are 2.5% of it."""
+    import torchvision
+
+    return torchvision.models.shufflenet_v2_x1_0(num_classes=num_classes)
+
+
+def mobilevitv2(num_classes, input_shape):
+    """MobileViT-v2 0.5: its 1-D tensors and BatchNorm statistics are 2.2% of it."""
+    return _timm("mobilevitv2_050", num_classes, input_shape)
