@@ -37,7 +37,7 @@ FORMAT = 2  # 2: readable with weights_only=True, with a content digest
 # Keys that must match for a resumed run to be the same run.
 _FIXED = (
     "decomposition", "uplink", "model", "seed", "data", "train", "downlink", "downlink_codec", "client_state",
-    "init_weights", "privacy",
+    "anchor_codec", "init_weights", "privacy",
 )
 # What a checkpoint holds, section by section (read before anything in it is used).
 _LAYOUT = {

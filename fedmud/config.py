@@ -41,6 +41,8 @@ LOSSY_UPLINKS = tuple(name for name, scheme in SCHEMES.items() if scheme.residua
 # codes with levels to round to: stochastic-rounding applies to these
 LEVELLED_UPLINKS = tuple(n for n, scheme in SCHEMES.items() if scheme.residual and scheme.bits <= 8 and not scheme.sparse)
 CLIENT_STATES = ("keep", "none")
+# an anchor codes the model's change since round 0, a residual every value of which is sent
+ANCHOR_CODECS = ("none", *(n for n, scheme in SCHEMES.items() if scheme.residual and not scheme.sparse))
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "label-count", "natural")
 DOWNLINKS = ("chain", "full")
@@ -604,9 +606,16 @@ class RunConfig:
     )
     client_state: str = key(
         "keep",
-        "`none`: clients keep nothing between rounds (cross-device); every download brings round 0 to the "
-        "current round",
+        "`none`: clients keep nothing between rounds (cross-device); every download starts from round 0 "
+        "(the chain from there, or an anchor and the chain since it: `anchor-codec`)",
         choices=CLIENT_STATES,
+    )
+    anchor_codec: str = key(
+        "int2",
+        "with `client-state=none`: how the anchor a stateless client downloads with the chain since it is "
+        "coded (refreshed so that a download stays within 1/8 of the full model; see "
+        "[Compressed downlink](#compressed-downlink)); `none`: the chain from round 0, or the full model",
+        choices=ANCHOR_CODECS,
     )
     round_timeout: float = key(
         600.0, "seconds a round waits for replies (at most 12 h, the life of a Flower message)",
@@ -755,6 +764,11 @@ def _check_downlink(run: RunConfig) -> None:
             "error-feedback=true is not allowed with client-state='none': a client keeps what its code lost "
             "until its next upload, and a client that keeps no state has nowhere to keep it; set "
             "error-feedback=false or client-state='keep'"
+        )
+    if run.client_state == "none" and run.anchor_codec != "none" and run.decomposition.init == "hrp":
+        raise ConfigError(
+            f"anchor-codec={run.anchor_codec!r} is not allowed with init='hrp' and client-state='none': the "
+            "anchor is coded against round 0, and the preheat changes the model's layout; set anchor-codec='none'"
         )
 
 

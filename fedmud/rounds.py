@@ -25,7 +25,21 @@ from .mud import DecomposedModel, decompose
 from .pretrained import load_init_weights
 from .privacy import mechanism, sample_round
 from .seeds import derive_seed, numpy_rng
-from .sync import FULL, ChainStore, Downlink, Link, SyncRecords, plan_downlink, state_digest
+from .layout import UploadLayout
+from .sync import (
+    ANCHOR,
+    FULL,
+    STATELESS_BUDGET,
+    Anchor,
+    ChainStore,
+    Downlink,
+    Link,
+    SyncRecords,
+    plan_downlink,
+    StatelessSizes,
+    plan_stateless,
+    state_digest,
+)
 from .task import Task, resolve_task
 from .training import evaluate, train_local
 
@@ -112,6 +126,31 @@ def apply_link(model: DecomposedModel, codec: Codec, link: Link) -> None:
         model.load_hrp_state(model.hrp_layout().unflatten(link.basis))  # the HRP directions ride on the link
 
 
+def build_anchor_codec(run: RunConfig, model: DecomposedModel) -> Codec | None:
+    """How the anchor of a stateless run is coded (``anchor-codec``; None when there is none): every
+    floating tensor of the global model, weight matrices at the anchor codec, 1-D tensors (biases,
+    norms, running statistics) at int8 (the codec's statistics split; see :mod:`fedmud.sync`)."""
+    if run.client_state != "none" or run.anchor_codec == "none" or run.downlink == "full":
+        return None
+    floats = {n: t for n, t in model.global_state().items() if t.is_floating_point()}
+    one_d = frozenset(n for n, t in floats.items() if t.dim() <= 1)
+    return Codec(UploadLayout(tuple((n, tuple(t.shape)) for n, t in floats.items()), one_d), run.anchor_codec)
+
+
+def code_anchor(codec: Codec, round_: int, state: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor]) -> Anchor:
+    """The anchor of round ``round_``: ``state``'s change since round 0 (``initial``) in ``codec``."""
+    reference = codec.layout.flatten(initial)
+    return Anchor(round_, codec.pack(codec.encode(codec.layout.flatten(state) - reference)))
+
+
+def apply_anchor(model: DecomposedModel, codec: Codec, anchor: Anchor, initial: Mapping[str, torch.Tensor]) -> None:
+    """Load round 0 plus the anchor's decoded change into ``model`` (the same bitwise on every party:
+    one float32 addition a value). Raises :class:`~fedmud.codec.PayloadError` for parts that are not
+    the codec's."""
+    values = codec.decode(anchor.parts, codec.layout.flatten(initial))
+    model.load_global_state({**initial, **codec.layout.unflatten(values)})
+
+
 class PerLayout:
     """What ``build(model)`` returns, built once and again whenever ``model``'s upload layout
     changes (``layout_version``: HRP LoRA's switch to the final rank), so codecs match the model."""
@@ -147,14 +186,22 @@ class ServerModel:
         self.model = build_decomposed(run, model_fn=model_fn)
         self.initial_state = {n: t.clone() for n, t in self.model.global_state().items()}
         self._uplink = PerLayout(self.model, lambda m: build_codec(run, m))
+        # client-state=none: the anchor, and the model its clients hold (round 0, the anchor, the links since)
+        self.anchor_codec = build_anchor_codec(run, self.model)
+        self.anchor: Anchor | None = None
+        self.stateless = build_decomposed(run, model_fn=model_fn) if self.anchor_codec is not None else None
+        self._offset: tuple[tuple, np.ndarray] | None = None
         # the link codec and its carried error: a new layout (HRP LoRA's switch) starts afresh
         self._link = PerLayout(self.model, lambda m: _link_codecs(run, m))
         self.round = 0  # the global round the model is at
         self.chain = ChainStore()
         self.records = SyncRecords()
         self.digest = state_digest(self.global_state())
+        self.stateless_digest = self.digest
         self.link_bytes = 0  # downlink bytes per link and of the full model, measured by the app
         self.full_bytes = 0
+        self.anchor_bytes = 0  # and, with an anchor, of an anchor message and a chain message without links
+        self.message_bytes = 0
         self._reference: tuple[tuple, np.ndarray] | None = None
         self.dp = mechanism(run)  # client-level DP (off unless the config turns it on)
         # the update norms of the valid replies of the last NORM_WINDOW rounds that had any: the
@@ -189,12 +236,25 @@ class ServerModel:
         """What ``client`` needs to hold the current global model.
 
         A client that keeps no state (``client-state=none``) holds round 0 each time:
-        every party builds it from the seed.
+        every party builds it from the seed; it gets the chain from there, or the anchor and the
+        chain since it (:func:`fedmud.sync.plan_stateless`).
         """
         if self.run.downlink == "full":
             return Downlink(FULL, self.round)
+        if self.anchor_codec is not None:
+            return plan_stateless(self.anchor, self.round, self.chain, self.stateless_sizes)
         held = 0 if self.run.client_state == "none" else self.records.get(client, new_client_round=0)
         return plan_downlink(held, self.round, self.chain, self.link_bytes, self.full_bytes)
+
+    @property
+    def stateless_sizes(self) -> StatelessSizes:
+        return StatelessSizes(self.full_bytes, self.link_bytes, self.anchor_bytes, self.message_bytes)
+
+    @property
+    def anchor_fits(self) -> bool:
+        """Whether an anchor leaves room for a link within the stateless budget (else it is refreshed
+        every round, and a download is the anchor alone)."""
+        return self.anchor_bytes + self.link_bytes <= STATELESS_BUDGET * self.full_bytes
 
     def downlink(self, plan: Downlink, server_round: int) -> Downlink:
         """``plan`` (:meth:`plan`) completed for ``server_round``: the round's seed, the digest of the
@@ -203,7 +263,34 @@ class ServerModel:
         from .seeds import round_seed  # a module name: ``round_seed`` is a parameter of most methods here
 
         full_state = self.global_state() if plan.kind == FULL else None
-        return plan.for_round(server_round, round_seed(self.run.seed, server_round), self.digest, full_state)
+        digest = self.stateless_digest if plan.kind == ANCHOR else self.digest
+        return plan.for_round(server_round, round_seed(self.run.seed, server_round), digest, full_state)
+
+    def _advance_stateless(self, link: Link) -> None:
+        """After ``link`` was merged: refresh the anchor if a stateless download would now exceed the
+        budget (:mod:`fedmud.sync`), else apply the link to the stateless clients' model too."""
+        if self.anchor_codec is None or not self.full_bytes:
+            return
+        cost = self.stateless_sizes.cost(self.anchor, self.chain)
+        if cost is None or cost > STATELESS_BUDGET * self.full_bytes:
+            self.anchor = code_anchor(self.anchor_codec, link.round, self.global_state(), self.initial_state)
+            apply_anchor(self.stateless, self.anchor_codec, self.anchor, self.initial_state)
+        elif self.anchor is not None:
+            apply_link(self.stateless, self.link_codec, link)
+        self._stateless_digest()
+
+    def _stateless_digest(self) -> None:
+        self.stateless_digest = self.digest if self.anchor is None else state_digest(self.stateless.global_state())
+
+    def stateless_offset(self, round_seed: int) -> np.ndarray:
+        """``Ŵ - W`` in the upload's layout at the round's start: what a ``float32`` upload trained from
+        the stateless clients' model is moved by before it is merged into W (kept per model state)."""
+        key = (round_seed, self.digest, self.stateless_digest)
+        if self._offset is None or self._offset[0] != key:
+            values = round_start(self.stateless, self.codec, round_seed)
+            self.stateless.clear()
+            self._offset = (key, values - self.reference(round_seed))
+        return self._offset[1]
 
     def code_link(self, server_round: int, round_seed: int, mean: np.ndarray) -> Link:
         """The round's link: the aggregated upload ``mean`` in the link code.
@@ -260,6 +347,8 @@ class ServerModel:
         needs_reference = self.codec.residual or bounds.update_norm_bound > 0 or self.dp.on or self.median_bound_on
         reference = self.reference(round_seed) if needs_reference else None
         values = self.codec.decode(parts, reference)
+        if self.anchor is not None and not self.codec.residual:  # trained from Ŵ: its values, moved onto W
+            values = values - self.stateless_offset(round_seed)
         update = None  # what the bounds measure, when one is on
         if self.dp.on:  # clipped as the client clipped it: the decoded upload's change
             update = values.astype(np.float64) - reference
@@ -363,6 +452,8 @@ class ServerModel:
                 self.chain.prune(keep=max(1, self.full_bytes // self.link_bytes))
         self.round = server_round
         self.digest = state_digest(self.global_state())
+        if values is not None:
+            self._advance_stateless(link)
         return count if values is not None else 0
 
     def _guarded_link(self, server_round: int, round_seed: int, values: np.ndarray) -> Link | None:
@@ -399,6 +490,9 @@ class ServerModel:
             "records": dict(self.records.held),
             "link_feedback": None if self.link_feedback is None else self.link_feedback.state(),
             "recent_norms": [list(norms) for norms in self.recent_norms],
+            "anchor": None if self.anchor is None else (
+                self.anchor.round, {k: torch.from_numpy(np.array(v, copy=True)) for k, v in self.anchor.parts.items()}
+            ),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -408,6 +502,13 @@ class ServerModel:
         if self.link_feedback is not None:
             self.link_feedback.load_state(state.get("link_feedback"))
         self.recent_norms = [list(norms) for norms in state.get("recent_norms", [])]
+        anchor = state.get("anchor")
+        self.anchor = None if anchor is None else Anchor(anchor[0], {k: v.numpy() for k, v in anchor[1].items()})
+        if self.anchor is not None:  # the stateless clients' model: round 0, the anchor, the links since
+            apply_anchor(self.stateless, self.anchor_codec, self.anchor, self.initial_state)
+            for link in self.chain.since(self.anchor.round) or ():
+                apply_link(self.stateless, self.link_codec, link)
+        self._stateless_digest()
 
     def evaluate(self, loader: DataLoader) -> tuple[float, float]:
         """(mean loss, mean metric) of the global model on ``loader`` (CPU)."""
@@ -498,6 +599,7 @@ class ClientModel:
         self.model = build_decomposed(run, device, model_fn)
         self._uplink = PerLayout(self.model, lambda m: _uplink_codecs(run, m))
         self._link = PerLayout(self.global_model, lambda m: build_link_codec(run, m))
+        self.anchor_codec = build_anchor_codec(run, self.global_model)
         self.dp = mechanism(run)
 
     @property
@@ -518,9 +620,12 @@ class ClientModel:
     def sync(self, held: tuple[int, Mapping[str, torch.Tensor]] | None, downlink: Downlink) -> dict[str, torch.Tensor]:
         """Apply ``downlink`` to the held model (round, state), or to round 0 if none is held.
 
+        An anchor downlink starts from round 0 whatever is held: the anchor's change is decoded
+        onto it, then the links after the anchor's round are applied.
+
         Returns the new global state; raises :class:`SyncError` when a full downlink has no
-        model or one that does not load, the chain does not start at the held round, a link
-        does not decode, or the result's digest is not ``downlink.digest``.
+        model or one that does not load, the chain does not start at the held round, an anchor
+        or a link does not decode, or the result's digest is not ``downlink.digest``.
         """
         if downlink.kind == FULL:
             if downlink.full_state is None:
@@ -530,10 +635,13 @@ class ClientModel:
             except (KeyError, ValueError, RuntimeError, TypeError) as err:
                 raise SyncError(f"the full model does not load: {err}") from None
         else:
-            held_round, held_state = held if held is not None else (0, self.initial_state)
-            if held_round != downlink.base_round:
-                raise SyncError(f"the chain starts at round {downlink.base_round}, this client holds round {held_round}")
-            self.global_model.load_global_state(held_state)
+            if downlink.kind == ANCHOR:
+                self._load_anchor(downlink)
+            else:
+                held_round, held_state = held if held is not None else (0, self.initial_state)
+                if held_round != downlink.base_round:
+                    raise SyncError(f"the chain starts at round {downlink.base_round}, this client holds round {held_round}")
+                self.global_model.load_global_state(held_state)
             for link in downlink.links:
                 try:
                     apply_link(self.global_model, self.link_codec, link)
@@ -544,6 +652,18 @@ class ClientModel:
         if digest != downlink.digest:
             raise SyncError(f"digest {digest} after the downlink, expected {downlink.digest}")
         return {n: t.clone() for n, t in state.items()}
+
+    def _load_anchor(self, downlink: Downlink) -> None:
+        if downlink.anchor is None:
+            raise SyncError("an anchor downlink without the anchor")
+        if self.anchor_codec is None:
+            raise SyncError("an anchor downlink, but this run has none (client-state=keep or anchor-codec=none)")
+        if downlink.anchor.round != downlink.base_round:
+            raise SyncError(f"the anchor is of round {downlink.anchor.round}, the chain starts at round {downlink.base_round}")
+        try:
+            apply_anchor(self.global_model, self.anchor_codec, downlink.anchor, self.initial_state)
+        except PayloadError as err:
+            raise SyncError(f"the anchor of round {downlink.anchor.round} does not decode: {err}") from None
 
     def train_round(
         self,
@@ -593,12 +713,22 @@ class ClientModel:
         return values.astype(np.float64) - reference
 
 
+def payload_sizes(server: ServerModel) -> tuple[int, int, int, int]:
+    """(full model, one link, an anchor, a message's own bytes) in payload bytes, without Flower's
+    framing (the last is 0): what :func:`simulate_in_process` plans stateless downlinks by."""
+    full = sum(t.numel() * t.element_size() for t in server.global_state().values())
+    anchor = 0 if server.anchor_codec is None else server.anchor_codec.payload_nbytes
+    return full, server.link_codec.payload_nbytes, anchor, 0
+
+
 def simulate_in_process(
     run: RunConfig,
     rounds: int | None = None,
     model_fn: ModelFactory | None = None,
     on_round: Callable[[int, ServerModel], None] | None = None,
     rng: np.random.Generator | None = None,
+    eval_every: int = 1,
+    on_start: Callable[[ServerModel], None] | None = None,
 ) -> tuple[ServerModel, list[float], list[int]]:
     """The federated loop the Flower apps drive, in one process.
 
@@ -616,14 +746,21 @@ def simulate_in_process(
     round with fewer than ``min-replies`` valid replies is skipped. Each round's clients are
     sampled as the strategy samples nodes (:func:`fedmud.privacy.sample_round`: every partition
     at ``fraction-train=1`` without DP; Poisson sampling from ``rng`` under DP). Returns (server, held-out metric after rounds
-    0..R, payload bytes each client uploaded in rounds 1..R). ``on_round(r, server)`` runs
-    after each merge.
+    0..R, payload bytes each client uploaded in rounds 1..R); with ``eval_every`` > 1 the metric is
+    measured after every ``eval_every``-th round and the last (NaN between). ``on_round(r, server)`` runs
+    after each merge; ``on_start(server)`` before the first round, e.g. to set the message sizes the
+    server plans downlinks by (the Flower app measures them serialised; here they are 0, and every
+    client gets the full model, except with an anchor: its payload bytes, so that it is refreshed).
     """
     from .data import client_loader, test_loader
     from .seeds import round_seed
 
     rounds = run.rounds if rounds is None else rounds
     server = ServerModel(run, model_fn)
+    if server.anchor_codec is not None:
+        server.full_bytes, server.link_bytes, server.anchor_bytes, server.message_bytes = payload_sizes(server)
+    if on_start is not None:
+        on_start(server)
     client = ClientModel(run, torch.device("cpu"), model_fn)
     held: dict[int, tuple[int, dict]] = {}  # partition -> the global model it keeps (client-state=keep)
     feedback: dict[int, dict | None] = {}  # partition -> what its codec has not sent yet (error-feedback)
@@ -652,7 +789,8 @@ def simulate_in_process(
                 server.records.unknown(str(pid))
             else:
                 server.records.synced(str(pid), target)
-        history.append(server.evaluate(loader_test)[1])
+        evaluated = r % eval_every == 0 or r == rounds
+        history.append(server.evaluate(loader_test)[1] if evaluated else float("nan"))
         if on_round is not None:
             on_round(r, server)
     return server, history, uploaded

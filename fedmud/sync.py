@@ -18,6 +18,40 @@ With every downlink goes :func:`state_digest` of the global model the client mus
 end up with. Links are applied on the CPU with elementwise operations only (see
 ``exact`` in :mod:`fedmud.decomposition`), so a client's result is bitwise the
 server's; a client whose digest differs reports it and gets the full model next.
+
+Stateless clients and the anchor
+--------------------------------
+A client that keeps nothing (``client-state=none``) holds round 0 at every download, and the chain
+from round 0 grows by one link a round: with the default int4 links of the paper's CNN it costs
+more than the float32 model after ~237 rounds, and cross-device runs last thousands. So the server
+also keeps an :class:`Anchor` (DoCoFL, Dorfman et al. 2023): the global model of an anchor round
+``a`` coded at a few bits (``anchor-codec``, default int2) as its change since round 0, which every
+party builds from the seed, so the code spends its levels on what training moved. A stateless
+client downloads the anchor and the links since ``a`` (kind ``ANCHOR``) and holds
+
+    Ŵ_r = W_0 + decode(code(W_a - W_0)) + links a+1..r = W_r + e_a,
+
+the exact model plus the anchor's error ``e_a``, the same for every client. The server keeps the
+exact W_r (option (i) of issue 27): the anchor is never merged into it, so ``client-state=keep``
+runs are untouched and no rounding ever undoes a small update (snapping W to a 2-bit code every K
+rounds would round most of the K rounds' change away). It applies the same anchor and links to a
+second model, :func:`state_digest` of which goes with every anchor downlink, so stateless clients
+are still checked bitwise. An upload trained from Ŵ is a change from Ŵ: residual uplink codes
+carry that change, which the server adds to W; a ``float32`` upload carries values, which the
+server moves by ``W - Ŵ`` before it merges them (:meth:`fedmud.rounds.ServerModel.screen`), so
+``e_a`` never enters W.
+
+When to refresh: after a merge, the server codes a new anchor if the download a stateless client
+would get next, anchor plus chain since it, costs more than :data:`STATELESS_BUDGET` of the
+float32 model (the full downlink). Refreshing costs no client anything, a download is never
+above the budget (until round ~K_0 the chain from round 0 is cheaper and is sent; W_0 is the
+zero-byte anchor), and K follows from the measured sizes: with int2 anchors (2.06 bits a value,
+1/15.5 of float32 plus the message) and int4 links of the CNN (1/237 each) the anchor is refreshed
+every ~14 merged rounds. A code whose anchor alone exceeds the budget (int4's 4.06 bits a value
+are just above 1/8) is refreshed every round, and the server warns that the budget cannot hold.
+The anchor codes each weight matrix at ``anchor-codec`` and 1-D tensors (biases, norms, their
+running statistics) at int8: they are a small share of the values and a large share of what a
+2-bit code would distort.
 """
 
 from __future__ import annotations
@@ -29,7 +63,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-FULL, CHAIN = "full", "chain"
+FULL, CHAIN, ANCHOR = "full", "chain", "anchor"
+STATELESS_BUDGET = 1 / 8  # a stateless client's download is at most this share of the full model
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -59,6 +94,15 @@ class Link:
     def payload(self) -> np.ndarray:
         """The float32 values of a ``float32`` link."""
         return self.parts["payload"]
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The global model of round ``round`` as its coded change since round 0 (the anchor codec's
+    packed parts); a stateless client decodes it onto round 0 and applies the links after ``round``."""
+
+    round: int
+    parts: Mapping[str, np.ndarray]
 
 
 @dataclass
@@ -108,7 +152,8 @@ class SyncRecords:
 class Downlink:
     """All a client needs for one round: how to reach the global model, and the round it trains in.
 
-    ``FULL`` carries the model (``full_state``), ``CHAIN`` the links after ``base_round``;
+    ``FULL`` carries the model (``full_state``), ``CHAIN`` the links after ``base_round``,
+    ``ANCHOR`` the anchor of ``base_round`` (``anchor``) and the links after it;
     either way the client must end up at ``target_round`` with the model whose
     :func:`state_digest` is ``digest``, and trains round ``server_round`` from factors drawn
     from ``round_seed``. The server plans it (:func:`plan_downlink`: kind and links) and
@@ -123,6 +168,7 @@ class Downlink:
     server_round: int = 0  # the round the client trains in
     round_seed: int = 0  # its seed: the frozen factors, the client's data order
     digest: str = ""  # state_digest of the model the client must reach
+    anchor: Anchor | None = None  # ANCHOR only
     # the global model (FULL only); not compared: tensors have no single truth value
     full_state: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
@@ -157,3 +203,39 @@ def plan_downlink(
     if held_round > target_round or links is None or chain_bytes(links, link_bytes) >= full_bytes:
         return Downlink(FULL, target_round)
     return Downlink(CHAIN, target_round, held_round, tuple(links))
+
+
+def plan_stateless(
+    anchor: Anchor | None, target_round: int, chain: ChainStore, sizes: StatelessSizes
+) -> Downlink:
+    """What a client holding nothing needs: the cheapest of the chain from round 0, the anchor and
+    the chain since it, and the full model (priced as whole messages, :class:`StatelessSizes`)."""
+    plans = []
+    links = chain.since(0)
+    if links is not None:
+        plans.append((sizes.message + chain_bytes(links, sizes.link), Downlink(CHAIN, target_round, 0, tuple(links))))
+    links = None if anchor is None or anchor.round > target_round else chain.since(anchor.round)
+    if links is not None:
+        cost = sizes.anchor + chain_bytes(links, sizes.link)
+        plans.append((cost, Downlink(ANCHOR, target_round, anchor.round, tuple(links), anchor=anchor)))
+    plans.append((sizes.full, Downlink(FULL, target_round)))
+    return min(plans, key=lambda plan: plan[0])[1]  # the first of equal costs: full only when strictly cheaper
+
+
+@dataclass(frozen=True)
+class StatelessSizes:
+    """Bytes of a stateless client's downlinks as sent: ``full`` (the full model's message),
+    ``link`` (one more link), ``anchor`` (an anchor message without links), ``message`` (a chain
+    message without links: its config and digest)."""
+
+    full: int = 0
+    link: int = 0
+    anchor: int = 0
+    message: int = 0
+
+    def cost(self, anchor: Anchor | None, chain: ChainStore) -> int | None:
+        """Bytes of the anchor (none: round 0) and the chain since it; None when links since it were pruned."""
+        links = chain.since(0 if anchor is None else anchor.round)
+        if links is None:
+            return None
+        return (self.message if anchor is None else self.anchor) + chain_bytes(links, self.link)

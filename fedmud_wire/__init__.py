@@ -4,11 +4,12 @@ Both apps import it and neither owns it (``server/`` and ``client/`` do not impo
 it is Flower-aware, so it stays out of the library ``fedmud/``, which never imports flwr.
 
 Downlink (server -> client), a RecordDict with
-- ``config``: server-round, round-seed, sync (``full`` | ``chain``), target-round,
+- ``config``: server-round, round-seed, sync (``full`` | ``chain`` | ``anchor``), target-round,
   base-round, link-rounds, link-seeds, digest;
 - ``arrays``: the full global model (``full``) or ``chain``: each link's coded arrays
   (``link-<round>-<part>``: ``payload``, and ``scales`` for the lossy link codes) and, in
-  the round that fixed them, the HRP directions (``basis-<round>``).
+  the round that fixed them, the HRP directions (``basis-<round>``); an ``anchor`` downlink
+  (``client-state=none``) adds the anchor's coded arrays (``anchor-<part>``, of round base-round).
 
 Uplink (client -> server): ``update`` (the codec's flat arrays: ``payload``, or
 ``payload`` + ``scales`` for int8/int4/int2/sign, ``values`` + ``indices`` for top-k; clients
@@ -41,10 +42,11 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedmud.codec import Codec, Parts, PayloadError
 from fedmud.secagg import pack_values, unpack_values
-from fedmud.sync import CHAIN, FULL, Downlink, Link
+from fedmud.sync import ANCHOR, CHAIN, FULL, Anchor, Downlink, Link
 
 UPDATE_KEY, PAYLOAD_KEY, METRICS_KEY = "update", "payload", "metrics"
 ARRAYS_KEY, CHAIN_KEY, CONFIG_KEY = "arrays", "chain", "config"
+ANCHOR_PREFIX = "anchor-"  # an anchor's arrays in an anchor downlink's chain record
 TIMINGS = ("train-s", "client-s")  # a client's seconds in local training and in its whole round
 
 
@@ -80,6 +82,11 @@ def downlink_record(downlink: Downlink) -> RecordDict:
             arrays[f"link-{link.round}-{part}"] = Array(array)
         if link.basis is not None:  # HRP directions fixed in this round
             arrays[f"basis-{link.round}"] = Array(link.basis)
+    if downlink.kind == ANCHOR:
+        if downlink.anchor is None:
+            raise ValueError("an anchor downlink needs the anchor")
+        for part, array in downlink.anchor.parts.items():
+            arrays[f"{ANCHOR_PREFIX}{part}"] = Array(array)
     chain = ArrayRecord(arrays)
     return RecordDict({CONFIG_KEY: config, CHAIN_KEY: chain})
 
@@ -91,10 +98,10 @@ def read_downlink(content: RecordDict) -> Downlink:
     """
     config = content.config_records[CONFIG_KEY]
     kind = str(config["sync"])
-    if kind not in (FULL, CHAIN):
-        raise ValueError(f"unknown sync kind {kind!r}, expected {FULL!r} or {CHAIN!r}")
+    if kind not in (FULL, CHAIN, ANCHOR):
+        raise ValueError(f"unknown sync kind {kind!r}, expected {FULL!r}, {CHAIN!r} or {ANCHOR!r}")
     links: tuple[Link, ...] = ()
-    full_state = None
+    full_state = anchor = None
     if kind == FULL:
         full_state = content.array_records[ARRAYS_KEY].to_torch_state_dict()
     else:
@@ -104,6 +111,10 @@ def read_downlink(content: RecordDict) -> Downlink:
             for r, s in zip(config["link-rounds"], config["link-seeds"])
         )
     base = int(config["base-round"])
+    if kind == ANCHOR:
+        chain = content.array_records[CHAIN_KEY]
+        parts = {key[len(ANCHOR_PREFIX) :]: chain[key].numpy() for key in chain.keys() if key.startswith(ANCHOR_PREFIX)}
+        anchor = Anchor(base, parts)
     return Downlink(
         kind=kind,
         target_round=int(config["target-round"]),
@@ -113,6 +124,7 @@ def read_downlink(content: RecordDict) -> Downlink:
         round_seed=int(config["round-seed"]),
         digest=str(config["digest"]),
         full_state=full_state,
+        anchor=anchor,
     )
 
 

@@ -171,7 +171,7 @@ def test_a_misspelt_key_is_refused_naming_the_key_it_is_nearest(key, value, mean
         parse_run_config({key: value})
     message = str(err.value)
     assert message.startswith(f"{key}={value!r} is not allowed: there is no such key; did you mean {meant}? Known keys: ")
-    assert "alpha, autocast, batch-size, classes" in message and "'myapp.key'" in message
+    assert "alpha, anchor-codec, autocast, batch-size, classes" in message and "'myapp.key'" in message
 
 
 def test_every_unknown_key_is_named_in_one_message():

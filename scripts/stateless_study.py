@@ -1,0 +1,159 @@
+"""Stateless clients over a long run (issue 27, item 4): the anchor keeps every download within 1/8.
+
+    python scripts/stateless_study.py [--rounds 500] [--seeds 0,1,2] [--modes keep,none]
+                                      [--jobs 2] [--out docs/bench/stateless]
+
+MNIST-5k, IID, 100 partitions, ``fraction-train=0.01`` with ``min-train-nodes=1`` (one client a
+round), every other key at its default (FedMUD, int4 chain links, float32 uplink, 2 local epochs,
+batch 32, lr 0.05), ``client-state=none`` (with the default ``anchor-codec=int2``) against
+``client-state=keep``. Each arm runs the apps' round logic in one process
+(:func:`fedmud.rounds.simulate_in_process`, one torch thread) with the message sizes the Flower
+server measures (:func:`server.app.measure_message_sizes`, :func:`server.app.measure_stateless`:
+serialised as Flower sends them, framing included), and records what the server plans for each
+sampled client: the bytes the planner prices it at (the full message; or the anchor message and
+the links at their measured size; or a chain message and its links), over the full downlink's. The held-out accuracy is measured every 10 rounds.
+
+Resumable: each arm writes ``<out>/runs/<mode>-s<seed>.json`` and is skipped when that exists;
+``<out>/summary.json`` and ``<out>/summary.md`` are rewritten from all arms present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SETTING = {"dataset": "mnist5k", "partition": "iid", "num-partitions": 100, "fraction-train": 0.01, "min-train-nodes": 1}
+EVAL_EVERY = 10
+TAIL = 10  # evaluations averaged for the tail accuracy (the last 100 rounds)
+
+
+def run_arm(mode: str, seed: int, rounds: int, path: Path) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from fedmud.config import parse_run_config
+    from fedmud.rounds import simulate_in_process
+    from fedmud.sync import ANCHOR, CHAIN, FULL, chain_bytes
+    from server.app import measure_message_sizes, measure_stateless
+
+    run = parse_run_config({**SETTING, "client-state": mode, "seed": seed, "num-server-rounds": rounds})
+    downloads: list[tuple[int, str, int, int]] = []  # (round, kind, links, bytes)
+    anchors: list[int] = []
+
+    def on_start(server) -> None:
+        _, _, server.full_bytes, server.link_bytes = measure_message_sizes(server)
+        server.anchor_bytes, server.message_bytes = measure_stateless(server)
+        plan = server.plan
+
+        def priced(client: str):
+            p = plan(client)
+            nbytes = server.full_bytes if p.kind == FULL else chain_bytes(p.links, server.link_bytes)
+            nbytes += {ANCHOR: server.anchor_bytes, CHAIN: server.message_bytes}.get(p.kind, 0)
+            downloads.append((server.round + 1, p.kind, len(p.links), nbytes))
+            return p
+
+        server.plan = priced
+
+    def on_round(r: int, server) -> None:
+        if server.anchor is not None and (not anchors or anchors[-1] != server.anchor.round):
+            anchors.append(server.anchor.round)
+
+    started = time.monotonic()
+    server, history, _ = simulate_in_process(run, eval_every=EVAL_EVERY, on_round=on_round, on_start=on_start)
+    full = server.full_bytes
+    fractions = [b / full for _, _, _, b in downloads]
+    evaluated = [(r, a) for r, a in enumerate(history) if not math.isnan(a)]
+    result = {
+        "mode": mode, "seed": seed, "rounds": rounds, "config": {**SETTING, "client-state": mode, "seed": seed},
+        "anchor_codec": run.anchor_codec if mode == "none" else None,
+        "full_bytes": full, "link_bytes": server.link_bytes, "anchor_bytes": server.anchor_bytes,
+        "max_download_fraction": max(fractions), "mean_download_fraction": statistics.fmean(fractions),
+        "downloads_by_kind": {k: sum(1 for d in downloads if d[1] == k) for k in sorted({d[1] for d in downloads})},
+        "anchor_rounds": anchors,
+        "final_accuracy": history[-1], "best_accuracy": max(a for _, a in evaluated),
+        # one client a round moves the model a lot: the mean of the last TAIL evaluations is the steadier figure
+        "tail_accuracy": statistics.fmean(a for _, a in evaluated[-TAIL:]),
+        "accuracy": evaluated, "downloads": downloads, "seconds": round(time.monotonic() - started, 1),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{mode} seed {seed}: final {result['final_accuracy']:.4f}, max download {result['max_download_fraction']:.4f} "
+          f"of full, {result['seconds']} s", flush=True)
+    return result
+
+
+def summarise(out: Path) -> None:
+    arms = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    rows = []
+    for mode in ("keep", "none"):
+        mine = [a for a in arms if a["mode"] == mode]
+        if not mine:
+            continue
+        finals = [a["final_accuracy"] for a in mine]
+        bests = [a["best_accuracy"] for a in mine]
+        tails = [a["tail_accuracy"] for a in mine]
+        rows.append({
+            "mode": mode, "seeds": [a["seed"] for a in mine], "rounds": mine[0]["rounds"],
+            "final_accuracy_mean": statistics.fmean(finals), "final_accuracy_sd": statistics.pstdev(finals),
+            "best_accuracy_mean": statistics.fmean(bests), "tail_accuracy_mean": statistics.fmean(tails),
+            "tail_accuracy": tails,
+            "final_accuracy": finals, "best_accuracy": bests,
+            "max_download_fraction": max(a["max_download_fraction"] for a in mine),
+            "mean_download_fraction": statistics.fmean(a["mean_download_fraction"] for a in mine),
+            "anchors_per_run": statistics.fmean(len(a["anchor_rounds"]) for a in mine),
+            "full_bytes": mine[0]["full_bytes"], "link_bytes": mine[0]["link_bytes"], "anchor_bytes": mine[0]["anchor_bytes"],
+        })
+    summary = {"setting": SETTING, "eval_every": EVAL_EVERY, "command": "python scripts/stateless_study.py", "rows": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines = [
+        "# Stateless clients over a long run (scripts/stateless_study.py)", "",
+        "MNIST-5k, IID, 100 partitions, 1 client a round (fraction-train=0.01), defaults otherwise; "
+        "downloads as the server plans them, in Flower's serialised bytes, over the float32 full downlink.", "",
+        "| client-state | seeds | rounds | final acc | mean acc, last 100 rounds | best acc | max download / full | "
+        "mean download / full | anchors a run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {','.join(map(str, r['seeds']))} | {r['rounds']} | {r['final_accuracy_mean']:.4f} ± "
+            f"{r['final_accuracy_sd']:.4f} | {r['tail_accuracy_mean']:.4f} | {r['best_accuracy_mean']:.4f} | {r['max_download_fraction']:.4f} | "
+            f"{r['mean_download_fraction']:.4f} | {r['anchors_per_run']:.0f} |"
+        )
+    if rows:
+        r = rows[0]
+        lines += ["", f"Full downlink {r['full_bytes']} B, one int4 link {r['link_bytes']} B, "
+                  f"int2 anchor message {max(x['anchor_bytes'] for x in rows)} B."]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=500)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--modes", default="keep,none")
+    parser.add_argument("--jobs", type=int, default=2, help="arms at a time (default 2)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "stateless")
+    args = parser.parse_args()
+    todo = [
+        (mode, int(seed), args.rounds, args.out / "runs" / f"{mode}-s{seed}.json")
+        for seed in args.seeds.split(",") for mode in args.modes.split(",")
+    ]
+    todo = [arm for arm in todo if not arm[3].exists()]
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(run_arm, *arm) for arm in todo]:
+            future.result()
+    summarise(args.out)
+
+
+if __name__ == "__main__":
+    main()
