@@ -611,9 +611,9 @@ class RunConfig:
         choices=CLIENT_STATES,
     )
     anchor_codec: str = key(
-        "int2",
+        "int4",
         "with `client-state=none`: how the anchor a stateless client downloads with the chain since it is "
-        "coded (refreshed so that a download stays within 1/8 of the full model; see "
+        "coded (then deflated; refreshed so that a download stays within 1/8 of the full model; see "
         "[Compressed downlink](#compressed-downlink)); `none`: the chain from round 0, or the full model",
         choices=ANCHOR_CODECS,
     )

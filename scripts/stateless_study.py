@@ -1,7 +1,7 @@
 """Stateless clients over a long run (issue 27, item 4): the anchor keeps every download within 1/8.
 
     python scripts/stateless_study.py [--rounds 500] [--seeds 0,1,2] [--modes keep,none]
-                                      [--jobs 2] [--out docs/bench/stateless]
+                                      [--anchor-codec int4] [--snap] [--jobs 2] [--out docs/bench/stateless]
 
 MNIST-5k, IID, 100 partitions, ``fraction-train=0.01`` with ``min-train-nodes=1`` (one client a
 round), every other key at its default (FedMUD, int4 chain links, float32 uplink, 2 local epochs,
@@ -36,32 +36,56 @@ EVAL_EVERY = 10
 TAIL = 10  # evaluations averaged for the tail accuracy (the last 100 rounds)
 
 
-def run_arm(mode: str, seed: int, rounds: int, path: Path) -> dict:
+def arm_name(mode: str, seed: int, anchor_codec: str, snap: bool = False) -> str:
+    """``keep-s<seed>``, or ``none-<anchor codec>[-snap]-s<seed>``."""
+    if mode == "keep":
+        return f"{mode}-s{seed}"
+    return f"{mode}-{anchor_codec}{'-snap' if snap else ''}-s{seed}"
+
+
+def run_arm(mode: str, seed: int, rounds: int, path: Path, anchor_codec: str = "int4", snap: bool = False) -> dict:
+    """One arm. ``snap`` (an experiment, not a mode of the library): at each anchor refresh the server
+    replaces W by the anchor's model, so every party holds Ŵ and updates are merged where they were
+    trained (design (ii) of issue 27, against the library's (i): W exact, clients at W + e)."""
     import torch
 
     torch.set_num_threads(1)
     from fedmud.config import parse_run_config
     from fedmud.rounds import simulate_in_process
-    from fedmud.sync import ANCHOR, CHAIN, FULL, chain_bytes
+    from fedmud.sync import ANCHOR, CHAIN, FULL, chain_bytes, state_digest
     from server.app import measure_message_sizes, measure_stateless
 
-    run = parse_run_config({**SETTING, "client-state": mode, "seed": seed, "num-server-rounds": rounds})
+    run = parse_run_config(
+        {**SETTING, "client-state": mode, "anchor-codec": anchor_codec, "seed": seed, "num-server-rounds": rounds}
+    )
     downloads: list[tuple[int, str, int, int]] = []  # (round, kind, links, bytes)
     anchors: list[int] = []
 
     def on_start(server) -> None:
         _, _, server.full_bytes, server.link_bytes = measure_message_sizes(server)
-        server.anchor_bytes, server.message_bytes = measure_stateless(server)
+        server.anchor_framing, server.message_bytes, _ = measure_stateless(server)
         plan = server.plan
 
         def priced(client: str):
             p = plan(client)
             nbytes = server.full_bytes if p.kind == FULL else chain_bytes(p.links, server.link_bytes)
-            nbytes += {ANCHOR: server.anchor_bytes, CHAIN: server.message_bytes}.get(p.kind, 0)
+            nbytes += server.anchor_framing + p.anchor.nbytes if p.kind == ANCHOR else 0
+            nbytes += server.message_bytes if p.kind == CHAIN else 0
             downloads.append((server.round + 1, p.kind, len(p.links), nbytes))
             return p
 
         server.plan = priced
+        if snap:
+            advance = server._advance_stateless
+
+            def snapped(link) -> None:
+                before = server.anchor
+                advance(link)
+                if server.anchor is not before:  # refreshed: W becomes the anchor's model
+                    server.model.load_global_state(server.stateless.global_state())
+                    server.digest = server.stateless_digest = state_digest(server.global_state())
+
+            server._advance_stateless = snapped
 
     def on_round(r: int, server) -> None:
         if server.anchor is not None and (not anchors or anchors[-1] != server.anchor.round):
@@ -74,8 +98,8 @@ def run_arm(mode: str, seed: int, rounds: int, path: Path) -> dict:
     evaluated = [(r, a) for r, a in enumerate(history) if not math.isnan(a)]
     result = {
         "mode": mode, "seed": seed, "rounds": rounds, "config": {**SETTING, "client-state": mode, "seed": seed},
-        "anchor_codec": run.anchor_codec if mode == "none" else None,
-        "full_bytes": full, "link_bytes": server.link_bytes, "anchor_bytes": server.anchor_bytes,
+        "anchor_codec": (run.anchor_codec + ("+snap" if snap else "")) if mode == "none" else None,
+        "full_bytes": full, "link_bytes": server.link_bytes, "anchor_bytes": max((b for _, kind, n, b in downloads if kind == ANCHOR and n == 0), default=0),
         "max_download_fraction": max(fractions), "mean_download_fraction": statistics.fmean(fractions),
         "downloads_by_kind": {k: sum(1 for d in downloads if d[1] == k) for k in sorted({d[1] for d in downloads})},
         "anchor_rounds": anchors,
@@ -94,15 +118,13 @@ def run_arm(mode: str, seed: int, rounds: int, path: Path) -> dict:
 def summarise(out: Path) -> None:
     arms = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     rows = []
-    for mode in ("keep", "none"):
-        mine = [a for a in arms if a["mode"] == mode]
-        if not mine:
-            continue
+    for mode, codec in sorted({(a["mode"], a.get("anchor_codec")) for a in arms}, key=lambda k: (k[0], k[1] != "int4", str(k[1]))):
+        mine = [a for a in arms if (a["mode"], a.get("anchor_codec")) == (mode, codec)]
         finals = [a["final_accuracy"] for a in mine]
         bests = [a["best_accuracy"] for a in mine]
         tails = [a["tail_accuracy"] for a in mine]
         rows.append({
-            "mode": mode, "seeds": [a["seed"] for a in mine], "rounds": mine[0]["rounds"],
+            "mode": mode, "anchor_codec": codec, "seeds": [a["seed"] for a in mine], "rounds": mine[0]["rounds"],
             "final_accuracy_mean": statistics.fmean(finals), "final_accuracy_sd": statistics.pstdev(finals),
             "best_accuracy_mean": statistics.fmean(bests), "tail_accuracy_mean": statistics.fmean(tails),
             "tail_accuracy": tails,
@@ -118,20 +140,20 @@ def summarise(out: Path) -> None:
         "# Stateless clients over a long run (scripts/stateless_study.py)", "",
         "MNIST-5k, IID, 100 partitions, 1 client a round (fraction-train=0.01), defaults otherwise; "
         "downloads as the server plans them, in Flower's serialised bytes, over the float32 full downlink.", "",
-        "| client-state | seeds | rounds | final acc | mean acc, last 100 rounds | best acc | max download / full | "
+        "| client-state | anchor | seeds | rounds | final acc | mean acc, last 100 rounds | best acc | max download / full | "
         "mean download / full | anchors a run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['mode']} | {','.join(map(str, r['seeds']))} | {r['rounds']} | {r['final_accuracy_mean']:.4f} ± "
+            f"| {r['mode']} | {r['anchor_codec'] or '-'} | {','.join(map(str, r['seeds']))} | {r['rounds']} | {r['final_accuracy_mean']:.4f} ± "
             f"{r['final_accuracy_sd']:.4f} | {r['tail_accuracy_mean']:.4f} | {r['best_accuracy_mean']:.4f} | {r['max_download_fraction']:.4f} | "
             f"{r['mean_download_fraction']:.4f} | {r['anchors_per_run']:.0f} |"
         )
     if rows:
         r = rows[0]
-        lines += ["", f"Full downlink {r['full_bytes']} B, one int4 link {r['link_bytes']} B, "
-                  f"int2 anchor message {max(x['anchor_bytes'] for x in rows)} B."]
+        lines += ["", f"Full downlink {r['full_bytes']} B, one int4 link {r['link_bytes']} B; anchor messages: "
+                  + ", ".join(f"{x['anchor_codec']} {x['anchor_bytes']} B" for x in rows if x["anchor_codec"]) + "."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -141,11 +163,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=500)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--modes", default="keep,none")
+    parser.add_argument("--anchor-codec", default="int4", help="anchor-codec of the none arms (default int4)")
+    parser.add_argument("--snap", action="store_true", help="experiment: W snaps to the anchor's model at each refresh")
     parser.add_argument("--jobs", type=int, default=2, help="arms at a time (default 2)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "stateless")
     args = parser.parse_args()
     todo = [
-        (mode, int(seed), args.rounds, args.out / "runs" / f"{mode}-s{seed}.json")
+        (mode, int(seed), args.rounds, args.out / "runs" / f"{arm_name(mode, int(seed), args.anchor_codec, args.snap)}.json", args.anchor_codec, args.snap)
         for seed in args.seeds.split(",") for mode in args.modes.split(",")
     ]
     todo = [arm for arm in todo if not arm[3].exists()]

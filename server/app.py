@@ -27,10 +27,10 @@ from fedmud.ledger import DOWN, PROTOCOL, UP, Ledger
 from fedmud.divergence import divergence
 from fedmud.privacy import check_resume, mechanism
 from fedmud.results import TIMED_AFTER_CHECKPOINT, RoundResult, read_results
-from fedmud.rounds import ModelFactory, ServerModel
+from fedmud.rounds import ModelFactory, ServerModel, code_anchor
 from fedmud.secagg import STEP
 from fedmud.task import Task
-from fedmud.sync import ANCHOR, CHAIN, FULL, STATELESS_BUDGET, Anchor, Downlink, Link
+from fedmud.sync import ANCHOR, CHAIN, FULL, STATELESS_BUDGET, Downlink, Link
 
 from .strategy import FedMUD, server_seconds
 from fedmud_wire import TIMINGS, content_bytes, downlink_record, upload_record
@@ -67,23 +67,28 @@ def measure_message_sizes(server: ServerModel) -> tuple[int, int, int, int]:
     return dense_up, dense_full, full, one_link - no_link
 
 
-def measure_stateless(server: ServerModel) -> tuple[int, int]:
-    """Bytes as serialised and sent of (an anchor downlink, a chain downlink) without links: what a
-    stateless client's download costs beyond its links ((0, 0) without an anchor)."""
+def measure_stateless(server: ServerModel) -> tuple[int, int, int]:
+    """Bytes as serialised and sent of (an anchor downlink without links beyond its anchor, a chain
+    downlink without links, an anchor downlink of a Gaussian change without links): what a stateless
+    client's download costs beyond its links and anchor, and what an anchor may cost ((0, 0, 0)
+    without an anchor)."""
     codec = server.anchor_codec
     if codec is None:
-        return 0, 0
-    change = np.random.default_rng(0).standard_normal(codec.layout.numel, dtype=np.float32)
-    anchor = Anchor(0, codec.pack(codec.encode(change)))
+        return 0, 0, 0
+    change = {n: torch.randn(t.shape, generator=torch.Generator().manual_seed(0)) for n, t in server.initial_state.items()
+              if t.is_floating_point()}
+    anchor = code_anchor(codec, 0, {**server.initial_state, **{n: server.initial_state[n] + c for n, c in change.items()}},
+                         server.initial_state)
     with_anchor = content_bytes(downlink_record(Downlink(ANCHOR, 0, 0, (), anchor=anchor).for_round(1, 1, server.digest)))
-    return with_anchor, content_bytes(downlink_record(Downlink(CHAIN, 0, 0, ()).for_round(1, 1, server.digest)))
+    message = content_bytes(downlink_record(Downlink(CHAIN, 0, 0, ()).for_round(1, 1, server.digest)))
+    return with_anchor - anchor.nbytes, message, with_anchor
 
 
 def _start(run, server: ServerModel) -> tuple[Path, Ledger, list[RoundResult], int]:
     """(run directory, ledger, history, first round): a new run, or the one ``run.resume`` names."""
     dense_up, dense_down, full, link = measure_message_sizes(server)
     server.full_bytes, server.link_bytes = full, link
-    server.anchor_bytes, server.message_bytes = measure_stateless(server)
+    server.anchor_framing, server.message_bytes, _ = measure_stateless(server)
     if run.resume:
         run_dir = Path(run.resume).expanduser()
         state = load_checkpoint(run_dir, run)
@@ -252,13 +257,14 @@ def _run_server(
             )
     log(INFO, "downlink: full model %d B, one chain link %d B", server.full_bytes, server.link_bytes)
     if server.anchor_codec is not None:
-        log(INFO, "stateless clients: anchor %d B (%s), refreshed before anchor + chain exceed %d B (1/%g of the full model)",
-            server.anchor_bytes, run.anchor_codec, STATELESS_BUDGET * server.full_bytes, 1 / STATELESS_BUDGET)
-        if not server.anchor_fits:
-            log(WARNING, "anchor-codec=%s: the anchor and one link (%d B) exceed 1/%g of the full model; the anchor is "
-                "refreshed every round and a download is the anchor alone, %.3f of the full model; choose a code of "
-                "fewer bits (int2)", run.anchor_codec, server.anchor_bytes + server.link_bytes, 1 / STATELESS_BUDGET,
-                server.anchor_bytes / server.full_bytes)
+        budget, anchor_estimate = STATELESS_BUDGET * server.full_bytes, measure_stateless(server)[2]
+        log(INFO, "stateless clients: anchor ~%d B (%s, deflated; of a Gaussian change), refreshed before anchor + chain "
+            "exceed %d B (1/%g of the full model)", anchor_estimate, run.anchor_codec, budget, 1 / STATELESS_BUDGET)
+        if anchor_estimate + server.link_bytes > budget:
+            log(WARNING, "anchor-codec=%s: an anchor and one link (~%d B) exceed 1/%g of the full model; the anchor is "
+                "refreshed every round and a download is the anchor alone, ~%.3f of the full model; choose a code of "
+                "fewer bits (int4, int2)", run.anchor_codec, anchor_estimate + server.link_bytes, 1 / STATELESS_BUDGET,
+                anchor_estimate / server.full_bytes)
     strategy = FedMUD(
         run,
         server,

@@ -27,12 +27,13 @@ def _priced(server: ServerModel, plan) -> int:
     """Bytes of ``plan`` as the server prices it."""
     if plan.kind == FULL:
         return server.full_bytes
-    return chain_bytes(plan.links, server.link_bytes) + (server.anchor_bytes if plan.kind == ANCHOR else server.message_bytes)
+    own = server.anchor_framing + plan.anchor.nbytes if plan.kind == ANCHOR else server.message_bytes
+    return chain_bytes(plan.links, server.link_bytes) + own
 
 
 def _stateless_server(overrides: dict | None = None) -> ServerModel:
     server = ServerModel(parse_run_config({**STATELESS, **(overrides or {})}))
-    server.full_bytes, server.link_bytes, server.anchor_bytes, server.message_bytes = payload_sizes(server)
+    server.full_bytes, server.link_bytes, server.anchor_framing, server.message_bytes = payload_sizes(server)
     return server
 
 
@@ -94,16 +95,40 @@ def test_a_resumed_server_plans_the_same_anchor_and_digest():
 
 
 def test_an_anchor_too_large_for_the_budget_is_refreshed_every_round():
-    server = _stateless_server({"anchor-codec": "int4"})
-    assert not server.anchor_fits
+    server = _stateless_server({"anchor-codec": "int8"})  # ~7 bits a value deflated: above 1/8 alone
     for r in range(1, 41):
         server.apply_round(r, round_seed(server.run.seed, r), _uploads(server, r))
         if server.anchor is not None:  # a download: the anchor alone, or the chain from round 0 if cheaper
-            assert server.anchor.round == r and _priced(server, server.plan("c")) <= server.anchor_bytes
+            assert server.anchor.round == r and _priced(server, server.plan("c")) <= server.anchor.nbytes
+    assert server.anchor is not None
+
+
+def test_a_deflated_int4_anchor_fits_an_eighth_with_room_for_links():
+    server = _stateless_server({"anchor-codec": "int4"})
+    r = 0
+    while server.anchor is None:
+        r += 1
+        server.apply_round(r, round_seed(server.run.seed, r), _uploads(server, r))
+    assert server.anchor.nbytes + 2 * server.link_bytes < STATELESS_BUDGET * server.full_bytes  # int8 links here
+
+
+def test_a_damaged_anchor_is_a_sync_error():
+    from fedmud.rounds import DEFLATED, SyncError
+    from fedmud.sync import Anchor, Downlink
+
+    server = _stateless_server()
+    r = 0
+    while server.anchor is None:
+        r += 1
+        server.apply_round(r, round_seed(server.run.seed, r), _uploads(server, r))
+    plan = server.downlink(server.plan("c"), r + 1)
+    cut = Anchor(plan.anchor.round, {DEFLATED: plan.anchor.parts[DEFLATED][:-10]})
+    with pytest.raises(SyncError, match="anchor of round .* does not decode"):
+        ClientModel(server.run, torch.device("cpu")).sync(None, Downlink(**{**plan.__dict__, "anchor": cut}))
 
 
 def test_an_anchor_is_refused_with_the_hrp_preheat():
-    with pytest.raises(ConfigError, match="anchor-codec='int2' is not allowed with init='hrp'"):
+    with pytest.raises(ConfigError, match="anchor-codec='int4' is not allowed with init='hrp'"):
         parse_run_config({"client-state": "none", "init": "hrp"})
     assert parse_run_config({"client-state": "none", "init": "hrp", "anchor-codec": "none"}).anchor_codec == "none"
 
@@ -166,7 +191,7 @@ def test_a_flower_run_keeps_every_stateless_download_within_an_eighth_and_ends_a
 
     def flower_sizes(server):
         _, _, server.full_bytes, server.link_bytes = measure_message_sizes(server)
-        server.anchor_bytes, server.message_bytes = measure_stateless(server)
+        server.anchor_framing, server.message_bytes, _ = measure_stateless(server)
 
     server, history, _ = simulate_in_process(parse_run_config(config), on_start=flower_sizes)
     assert server.anchor is not None
