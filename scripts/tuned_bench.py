@@ -8,9 +8,11 @@ Each method of ``--methods`` (names from ``bench.suites.METHODS``) runs the suit
 for ``--rounds`` rounds. Learning rates are chosen fairly:
 
 1. **tuning**: every rate of ``--lrs`` runs once with ``--tune-seed`` (not a reported seed);
-2. **choice**: for the full budget, the rate with the best final accuracy of the tuning run;
-   for the short budget (``--short`` rounds), the best accuracy at that round. A run's first
-   ``--short`` rounds are those of a ``--short``-round run (no schedule depends on the budget);
+2. **choice**: for each budget (``--rounds``, and ``--short`` rounds), the rate whose tuning run
+   has the best mean accuracy over the budget's last ``SMOOTH`` rounds (one run's accuracy moves
+   by about half a point from round to round at 10% participation). A run's first ``--short``
+   rounds are those of a ``--short``-round run (no schedule depends on the budget), so the short
+   budget is read off the same runs; ``--short-at-full-rate`` reads it off the full budget's;
 3. **report**: ``--seeds`` at each chosen rate; the tables give mean ± sample std over them.
 
 ``seed`` varies (initialisation, seed-drawn factors, client sampling, batch order) while
@@ -47,6 +49,7 @@ from bench.suites import METHODS, SUITES  # noqa: E402
 DEFAULT_METHODS = ("fedavg", "ef-signsgd-int4", "fedpara", "fedmud")
 DEFAULT_LRS = (0.025, 0.05, 0.1)
 TUNE_SEED = 100
+SMOOTH = 5  # rounds of the tuning run a rate is judged by, ending at the budget's last
 
 
 def link_nbytes(link) -> int:
@@ -55,7 +58,8 @@ def link_nbytes(link) -> int:
 
 
 def downlink_nbytes(downlink, full_bytes: int) -> int:
-    """What ``downlink`` (a :class:`fedmud.sync.Downlink` plan) carries: the full model or its links."""
+    """What ``downlink`` (a :class:`fedmud.sync.Downlink` plan) carries: the full model or its links
+    (``client-state=keep``, which the suites run; a stateless client's anchor is not counted here)."""
     from fedmud.sync import FULL
 
     return full_bytes if downlink.kind == FULL else sum(link_nbytes(link) for link in downlink.links)
@@ -66,33 +70,32 @@ def run_one(job: dict) -> dict:
     import torch
 
     from fedmud.config import parse_run_config
-    from fedmud.rounds import simulate_in_process
+    from fedmud.rounds import payload_sizes, simulate_in_process
 
     torch.set_num_threads(1)
     suite = SUITES[job["suite"]]
     config = {**suite.run_config(job["method"], job["seed"]), "lr": job["lr"], "num-server-rounds": job["rounds"]}
     run = parse_run_config(config)
-    down: list[int] = [0]  # bytes downloaded in each round, over its clients; round 1's clients hold round 0
+    down: list[int] = [0]  # bytes downloaded in each round, over its clients
     sizes = {}
 
+    def on_start(server) -> None:  # the app measures these serialised at start-up; here, payload bytes
+        server.full_bytes, server.link_bytes, *_ = payload_sizes(server)
+        sizes.update(full=server.full_bytes, link=server.link_bytes)
+        plan = server.plan
+
+        def counted(client: str):  # what the server plans for each client, counted as it is sent
+            downlink = plan(client)
+            down[-1] += downlink_nbytes(downlink, server.full_bytes)
+            return downlink
+
+        server.plan = counted
+
     def on_round(r: int, server) -> None:
-        if r == 1:  # the app measures these at start-up; in process they are read off the first link
-            full = sum(t.numel() * t.element_size() for t in server.global_state().values())
-            link = link_nbytes(server.chain.links[-1]) if server.chain.links else full
-            server.full_bytes, server.link_bytes = full, link
-            sizes.update(full=full, link=link)
-            plan = server.plan
-
-            def counted(client: str):  # what the server plans for each client, counted as it is sent
-                downlink = plan(client)
-                down[-1] += downlink_nbytes(downlink, full)
-                return downlink
-
-            server.plan = counted
         down.append(0)
 
     started = time.monotonic()
-    server, history, uploaded = simulate_in_process(run, on_round=on_round)
+    server, history, uploaded = simulate_in_process(run, on_round=on_round, on_start=on_start)
     clients = suite.clients_per_round
     up = [nbytes * clients for nbytes in uploaded]
     dense = server.model.dense_reference_numel * 4 * clients  # a float32 model, each way, each round
@@ -152,9 +155,13 @@ def figures(row: dict, rounds: int, target: float) -> dict:
 
 
 def choose(runs: dict, suite: str, method: str, lrs: list[float], seed: int, rounds: int, at: int) -> dict:
-    """The tuning run's accuracy at round ``at`` for each rate, and the best rate (ties: the smaller)."""
-    scores = {lr: runs[key_of({"suite": suite, "method": method, "lr": lr, "seed": seed, "rounds": rounds})]["accuracy"][at]
-              for lr in lrs}
+    """For each rate, the tuning run's mean accuracy over the ``SMOOTH`` rounds ending at round ``at``
+    (one run's accuracy moves by about half a point from round to round), and the best rate (ties: the smaller)."""
+    scores = {}
+    for lr in lrs:
+        accuracy = runs[key_of({"suite": suite, "method": method, "lr": lr, "seed": seed, "rounds": rounds})]["accuracy"]
+        window = accuracy[max(1, at - SMOOTH + 1): at + 1]
+        scores[lr] = round(sum(window) / len(window), 6)
     best = max(sorted(scores), key=lambda lr: scores[lr])
     return {"scores": {f"{lr:g}": scores[lr] for lr in sorted(scores)}, "lr": best,
             "edge": best in (min(lrs), max(lrs)) and len(lrs) > 1}
@@ -164,9 +171,11 @@ def budget_table(runs: dict, args, picks: dict, rounds: int, which: str) -> dict
     lines = {}
     for method in args.methods:
         lr = picks[method][which]["lr"]
-        per_seed = {seed: figures(runs[key_of({"suite": args.suite, "method": method, "lr": lr, "seed": seed,
-                                               "rounds": args.rounds})], rounds, args.target)
-                    for seed in args.seeds}
+        keys = {seed: key_of({"suite": args.suite, "method": method, "lr": lr, "seed": seed, "rounds": args.rounds})
+                for seed in args.seeds}
+        per_seed = {seed: figures(runs[key], rounds, args.target) for seed, key in keys.items() if key in runs}
+        if not per_seed:
+            continue
         line = {"lr": lr, "per_seed": per_seed}
         for field in ("final", "best", "up", "down", "total", "up_vs_dense", "total_vs_dense"):
             line[field], line[f"{field}_std"] = mean_std([f[field] for f in per_seed.values()])
@@ -201,8 +210,10 @@ def markdown(summary: dict) -> str:
            "Flower's framing left out; MB = 10^6 bytes over all clients and rounds.", "",
            f"Learning rates: the grid {', '.join(f'{lr:g}' for lr in summary['lrs'])} runs once with the tuning seed "
            f"{summary['tune_seed']}; each method reports seeds {', '.join(map(str, summary['seeds']))} at the rate with the "
-           "tuning run's best accuracy at the end of the budget (SGD, the suite's optimiser).", ""]
-    out += ["## Tuning (seed %d): accuracy by learning rate" % summary["tune_seed"], "",
+           f"tuning run's best mean accuracy over the budget's last {SMOOTH} rounds (SGD, the suite's optimiser; ties: the "
+           "smaller rate)." + (" The short budget is read off the full budget's runs, at the full budget's rate; the "
+                               "tuning table shows its own best." if summary.get("short_at_full_rate") else ""), ""]
+    out += [f"## Tuning (seed {summary['tune_seed']}): mean accuracy over the last {SMOOTH} rounds of each budget", "",
             "| method | " + " | ".join(f"lr {lr:g} @ {r}" for r in summary["budgets"] for lr in summary["lrs"]) + " | chosen |",
             "|---|" + "---|" * (len(summary["lrs"]) * len(summary["budgets"]) + 1)]
     for method, pick in summary["picks"].items():
@@ -223,7 +234,7 @@ def markdown(summary: dict) -> str:
             out.append(
                 f"| {method} | {line['lr']:g} | {line['final']:.4f} ± {line['final_std']:.4f} | "
                 f"{line['best']:.4f} ± {line['best_std']:.4f} | {_mb(line['up'])} | {_mb(line['down'])} | "
-                f"{_times(line['total_vs_dense'], 1.0)} | {line['reached']}/{len(summary['seeds'])} | {rtt} | "
+                f"{_times(line['total_vs_dense'], 1.0)} | {line['reached']}/{len(line['per_seed'])} | {rtt} | "
                 f"{_mb(line['up_to_target'], line['up_to_target_std'])} | "
                 f"{_mb(line['total_to_target'], line['total_to_target_std'])} | "
                 f"{_times(line['up_to_target'], ref and ref['up_to_target'])} | "
@@ -254,6 +265,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "tuned")
     parser.add_argument("--docs", type=Path, help="write summary.json and summary.md here")
+    parser.add_argument("--short-at-full-rate", dest="short_own_rate", action="store_false",
+                        help="report the short budget from the full budget's runs (its own best rate is still shown)")
+    parser.add_argument("--no-run", action="store_true",
+                        help="run nothing: write --docs from the runs OUT/runs.json holds (the seeds that finished)")
     args = parser.parse_args()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
@@ -269,13 +284,24 @@ def main() -> None:
     runs_path = out / "runs.json"
     runs = json.loads(runs_path.read_text()) if runs_path.exists() else {}
     base = {"suite": args.suite, "rounds": args.rounds}
-    tuning = [{**base, "method": m, "lr": lr, "seed": args.tune_seed, "phase": "tune"} for m in args.methods for lr in lrs]
-    run_all(tuning, runs, runs_path, args.workers)
-    picks = {m: {str(r): choose(runs, args.suite, m, lrs, args.tune_seed, args.rounds, r) for r in budgets}
-             for m in args.methods}
-    report = [{**base, "method": m, "lr": lr, "seed": seed, "phase": "report"}
-              for seed in args.seeds for m in args.methods for lr in sorted({p["lr"] for p in picks[m].values()})]
-    run_all(report, runs, runs_path, args.workers)
+
+    def tuning(method: str) -> list[dict]:
+        return [{**base, "method": method, "lr": lr, "seed": args.tune_seed, "phase": "tune"} for lr in lrs]
+
+    def pick(method: str) -> dict:
+        return {str(r): choose(runs, args.suite, method, lrs, args.tune_seed, args.rounds, r) for r in budgets}
+
+    def report(method: str) -> list[dict]:
+        chosen = sorted({p["lr"] for r, p in pick(method).items() if args.short_own_rate or r == str(args.rounds)})
+        return [{**base, "method": method, "lr": lr, "seed": seed, "phase": "report"} for seed in args.seeds for lr in chosen]
+
+    # one method at a time, so that an interrupted bench has whole methods: its report runs go beside
+    # the next method's tuning runs, which keeps every worker busy
+    if not args.no_run:
+        for i, method in enumerate([*args.methods, None]):
+            jobs = [] if i == 0 else report(args.methods[i - 1])
+            run_all(jobs + ([] if method is None else tuning(method)), runs, runs_path, args.workers)
+    picks = {m: pick(m) for m in args.methods}
     if args.docs is None:
         return
     suite = SUITES[args.suite]
@@ -286,7 +312,9 @@ def main() -> None:
         "setting": {**suite.to_dict(), "suite": args.suite, "rounds": args.rounds, "clients_per_round": suite.clients_per_round},
         "lrs": lrs, "tune_seed": args.tune_seed, "seeds": args.seeds, "budgets": budgets, "target": args.target,
         "picks": picks,
-        "tables": {str(r): budget_table(runs, args, {m: {"x": p[str(r)]} for m, p in picks.items()}, r, "x") for r in budgets},
+        "short_at_full_rate": not args.short_own_rate,
+        "tables": {str(r): budget_table(runs, args, {m: {"x": p[str(r if args.short_own_rate else args.rounds)]}
+                                                     for m, p in picks.items()}, r, "x") for r in budgets},
     }
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -20,13 +20,18 @@ def tuning_runs(curves: dict[float, list[float]]) -> dict:
     }
 
 
-def test_each_budget_takes_the_rate_best_at_its_own_round_and_flags_a_grid_edge():
-    runs = tuning_runs({0.03: [0.1, 0.5, 0.6, 0.7, 0.8], 0.1: [0.1, 0.7, 0.8, 0.8, 0.75], 0.3: [0.1, 0.2, 0.8, 0.3, 0.2]})
+def test_each_budget_takes_the_rate_best_over_its_last_rounds_and_flags_a_grid_edge():
+    assert tuned_bench.SMOOTH == 5
+    runs = tuning_runs({
+        0.03: [0.1, 0.5, 0.6, 0.7, 0.8, 0.9, 0.9, 0.9],
+        0.1: [0.1, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8],
+        0.3: [0.1, 0.6, 0.9, 0.3, 0.2, 0.2, 0.2, 0.95],  # best in the last round alone: not chosen
+    })
     short = tuned_bench.choose(runs, "p10", "fedmud", [0.03, 0.1, 0.3], 100, 4, at=2)
-    full = tuned_bench.choose(runs, "p10", "fedmud", [0.03, 0.1, 0.3], 100, 4, at=4)
-    assert short["lr"] == 0.1 and not short["edge"]  # 0.8 at round 2, tied with 0.3: the smaller rate
-    assert full["lr"] == 0.03 and full["edge"]  # best at the end, and at the grid's low edge
-    assert full["scores"] == {"0.03": 0.8, "0.1": 0.75, "0.3": 0.2}
+    full = tuned_bench.choose(runs, "p10", "fedmud", [0.03, 0.1, 0.3], 100, 4, at=7)
+    assert short["lr"] == 0.1 and not short["edge"]  # rounds 1-2: 0.75, tied with 0.3: the smaller rate
+    assert full["lr"] == 0.03 and full["edge"]  # rounds 3-7: 0.84 against 0.8 and 0.37; the grid's low edge
+    assert full["scores"] == {"0.03": 0.84, "0.1": 0.8, "0.3": 0.37}
 
 
 def test_figures_interpolate_bytes_to_the_target_over_the_budget_only():
