@@ -49,13 +49,14 @@ an int4 link 0.0046, so the anchor is refreshed every ~5 merged rounds (int2: 0.
 A code whose anchor alone exceeds the budget (int8, float16) is refreshed every round; the server
 warns.
 
-Why int4, measured (scripts/stateless_study.py, MNIST-5k IID, 1 client a round of 100, 500
-rounds, mean accuracy over the last 100): ``keep`` 0.974; int2 anchors 0.922 (2 seeds), worse
-than their bytes suggest: a client's update partly repairs ``e_a``, which W does not have, so W
-is pushed off by it every round. Snapping W to the anchor's model at each refresh (design (ii):
-every party holds Ŵ, a study-only variant) recovers part of it, 0.959 (seed 0), but rounds away
-progress at every refresh. An int4 anchor refreshed every round (not deflated, 0.127 of the full
-model) reached 0.975: the error's size is what matters, and deflating int4 brings it within 1/8.
+Why int4, measured (scripts/stateless_study.py, docs/bench/stateless: MNIST-5k IID, 1 client a
+round of 100, 500 rounds, 3 seeds, mean accuracy over the last 100 rounds): ``keep`` 0.975; int2
+anchors 0.927, worse than their bytes suggest: a client's update partly repairs ``e_a``, which W
+does not have, so W is pushed off by it every round. Snapping W to the anchor's model at each
+refresh (design (ii): every party holds Ŵ; a study-only variant) recovers part of it, 0.959 (seed
+0), but rounds progress away at every refresh. An int4 anchor refreshed every round, not deflated
+(0.127 of the full model), reached 0.975: the error's size is what matters; deflated, int4 fits
+1/8 and reaches 0.976, every download ≤ 0.1249 of the full model.
 """
 
 from __future__ import annotations
