@@ -198,3 +198,17 @@ def test_a_flower_run_keeps_every_stateless_download_within_an_eighth_and_ends_a
     assert [row["accuracy"] for row in flwr["results"]] == history
     checkpoint = torch.load(flwr["dir"] / "checkpoint.pt", weights_only=True)["server"]
     assert state_digest(checkpoint["global_state"]) == server.digest
+
+
+def test_a_checkpoint_keeps_the_anchor(tmp_path):
+    from fedmud.checkpoint import load_checkpoint, restore, save_checkpoint
+    from fedmud.ledger import Ledger
+
+    server = _stateless_server({"num-server-rounds": 50})
+    while server.anchor is None:
+        r = server.round + 1
+        server.apply_round(r, round_seed(server.run.seed, r), _uploads(server, r))
+    save_checkpoint(tmp_path, server, Ledger(), [])
+    resumed = _stateless_server({"num-server-rounds": 50})
+    restore(load_checkpoint(tmp_path, resumed.run), resumed)
+    assert (resumed.anchor.round, resumed.stateless_digest) == (server.anchor.round, server.stateless_digest)
