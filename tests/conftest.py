@@ -287,6 +287,7 @@ SLOW_FIRST = (
     "test_examples.py",
     "test_example_hf_text.py",
     "test_model_zoo.py",
+    "test_stateless.py",
     "test_hf_models.py",
     "test_seeds.py",
     "test_round_exchange.py",
