@@ -1,6 +1,7 @@
 """A bench suite with every method at its own tuned learning rate (issue 27), in process.
 
-    python scripts/tuned_bench.py --suite p10 --docs docs/bench/p10-tuned     # the committed table
+    python scripts/tuned_bench.py --suite p10 --methods fedmud,fedavg,ef-signsgd-int4 --lrs 0.03,0.1,0.3,1 \
+        --docs docs/bench/p10-tuned     # the committed table (30 runs)
     python scripts/tuned_bench.py --suite p10 --methods fedavg,fedmud --lrs 0.05 --seeds 0 --rounds 10  # a slice
 
 Each method of ``--methods`` (names from ``bench.suites.METHODS``) runs the suite's setting
@@ -46,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 from bench.metrics import mean_std, value_at_target  # noqa: E402
 from bench.suites import METHODS, SUITES  # noqa: E402
 
-DEFAULT_METHODS = ("fedavg", "ef-signsgd-int4", "fedpara", "fedmud")
-DEFAULT_LRS = (0.025, 0.05, 0.1)
+DEFAULT_METHODS = ("fedmud", "fedavg", "ef-signsgd-int4")
+DEFAULT_LRS = (0.03, 0.1, 0.3, 1.0)
 TUNE_SEED = 100
 SMOOTH = 5  # rounds of the tuning run a rate is judged by, ending at the budget's last
 
