@@ -385,7 +385,7 @@ def test_a_model_import_string_that_does_not_import_is_reported_before_running()
 
 
 def test_a_model_that_cannot_reach_the_ratio_is_reported_before_running():
-    suite = replace(SUITES["smoke"], model="mobilenet-v3-small", extra={"ratio": "1/64"})
+    suite = replace(SUITES["smoke"], model="mobilenet-v3-small", extra={"ratio": "1/64", "vector-uplink": "uplink"})
     assert "ratio=0.015625 (1/64.0) cannot be reached" in config_problem(suite, "fedmud", ROOT)
     assert "is not allowed with dataset='mnist5k'" in config_problem(replace(suite, model="cnn-cifar"), "fedmud", ROOT)
 
