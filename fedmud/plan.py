@@ -339,20 +339,20 @@ def _unreachable(
     """The error for a ratio the model cannot reach: the smallest ratio, and what uses it (of the
     values that train: ``frozen`` values are no part of the target). ``need`` is in bytes; with
     every value at float32 the message counts values (4 bytes each), else bytes."""
-    per = 1 if vectors == INT8 else FLOAT32_BYTES  # bytes a counted unit
+    per = 1 if vectors == INT8 else FLOAT32_BYTES  # bytes a listed unit
     total = sum(math.prod(s) for s in floating.values())
     vector_label = VECTOR_LABEL + (" at int8" if vectors == INT8 else "")
-    uses: dict[str, int] = {}
+    uses: dict[str, int] = {}  # what uses the bytes
     for name, shape in floating.items():
         if name not in dense:
-            uses[f"{name} (smallest {sizing.label} update)"] = FLOAT32_BYTES * sizing.smallest(shape) // per
+            uses[f"{name} (smallest {sizing.label} update)"] = FLOAT32_BYTES * sizing.smallest(shape)
         elif dense[name] in VECTOR_REASONS:
-            uses[vector_label] = uses.get(vector_label, 0) + coded_nbytes(vectors, math.prod(shape)) // per
+            uses[vector_label] = uses.get(vector_label, 0) + coded_nbytes(vectors, math.prod(shape))
         else:
-            uses[f"{name} (dense: {dense[name]})"] = math.prod(shape) * FLOAT32_BYTES // per
+            uses[f"{name} (dense: {dense[name]})"] = math.prod(shape) * FLOAT32_BYTES
     top = sorted(uses.items(), key=lambda kv: -kv[1])[:5]
     floor = need / (FLOAT32_BYTES * total)
-    listed = "; ".join(f"{what} {n}" for what, n in top)
+    listed = "; ".join(f"{what} {n // per}" for what, n in top)
     values = f"{total} trained values (its {frozen} frozen ones upload nothing)" if frozen else f"{total} values"
     if vectors == INT8:
         at_least = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -724,6 +725,15 @@ class ClientModel:
         return values.astype(np.float64) - reference
 
 
+class Simulated(NamedTuple):
+    """What :func:`simulate_in_process` returns."""
+
+    server: ServerModel
+    history: list[float]  # the held-out metric after rounds 0..R (NaN where not evaluated)
+    uploaded: list[int]  # rounds 1..R: the payload bytes each client uploaded
+    downloaded: list[int]  # rounds 1..R: the payload bytes all the round's clients downloaded
+
+
 def payload_sizes(server: ServerModel) -> tuple[int, int, int, int]:
     """(full model, one link, an anchor message beyond its anchor, a message's own bytes) in payload
     bytes, without Flower's framing (the last two are 0): what :func:`simulate_in_process` plans
@@ -740,7 +750,7 @@ def simulate_in_process(
     rng: np.random.Generator | None = None,
     eval_every: int = 1,
     on_start: Callable[[ServerModel], None] | None = None,
-) -> tuple[ServerModel, list[float], list[int]]:
+) -> Simulated:
     """The federated loop the Flower apps drive, in one process.
 
     Chain sync with digests, seed-drawn factors, encoding, screening, exact aggregation
@@ -756,20 +766,20 @@ def simulate_in_process(
     (non-finite values, e.g. a client that diverged) is left out of the round the same way; a
     round with fewer than ``min-replies`` valid replies is skipped. Each round's clients are
     sampled as the strategy samples nodes (:func:`fedmud.privacy.sample_round`: every partition
-    at ``fraction-train=1`` without DP; Poisson sampling from ``rng`` under DP). Returns (server, held-out metric after rounds
-    0..R, payload bytes each client uploaded in rounds 1..R); with ``eval_every`` > 1 the metric is
-    measured after every ``eval_every``-th round and the last (NaN between). ``on_round(r, server)`` runs
-    after each merge; ``on_start(server)`` before the first round, e.g. to set the message sizes the
-    server plans downlinks by (the Flower app measures them serialised; here they are 0, and every
-    client gets the full model, except with an anchor: its payload bytes, so that it is refreshed).
+    at ``fraction-train=1`` without DP; Poisson sampling from ``rng`` under DP). Returns a
+    :class:`Simulated` (server, held-out metric after rounds 0..R, payload bytes each client uploaded
+    and all clients downloaded in rounds 1..R); with ``eval_every`` > 1 the metric is
+    measured after every ``eval_every``-th round and the last (NaN between). The server plans
+    downlinks by payload sizes (:func:`payload_sizes`; the Flower app measures them serialised, framing
+    included). ``on_round(r, server)`` runs after each merge; ``on_start(server)`` before the first
+    round, e.g. to set other message sizes.
     """
     from .data import client_loader, test_loader
     from .seeds import round_seed
 
     rounds = run.rounds if rounds is None else rounds
     server = ServerModel(run, model_fn)
-    if server.anchor_codec is not None:
-        server.full_bytes, server.link_bytes, server.anchor_framing, server.message_bytes = payload_sizes(server)
+    server.full_bytes, server.link_bytes, server.anchor_framing, server.message_bytes = payload_sizes(server)
     if on_start is not None:
         on_start(server)
     client = ClientModel(run, torch.device("cpu"), model_fn)
@@ -777,13 +787,15 @@ def simulate_in_process(
     feedback: dict[int, dict | None] = {}  # partition -> what its codec has not sent yet (error-feedback)
     loader_test = test_loader(run.data)
     history = [server.evaluate(loader_test)[1]]
-    uploaded = []
+    uploaded, downloaded = [], []
     for r in range(1, rounds + 1):
         seed = round_seed(run.seed, r)
         uploads, rejected, target = [], [], server.round
         picked = sample_round(run, r, range(run.data.num_partitions), rng)
+        downloaded.append(0)
         for pid in picked:  # what client.app.run_client_round does with the node's state
             downlink = server.downlink(server.plan(str(pid)), r)
+            downloaded[-1] += downlink.nbytes
             state = client.sync(held.get(pid), downlink)
             if run.client_state == "keep":
                 held[pid] = (downlink.target_round, state)
@@ -804,4 +816,4 @@ def simulate_in_process(
         history.append(server.evaluate(loader_test)[1] if evaluated else float("nan"))
         if on_round is not None:
             on_round(r, server)
-    return server, history, uploaded
+    return Simulated(server, history, uploaded, downloaded)

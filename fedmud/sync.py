@@ -100,6 +100,11 @@ class Link:
         """The float32 values of a ``float32`` link."""
         return self.parts["payload"]
 
+    @property
+    def nbytes(self) -> int:
+        """Its payload: the coded arrays and the HRP directions it may carry (no framing)."""
+        return sum(array.nbytes for array in self.parts.values()) + (0 if self.basis is None else self.basis.nbytes)
+
 
 @dataclass(frozen=True)
 class Anchor:
@@ -194,6 +199,16 @@ class Downlink:
             digest=digest,
             full_state=full_state if self.kind == FULL else None,
         )
+
+    @property
+    def nbytes(self) -> int:
+        """Its payload as sent (:meth:`for_round`): the full model's tensors, or the anchor and the
+        links; no framing. A ``FULL`` plan not yet completed has no model to count."""
+        if self.kind == FULL:
+            if self.full_state is None:
+                raise ValueError("a full downlink's size needs its state: count the downlink for_round returns")
+            return sum(t.numel() * t.element_size() for t in self.full_state.values())
+        return sum(link.nbytes for link in self.links) + (0 if self.anchor is None else self.anchor.nbytes)
 
 
 def chain_bytes(links: Sequence[Link], link_bytes: int) -> int:

@@ -137,11 +137,6 @@ def pretrained_lm(path: Path) -> Path:
     return path
 
 
-def link_nbytes(link) -> int:
-    """A chain link's payload: its coded arrays, and the HRP directions it may carry."""
-    return sum(a.nbytes for a in link.parts.values()) + (0 if link.basis is None else link.basis.nbytes)
-
-
 def run_config(job: dict) -> dict:
     """The run config of one study run: ``COMMON``, the arm's keys, the method's and the job's
     (model, weights, partition, rate, seeds, rounds, optimiser). ``scripts/peft_study.py`` builds on it."""
@@ -175,9 +170,9 @@ def run_one(job: dict) -> dict:
 
     def on_round(r: int, server) -> None:
         last = server.chain.links[-1] if server.chain.links else None
-        links.append(link_nbytes(last) if last is not None and last.round == r else 0)
+        links.append(last.nbytes if last is not None and last.round == r else 0)
 
-    server, history, uploaded = simulate_in_process(run, on_round=on_round)
+    server, history, uploaded, _ = simulate_in_process(run, on_round=on_round)
     clients = run.data.num_partitions
     row = {
         **{k: job[k] for k in ("arm", "model", "optimizer", "method", "partition", "lr", "seed", "rounds")},

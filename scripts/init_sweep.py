@@ -35,7 +35,7 @@ INITS = ("zero", "nonzero", "nonzero-compensated", "hrp")
 def run_one(overrides: dict, rounds: int) -> dict:
     run = parse_run_config({"num-server-rounds": rounds, **overrides})
     started = time.monotonic()
-    server, history, _ = simulate_in_process(run)
+    server, history, _, _ = simulate_in_process(run)
     basis = sum(t.numel() for t in server.model.hrp_state().values()) * 4
     return {
         "accuracy": history,

@@ -58,7 +58,7 @@ def measure(overrides: dict, rounds: int, compare: bool) -> dict:
 
     run = parse_run_config({"num-server-rounds": rounds, **overrides})
     started = time.monotonic()
-    _, bounded, _ = simulate_in_process(run, on_round=on_round)
+    _, bounded, _, _ = simulate_in_process(run, on_round=on_round)
     out = {
         "worst_norm_over_median": worst_ratio(per_round),
         "multiple": run.bounds.median_norm_bound,

@@ -86,7 +86,7 @@ def run_one(job: dict) -> dict:
     run = parse_run_config(config)
     model_fn = peft_llama(job["weights"]) if variant["peft"] else None
     started = time.monotonic()
-    server, _, uploaded = simulate_in_process(run, model_fn=model_fn)
+    server, _, uploaded, _ = simulate_in_process(run, model_fn=model_fn)
     return {
         **job,
         "perplexity": math.exp(server.evaluate(test_loader(run.data))[0]),

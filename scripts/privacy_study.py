@@ -141,7 +141,7 @@ def run_one(job: dict) -> dict:
         low = torch.cat(variances) if variances else torch.ones(1)
         bn.append((float(low.min()), int((low < 0).sum()), finite))
 
-    server, history, uploaded = simulate_in_process(run, on_round=on_round, rng=np.random.default_rng(job["seed"]))
+    server, history, uploaded, _ = simulate_in_process(run, on_round=on_round, rng=np.random.default_rng(job["seed"]))
     seconds = time.monotonic() - started
     d = int(server.codec.layout.numel)
     population, q = run.data.num_partitions, run.fraction_train

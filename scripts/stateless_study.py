@@ -105,7 +105,7 @@ def run_arm(mode: str, seed: int, rounds: int, path: Path, anchor_codec: str = "
             anchors.append(server.anchor.round)
 
     started = time.monotonic()
-    server, history, _ = simulate_in_process(run, eval_every=EVAL_EVERY, on_round=on_round, on_start=on_start)
+    server, history, _, _ = simulate_in_process(run, eval_every=EVAL_EVERY, on_round=on_round, on_start=on_start)
     full = server.full_bytes
     fractions = [b / full for _, _, _, b in downloads]
     evaluated = [(r, a) for r, a in enumerate(history) if not math.isnan(a)]

@@ -23,10 +23,10 @@ for ``--rounds`` rounds. Learning rates are chosen fairly:
 screening, exact merges); only the transport is left out, which makes a 100-round run of
 the paper CNN take ~4 min on one thread instead of ~20 through Flower's simulation.
 
-Bytes are payloads: each upload's coded arrays (``Codec.payload_nbytes``) and each downlink
-as the server plans it for the client (``ServerModel.plan``): the chain links since the
-round the client holds, or the full model when that is cheaper; Flower's framing (a few hundred
-bytes a message) is not counted. *vs dense*: over a float32 model each way for the same messages.
+Bytes are payloads, as :func:`fedmud.rounds.simulate_in_process` counts them: each upload's coded
+arrays (``Codec.payload_nbytes``) and each downlink as the server plans it for the client (the chain
+links since the round the client holds, or the full model when that is cheaper); Flower's framing
+(a few hundred bytes a message) is not counted. *vs dense*: over a float32 model each way for the same messages.
 Writes ``OUT/runs.json`` (every run, resumable) and with ``--docs``: ``summary.json`` and ``summary.md``.
 Runs ``--workers`` at a time, one torch thread each.
 """
@@ -53,50 +53,18 @@ TUNE_SEED = 100
 SMOOTH = 5  # rounds of the tuning run a rate is judged by, ending at the budget's last
 
 
-def link_nbytes(link) -> int:
-    """A chain link's payload: its coded arrays, and the HRP directions it may carry."""
-    return sum(a.nbytes for a in link.parts.values()) + (0 if link.basis is None else link.basis.nbytes)
-
-
-def downlink_nbytes(downlink, full_bytes: int) -> int:
-    """What ``downlink`` (a :class:`fedmud.sync.Downlink` plan) carries: the full model or its links
-    (``client-state=keep``, which the suites run; a stateless client's anchor is not counted here)."""
-    from fedmud.sync import FULL
-
-    return full_bytes if downlink.kind == FULL else sum(link_nbytes(link) for link in downlink.links)
-
-
 def run_one(job: dict) -> dict:
     """One run: the suite's config for ``job["method"]`` at ``job["lr"]`` and ``job["seed"]``."""
     import torch
 
     from fedmud.config import parse_run_config
-    from fedmud.rounds import payload_sizes, simulate_in_process
+    from fedmud.rounds import simulate_in_process
 
     torch.set_num_threads(1)
     suite = SUITES[job["suite"]]
     config = {**suite.run_config(job["method"], job["seed"]), "lr": job["lr"], "num-server-rounds": job["rounds"]}
-    run = parse_run_config(config)
-    down: list[int] = [0]  # bytes downloaded in each round, over its clients
-    sizes = {}
-
-    def on_start(server) -> None:  # the app measures these serialised at start-up; here, payload bytes
-        server.full_bytes, server.link_bytes, *_ = payload_sizes(server)
-        sizes.update(full=server.full_bytes, link=server.link_bytes)
-        plan = server.plan
-
-        def counted(client: str):  # what the server plans for each client, counted as it is sent
-            downlink = plan(client)
-            down[-1] += downlink_nbytes(downlink, server.full_bytes)
-            return downlink
-
-        server.plan = counted
-
-    def on_round(r: int, server) -> None:
-        down.append(0)
-
     started = time.monotonic()
-    server, history, uploaded = simulate_in_process(run, on_round=on_round, on_start=on_start)
+    server, history, uploaded, downloaded = simulate_in_process(parse_run_config(config))
     clients = suite.clients_per_round
     up = [nbytes * clients for nbytes in uploaded]
     dense = server.model.dense_reference_numel * 4 * clients  # a float32 model, each way, each round
@@ -104,10 +72,10 @@ def run_one(job: dict) -> dict:
         **{k: job[k] for k in ("suite", "method", "lr", "seed", "rounds", "phase")},
         "accuracy": history,  # after rounds 0..R
         "up_bytes": up,  # rounds 1..R, all clients
-        "down_bytes": down[: len(up)],
+        "down_bytes": downloaded,
         "dense_bytes_per_round": dense,
-        "full_bytes": sizes.get("full"),
-        "link_bytes": sizes.get("link"),
+        "full_bytes": server.full_bytes,
+        "link_bytes": server.link_bytes,
         "seconds": time.monotonic() - started,
     }
 

@@ -222,7 +222,7 @@ def test_hrp_lora_switches_rank_after_the_preheat_and_a_client_that_missed_it_sy
         {"method": "lora", "init": "hrp", "hrp-rounds": 1, "hrp-rank": 16, "lora-rank": 4, "num-partitions": 2,
          "local-epochs": 1, "num-server-rounds": 3, "classes": "5-9", "test-fraction": 0.1}
     )
-    server, history, uploaded = simulate_in_process(run)
+    server, history, uploaded, _ = simulate_in_process(run)
     assert uploaded[0] > uploaded[1] == uploaded[2]  # the preheat's rank-16 adapters, then rank 4
     assert all(a.rank == a.final_rank for a in server.model.parametrisations().values())
     late = ClientModel(run, torch.device("cpu"))  # holds round 0: the chain crosses the switch
@@ -335,7 +335,7 @@ def test_a_diverged_client_is_left_out_of_an_in_process_round_as_the_strategy_le
     run = parse_run_config(
         {"method": "fedavg", "lr": 1e6, "num-partitions": 2, "local-epochs": 1, "classes": "5-9", "num-server-rounds": 2}
     )
-    server, history, _ = simulate_in_process(run)  # every reply is non-finite: both rounds are skipped
+    server, history, _, _ = simulate_in_process(run)  # every reply is non-finite: both rounds are skipped
     assert server.round == 2 and history[0] == history[1] == history[2]
 
 

@@ -44,7 +44,7 @@ def test_fedmuds_ratio_is_of_the_trained_tensors():
 def test_frozen_tensors_stay_bitwise_the_same_through_rounds_of_merges():
     run = parse_run_config({"num-partitions": 3, "num-server-rounds": 2, "local-epochs": 1, "test-fraction": 0.2})
     initial = build_decomposed(run, model_fn=frozen_cnn).global_state()
-    server, history, _ = simulate_in_process(run, model_fn=frozen_cnn)
+    server, history, _, _ = simulate_in_process(run, model_fn=frozen_cnn)
     after = server.model.global_state()
     assert all(torch.equal(after[n], initial[n]) for n in FROZEN)
     assert not torch.equal(after["features.8.weight"], initial["features.8.weight"])  # the rest trained

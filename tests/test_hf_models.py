@@ -42,7 +42,7 @@ def test_a_saved_model_is_round_0_on_every_party_whatever_the_seed(vit_dir):
 def test_a_saved_model_federates_through_the_round_code(vit_dir):
     path, _ = vit_dir
     run = parse_run_config({**RUN, "model": f"hf:{path}", "num-server-rounds": 1})
-    server, history, _ = simulate_in_process(run)
+    server, history, _, _ = simulate_in_process(run)
     assert server.model.plan.upload <= 0.125 * server.model.plan.dense_reference
     assert history[-1] > history[0]
 

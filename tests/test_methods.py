@@ -111,7 +111,7 @@ def test_a_registered_method_trains_through_the_round_code_and_merges_into_w(reg
     run = parse_run_config(
         {"method": NAME, "num-partitions": 3, "num-server-rounds": 2, "local-epochs": 1, "test-fraction": 0.2}
     )
-    server, history, uploaded = simulate_in_process(run)
+    server, history, uploaded, _ = simulate_in_process(run)
     assert history[0] < 0.2 and history[-1] > 0.5  # it learns (0.10 -> 0.79 when written)
     assert uploaded == [server.codec.payload_nbytes] * 2
     assert server.model.upload_layout().numel < server.model.dense_reference_numel / 8

@@ -98,7 +98,7 @@ def test_a_hugging_face_vit_federates_through_the_round_code_within_the_ratio():
         {"num-partitions": 3, "num-server-rounds": 2, "local-epochs": 1, "test-fraction": 0.2, "lr": 0.02,
          "optimizer": "adam", "ratio": 0.125}
     )
-    server, history, uploaded = simulate_in_process(run, model_fn=lambda: hf_vit(10, (1, 28, 28)))
+    server, history, uploaded, _ = simulate_in_process(run, model_fn=lambda: hf_vit(10, (1, 28, 28)))
     plan = server.model.plan
     assert plan.upload <= 0.125 * plan.dense_reference and len(server.model.parametrised_names) >= 8
     assert history[-1] > history[0] + 0.1, history

@@ -84,7 +84,7 @@ def one_round(name: str) -> dict:
     """Round 0 and the server after one round of :func:`simulate_in_process`, with the held-out loss of each."""
     run = zoo_run(name, ratio=TRAIN_RATIO.get(name, "1/32"))
     initial = build_decomposed(run)
-    server, _, uploaded = simulate_in_process(run)
+    server, _, uploaded, _ = simulate_in_process(run)
     loader = held_out_loader(run.data)
     return {
         "initial": initial.global_state(),

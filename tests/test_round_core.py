@@ -33,7 +33,7 @@ def _both_paths(env, tmp_path, config: dict) -> tuple[dict, list[tuple[int, bool
     """(what the flwr run wrote, [(round, merged, accuracy)] in process, the in-process final digest)."""
     run = parse_run_config({**COMMON, **config, "num-partitions": PARTITIONS})
     rounds = []
-    server, history, _ = simulate_in_process(
+    server, history, _, _ = simulate_in_process(
         run, on_round=lambda r, s: rounds.append((r, bool(s.chain.links) and s.chain.links[-1].round == r))
     )
     in_process = [(r, merged, accuracy) for (r, merged), accuracy in zip(rounds, history[1:])]

@@ -143,7 +143,7 @@ def test_in_process_stateless_clients_train_and_stay_within_the_budget():
         plan = server.plan
         server.plan = lambda c: seen.append((_priced(server, p := plan(c)), p.kind, server.full_bytes)) or p
 
-    server, history, _ = simulate_in_process(run, on_start=on_start, eval_every=20)
+    server, history, _, _ = simulate_in_process(run, on_start=on_start, eval_every=20)
     assert server.anchor is not None and any(kind == ANCHOR for _, kind, _ in seen)
     assert all(b <= STATELESS_BUDGET * full for b, _, full in seen)
     assert history[-1] > 0.5 and np.isnan(history[1])
@@ -193,7 +193,7 @@ def test_a_flower_run_keeps_every_stateless_download_within_an_eighth_and_ends_a
         _, _, server.full_bytes, server.link_bytes = measure_message_sizes(server)
         server.anchor_framing, server.message_bytes, _ = measure_stateless(server)
 
-    server, history, _ = simulate_in_process(parse_run_config(config), on_start=flower_sizes)
+    server, history, _, _ = simulate_in_process(parse_run_config(config), on_start=flower_sizes)
     assert server.anchor is not None
     assert [row["accuracy"] for row in flwr["results"]] == history
     checkpoint = torch.load(flwr["dir"] / "checkpoint.pt", weights_only=True)["server"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedmud.config import LINK_CODECS, parse_run_config
-from fedmud.rounds import ClientModel, ServerModel, SyncError
+from fedmud.rounds import ClientModel, ServerModel, SyncError, simulate_in_process
 from fedmud.seeds import round_seed
 from fedmud.sync import CHAIN, FULL, ChainStore, Downlink, Link, SyncRecords, chain_bytes, plan_downlink, state_digest
 
@@ -237,3 +237,16 @@ def test_a_damaged_full_model_is_a_sync_error_like_a_damaged_chain(damage):
     with pytest.raises(SyncError, match="the full model does not load"):
         client.sync(None, Downlink(FULL, 0, digest=server.digest, full_state=state))
     assert client.sync(None, server.downlink(Downlink(FULL, 0), 1))  # the resend syncs
+
+
+def test_the_in_process_loop_counts_each_downlink_as_the_server_sends_it():
+    """Both clients hold round 0 (nothing to download in round 1), then get one link a round;
+    a full downlink is counted by its model and cannot be counted before it carries one."""
+    run = parse_run_config({"num-server-rounds": 3, "local-epochs": 1, "num-partitions": 2, "uplink": "int8"})
+    links = []
+    server, _, _, downloaded = simulate_in_process(run, on_round=lambda r, s: links.append(s.chain.links[-1].nbytes))
+    assert downloaded == [0, 2 * links[0], 2 * links[1]]
+    full = server.downlink(Downlink(FULL, server.round), server.round + 1)
+    assert full.nbytes == server.full_bytes > 20 * links[0]
+    with pytest.raises(ValueError, match="for_round"):
+        Downlink(FULL, server.round).nbytes

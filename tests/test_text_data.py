@@ -187,7 +187,7 @@ def test_an_hf_sequence_classifier_learns_text_through_the_round_code(model_dir)
         "model": f"hf:{model_dir}", "dataset": LABELLED, "task": "sequence-classification", "num-partitions": 3,
         "optimizer": "adam", "lr": 0.01, "ratio": "1/4", "local-epochs": 2, "batch-size": 8, "num-server-rounds": 2,
     })
-    server, history, _ = simulate_in_process(run)
+    server, history, _, _ = simulate_in_process(run)
     assert server.model.plan.upload <= server.model.plan.dense_reference / 4
     assert history[-1] > 0.6 > history[0]  # three topics: chance is a third; 0.87 when written
 
