@@ -35,6 +35,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedmud-int8-ef": {**FEDMUD, "uplink": "int8", "error-feedback": True},
     "fedmud-int4-ef": {**FEDMUD, "uplink": "int4", "error-feedback": True},
     "fedmud-sign-ef": {**FEDMUD, "uplink": "sign", "error-feedback": True},
+    # unbiased rounding without error feedback: a client's memory is ~10 rounds stale at 10% participation
+    "fedmud-int8-sr": {**FEDMUD, "uplink": "int8", "stochastic-rounding": True},
+    "fedmud-int4-sr": {**FEDMUD, "uplink": "int4", "stochastic-rounding": True},
+    "fedmud-link-int2": {**FEDMUD, "downlink-codec": "int2"},
+    "fedmud-int4-sr-link-int2": {**FEDMUD, "uplink": "int4", "stochastic-rounding": True, "downlink-codec": "int2"},
+    # rank <-> bits: twice the trained values at int8, half the upload bytes
+    "fedmud-r16-int8-sr": {**FEDMUD, "ratio": "1/16", "uplink": "int8", "stochastic-rounding": True},
     # fine-tuning adapters (pair with init-weights=... classes=...; docs/finetune.md)
     "lora": {"method": "lora", "init": "zero", "lora-rank": 8, "lora-alpha": 16.0},
     "lora-nonzero": {"method": "lora", "init": "nonzero", "lora-rank": 8, "lora-alpha": 16.0},
