@@ -28,6 +28,7 @@ from bench.metrics import (
 )
 from bench.runner import flwr_command
 from bench.suites import FIRST_NINE, METHODS, STATS_FIVE, SUITES, render_overrides, resolve
+from fedmud.config import parse_run_config
 from bench.superlink import processes_with_token
 
 from .conftest import ROOT
@@ -124,6 +125,13 @@ def test_the_dense_baselines_pin_their_codecs_and_fedmud_keeps_the_defaults():
     assert not {"uplink", "downlink-codec", "error-feedback"} & set(METHODS["fedmud"])
     assert METHODS["fedmud-link-float32"] == {**METHODS["fedmud"], "downlink-codec": "float32"}
     assert METHODS["fedpara"] == {"method": "fedpara", "ratio": "1/32"}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_is_a_valid_run_config(name):
+    """A method's overrides on top of the defaults parse (a key renamed or a value refused fails here,
+    not an hour into a bench)."""
+    parse_run_config(METHODS[name])
 
 
 def test_participation_and_training_fields_become_run_config_keys():
