@@ -169,11 +169,16 @@ def _times(value, reference) -> str:
 
 
 def markdown(summary: dict) -> str:
-    s = summary["setting"]
+    from fedmud.config import RunConfig
+
+    s, train = summary["setting"], RunConfig().train  # the suite's fields; None: the pyproject.toml default
+    epochs = train.local_epochs if s["local_epochs"] is None else s["local_epochs"]
+    batch = train.batch_size if s["batch_size"] is None else s["batch_size"]
+    partition = f"{s['partition']} (α = {s['alpha']})" if s["partition"] == "dirichlet" else s["partition"]
     out = [f"# `{s['suite']}`, every method at its own tuned learning rate", "",
            f"Made by `{summary['command']}` on {summary['date']}; {summary['machine']}.", "",
-           f"Setting: {s['dataset']}, {s['partition']} (α = {s['alpha']}), {s['supernodes']} clients, {s['clients_per_round']} "
-           f"a round, {s['local_epochs']} local epochs, batch {s['batch_size']}, data-seed {s['data_seed']}; "
+           f"Setting: {s['dataset']}, {partition}, {s['supernodes']} clients, {s['clients_per_round']} "
+           f"a round, {epochs} local epochs, batch {batch}, data-seed {s['data_seed']}; "
            f"every other key at its `pyproject.toml` default. In process (`fedmud.rounds.simulate_in_process`: the apps' "
            "round logic, chain sync, codecs, screening and merges, without the transport). Bytes are payloads, "
            "Flower's framing left out; MB = 10^6 bytes over all clients and rounds.", "",
@@ -275,7 +280,8 @@ def main() -> None:
         return
     suite = SUITES[args.suite]
     summary = {
-        "command": "python scripts/tuned_bench.py " + " ".join(sys.argv[1:]),
+        # the command that makes these runs (--no-run only rewrote the docs from them)
+        "command": "python scripts/tuned_bench.py " + " ".join(a for a in sys.argv[1:] if a != "--no-run"),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{multiprocessing.cpu_count()} CPU cores, Python {platform.python_version()}, one torch thread a run",
         "setting": {**suite.to_dict(), "suite": args.suite, "rounds": args.rounds, "clients_per_round": suite.clients_per_round},
