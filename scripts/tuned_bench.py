@@ -111,6 +111,7 @@ def figures(row: dict, rounds: int, target: float) -> dict:
     dense = row["dense_bytes_per_round"] * rounds
     return {
         "final": accuracy[-1],
+        "last": sum(accuracy[1:][-SMOOTH:]) / len(accuracy[1:][-SMOOTH:]),  # mean over the budget's last SMOOTH rounds
         "best": max(accuracy),
         "up": up[-1],
         "down": down[-1],
@@ -146,7 +147,7 @@ def budget_table(runs: dict, args, picks: dict, rounds: int, which: str) -> dict
         if not per_seed:
             continue
         line = {"lr": lr, "per_seed": per_seed}
-        for field in ("final", "best", "up", "down", "total", "up_vs_dense", "total_vs_dense"):
+        for field in ("final", "last", "best", "up", "down", "total", "up_vs_dense", "total_vs_dense"):
             line[field], line[f"{field}_std"] = mean_std([f[field] for f in per_seed.values()])
         reached = [f for f in per_seed.values() if f["up_to_target"] is not None]
         line["reached"] = len(reached)
@@ -199,14 +200,15 @@ def markdown(summary: dict) -> str:
         table = summary["tables"][str(rounds)]
         ref = table.get("fedavg")
         out += ["", f"## {rounds} rounds, seeds {', '.join(map(str, summary['seeds']))} (mean ± std)", "",
-                f"| method | lr | final acc | best acc | MB up | MB down | total vs dense | reached {summary['target']} | "
+                f"| method | lr | final acc | last {SMOOTH} rounds | best acc | MB up | MB down | total vs dense | reached {summary['target']} | "
                 f"round to {summary['target']} | MB up to {summary['target']} | MB total to {summary['target']} | "
                 "up to target vs FedAvg | total to target vs FedAvg |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, line in table.items():
             rtt = "—" if line["round_to_target"] is None else f"{line['round_to_target']:.1f}"
             out.append(
                 f"| {method} | {line['lr']:g} | {line['final']:.4f} ± {line['final_std']:.4f} | "
+                f"{line['last']:.4f} ± {line['last_std']:.4f} | "
                 f"{line['best']:.4f} ± {line['best_std']:.4f} | {_mb(line['up'])} | {_mb(line['down'])} | "
                 f"{_times(line['total_vs_dense'], 1.0)} | {line['reached']}/{len(line['per_seed'])} | {rtt} | "
                 f"{_mb(line['up_to_target'], line['up_to_target_std'])} | "

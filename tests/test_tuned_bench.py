@@ -39,6 +39,7 @@ def test_figures_interpolate_bytes_to_the_target_over_the_budget_only():
            "dense_bytes_per_round": 1000}
     two = tuned_bench.figures(row, rounds=2, target=0.7)
     assert (two["final"], two["up"], two["down"], two["total"]) == (0.9, 200, 50, 250)
+    assert two["last"] == pytest.approx((0.5 + 0.9) / 2)  # the budget's last rounds, never round 0
     assert two["up_to_target"] == pytest.approx(150)  # halfway from 0.5 to 0.9, between 100 and 200 B
     assert two["round_to_target"] == pytest.approx(1.5)
     assert two["up_vs_dense"] == pytest.approx(0.1) and two["total_vs_dense"] == pytest.approx(250 / 4000)
