@@ -42,6 +42,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedmud-int4-sr-link-int2": {**FEDMUD, "uplink": "int4", "stochastic-rounding": True, "downlink-codec": "int2"},
     # rank <-> bits: twice the trained values at int8, half the upload bytes
     "fedmud-r16-int8-sr": {**FEDMUD, "ratio": "1/16", "uplink": "int8", "stochastic-rounding": True},
+    "fedmud-r16-int4-sr-link-int2": {
+        **FEDMUD, "ratio": "1/16", "uplink": "int4", "stochastic-rounding": True, "downlink-codec": "int2"
+    },
     # fine-tuning adapters (pair with init-weights=... classes=...; docs/finetune.md)
     "lora": {"method": "lora", "init": "zero", "lora-rank": 8, "lora-alpha": 16.0},
     "lora-nonzero": {"method": "lora", "init": "nonzero", "lora-rank": 8, "lora-alpha": 16.0},
