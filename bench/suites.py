@@ -13,6 +13,11 @@ from fedmud.seeds import sample_size
 # the reference; `fedmud` pins nothing beyond its decomposition, so it measures what a user's first run gets.
 DENSE_DOWNLINK = {"downlink-codec": "float32"}
 FEDMUD = {"method": "fedmud", "kind": "kron", "pattern": "aad", "ratio": "1/32"}  # mud-kron-aad
+# the levers of issue 27, composed into the methods below
+INT8_SR = {"uplink": "int8", "stochastic-rounding": True}  # unbiased rounding, no error feedback
+INT4_SR = {"uplink": "int4", "stochastic-rounding": True}
+LINK_INT2 = {"downlink-codec": "int2"}  # 2-bit chain links (the server keeps their error)
+RANK_16 = {"ratio": "1/16"}  # twice the trained values of the 1/32 default
 METHODS: dict[str, dict[str, Any]] = {
     "fedavg": {"method": "fedavg", **DENSE_DOWNLINK, "uplink": "float32"},
     "fedavg-fp16": {"method": "fedavg", **DENSE_DOWNLINK, "uplink": "float16"},
@@ -36,15 +41,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedmud-int4-ef": {**FEDMUD, "uplink": "int4", "error-feedback": True},
     "fedmud-sign-ef": {**FEDMUD, "uplink": "sign", "error-feedback": True},
     # unbiased rounding without error feedback: a client's memory is ~10 rounds stale at 10% participation
-    "fedmud-int8-sr": {**FEDMUD, "uplink": "int8", "stochastic-rounding": True},
-    "fedmud-int4-sr": {**FEDMUD, "uplink": "int4", "stochastic-rounding": True},
-    "fedmud-link-int2": {**FEDMUD, "downlink-codec": "int2"},
-    "fedmud-int4-sr-link-int2": {**FEDMUD, "uplink": "int4", "stochastic-rounding": True, "downlink-codec": "int2"},
+    "fedmud-int8-sr": {**FEDMUD, **INT8_SR},
+    "fedmud-int4-sr": {**FEDMUD, **INT4_SR},
+    "fedmud-link-int2": {**FEDMUD, **LINK_INT2},
+    "fedmud-int4-sr-link-int2": {**FEDMUD, **INT4_SR, **LINK_INT2},
     # rank <-> bits: twice the trained values at int8, half the upload bytes
-    "fedmud-r16-int8-sr": {**FEDMUD, "ratio": "1/16", "uplink": "int8", "stochastic-rounding": True},
-    "fedmud-r16-int4-sr-link-int2": {
-        **FEDMUD, "ratio": "1/16", "uplink": "int4", "stochastic-rounding": True, "downlink-codec": "int2"
-    },
+    "fedmud-r16-int8-sr": {**FEDMUD, **RANK_16, **INT8_SR},
+    "fedmud-r16-int4-sr-link-int2": {**FEDMUD, **RANK_16, **INT4_SR, **LINK_INT2},
     # fine-tuning adapters (pair with init-weights=... classes=...; docs/finetune.md)
     "lora": {"method": "lora", "init": "zero", "lora-rank": 8, "lora-alpha": 16.0},
     "lora-nonzero": {"method": "lora", "init": "nonzero", "lora-rank": 8, "lora-alpha": 16.0},

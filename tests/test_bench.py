@@ -127,6 +127,21 @@ def test_the_dense_baselines_pin_their_codecs_and_fedmud_keeps_the_defaults():
     assert METHODS["fedpara"] == {"method": "fedpara", "ratio": "1/32"}
 
 
+def test_the_tuned_methods_run_the_configs_their_committed_tables_name():
+    """docs/bench/p10-tuned and full-iid-tuned were measured with exactly these keys: composing the
+    methods from shared levers must not move them."""
+    fedmud = {"method": "fedmud", "kind": "kron", "pattern": "aad", "ratio": "1/32"}
+    assert METHODS["fedmud-int4-sr"] == {**fedmud, "uplink": "int4", "stochastic-rounding": True}
+    assert METHODS["fedmud-r16-int8-sr"] == {**fedmud, "ratio": "1/16", "uplink": "int8", "stochastic-rounding": True}
+    assert METHODS["fedmud-r16-int4-sr-link-int2"] == {
+        **fedmud, "ratio": "1/16", "uplink": "int4", "stochastic-rounding": True, "downlink-codec": "int2"
+    }
+    assert METHODS["fedmud-sign-ef"] == {**fedmud, "uplink": "sign", "error-feedback": True}
+    assert METHODS["ef-signsgd-int4"] == {
+        "method": "fedavg", "uplink": "sign", "error-feedback": True, "downlink-codec": "int4"
+    }
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_is_a_valid_run_config(name):
     """A method's overrides on top of the defaults parse (a key renamed or a value refused fails here,
