@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterable, Mapping
+from operator import attrgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -41,6 +42,7 @@ from .sync import (
     StatelessSizes,
     plan_stateless,
     state_digest,
+    state_nbytes,
 )
 from .task import Task, resolve_task
 from .training import evaluate, train_local
@@ -730,16 +732,15 @@ class Simulated(NamedTuple):
 
     server: ServerModel
     history: list[float]  # the held-out metric after rounds 0..R (NaN where not evaluated)
-    uploaded: list[int]  # rounds 1..R: the payload bytes each client uploaded
-    downloaded: list[int]  # rounds 1..R: the payload bytes all the round's clients downloaded
+    uploaded: list[int]  # rounds 1..R: the payload bytes the round's clients uploaded, refused replies included
+    downloaded: list[int]  # rounds 1..R: the bytes the round's clients downloaded, as ``downlink_nbytes`` prices them
 
 
 def payload_sizes(server: ServerModel) -> tuple[int, int, int, int]:
     """(full model, one link, an anchor message beyond its anchor, a message's own bytes) in payload
     bytes, without Flower's framing (the last two are 0): what :func:`simulate_in_process` plans
     stateless downlinks by."""
-    full = sum(t.numel() * t.element_size() for t in server.global_state().values())
-    return full, server.link_codec.payload_nbytes, 0, 0
+    return state_nbytes(server.global_state()), server.link_codec.payload_nbytes, 0, 0
 
 
 def simulate_in_process(
@@ -750,6 +751,7 @@ def simulate_in_process(
     rng: np.random.Generator | None = None,
     eval_every: int = 1,
     on_start: Callable[[ServerModel], None] | None = None,
+    downlink_nbytes: Callable[[Downlink], int] = attrgetter("nbytes"),
 ) -> Simulated:
     """The federated loop the Flower apps drive, in one process.
 
@@ -767,12 +769,14 @@ def simulate_in_process(
     round with fewer than ``min-replies`` valid replies is skipped. Each round's clients are
     sampled as the strategy samples nodes (:func:`fedmud.privacy.sample_round`: every partition
     at ``fraction-train=1`` without DP; Poisson sampling from ``rng`` under DP). Returns a
-    :class:`Simulated` (server, held-out metric after rounds 0..R, payload bytes each client uploaded
-    and all clients downloaded in rounds 1..R); with ``eval_every`` > 1 the metric is
-    measured after every ``eval_every``-th round and the last (NaN between). The server plans
-    downlinks by payload sizes (:func:`payload_sizes`; the Flower app measures them serialised, framing
-    included). ``on_round(r, server)`` runs after each merge; ``on_start(server)`` before the first
-    round, e.g. to set other message sizes.
+    :class:`Simulated` (server, held-out metric after rounds 0..R, the bytes the round's clients
+    uploaded and downloaded in rounds 1..R, each a sum over the clients that took part); with
+    ``eval_every`` > 1 the metric is measured after every ``eval_every``-th round and the last (NaN
+    between). An upload counts its coded arrays as they arrive; a downlink counts as
+    ``downlink_nbytes`` prices it (default :attr:`Downlink.nbytes`, its payload; a study may add
+    Flower's framing). The server plans downlinks by payload sizes (:func:`payload_sizes`; the Flower
+    app measures them serialised, framing included). ``on_round(r, server)`` runs after each merge;
+    ``on_start(server)`` before the first round, e.g. to set other message sizes.
     """
     from .data import client_loader, test_loader
     from .seeds import round_seed
@@ -792,20 +796,21 @@ def simulate_in_process(
         seed = round_seed(run.seed, r)
         uploads, rejected, target = [], [], server.round
         picked = sample_round(run, r, range(run.data.num_partitions), rng)
+        uploaded.append(0)
         downloaded.append(0)
         for pid in picked:  # what client.app.run_client_round does with the node's state
             downlink = server.downlink(server.plan(str(pid)), r)
-            downloaded[-1] += downlink.nbytes
+            downloaded[-1] += downlink_nbytes(downlink)
             state = client.sync(held.get(pid), downlink)
             if run.client_state == "keep":
                 held[pid] = (downlink.target_round, state)
             loader = client_loader(run.data, pid, run.train.batch_size, seed=data_seed(downlink.round_seed, pid))
             parts, _, feedback[pid] = client.train_round(downlink.round_seed, loader, feedback.get(pid), client_id=pid)
+            uploaded[-1] += sum(np.asarray(array).nbytes for array in parts.values())  # sent, whether kept or not
             try:
                 uploads.append((server.codec.validate(parts), len(loader.dataset)))
             except PayloadError:  # as the strategy's reply check: refused, the round goes on
                 rejected.append(pid)
-        uploaded.append(server.codec.payload_nbytes)
         server.apply_round(r, seed, uploads, population=run.data.num_partitions)
         for pid in picked:  # as the strategy records them: a refused reply's node gets the full model next
             if pid in rejected:

@@ -207,8 +207,13 @@ class Downlink:
         if self.kind == FULL:
             if self.full_state is None:
                 raise ValueError("a full downlink's size needs its state: count the downlink for_round returns")
-            return sum(t.numel() * t.element_size() for t in self.full_state.values())
+            return state_nbytes(self.full_state)
         return sum(link.nbytes for link in self.links) + (0 if self.anchor is None else self.anchor.nbytes)
+
+
+def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    """A model state's tensors in bytes, as a full downlink carries them (no framing)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def chain_bytes(links: Sequence[Link], link_bytes: int) -> int:
@@ -237,13 +242,12 @@ def plan_stateless(
     plans = []
     links = chain.since(0)
     if links is not None:
-        plans.append((sizes.message + chain_bytes(links, sizes.link), Downlink(CHAIN, target_round, 0, tuple(links))))
+        plans.append(Downlink(CHAIN, target_round, 0, tuple(links)))
     links = None if anchor is None or anchor.round > target_round else chain.since(anchor.round)
     if links is not None:
-        cost = sizes.anchor_framing + anchor.nbytes + chain_bytes(links, sizes.link)
-        plans.append((cost, Downlink(ANCHOR, target_round, anchor.round, tuple(links), anchor=anchor)))
-    plans.append((sizes.full, Downlink(FULL, target_round)))
-    return min(plans, key=lambda plan: plan[0])[1]  # the first of equal costs: full only when strictly cheaper
+        plans.append(Downlink(ANCHOR, target_round, anchor.round, tuple(links), anchor=anchor))
+    plans.append(Downlink(FULL, target_round))
+    return min(plans, key=sizes.price)  # the first of equal costs: full only when strictly cheaper
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,14 @@ class StatelessSizes:
     link: int = 0
     anchor_framing: int = 0
     message: int = 0
+
+    def price(self, downlink: Downlink) -> int:
+        """Bytes of ``downlink`` as sent: the full model's message, or the chain or the anchor
+        message with its links."""
+        if downlink.kind == FULL:
+            return self.full
+        own = self.anchor_framing + downlink.anchor.nbytes if downlink.kind == ANCHOR else self.message
+        return own + chain_bytes(downlink.links, self.link)
 
     def cost(self, anchor: Anchor | None, chain: ChainStore) -> int | None:
         """Bytes of the anchor (none: round 0) and the chain since it; None when links since it were pruned."""

@@ -173,7 +173,8 @@ def run_one(job: dict) -> dict:
         links.append(last.nbytes if last is not None and last.round == r else 0)
 
     server, history, uploaded, _ = simulate_in_process(run, on_round=on_round)
-    clients = run.data.num_partitions
+    clients = run.data.num_partitions  # every client every round
+    uploaded = [nbytes // clients for nbytes in uploaded]  # each client's upload
     row = {
         **{k: job[k] for k in ("arm", "model", "optimizer", "method", "partition", "lr", "seed", "rounds")},
         "accuracy": history,

@@ -90,7 +90,7 @@ def run_one(job: dict) -> dict:
     return {
         **job,
         "perplexity": math.exp(server.evaluate(test_loader(run.data))[0]),
-        "upload_bytes_per_client": sum(uploaded),
+        "upload_bytes_per_client": sum(uploaded) // run.data.num_partitions,  # every client every round
         "dense_upload_bytes_per_client_round": server.model.dense_reference_numel * 4,
         "seconds": time.monotonic() - started,
     }

@@ -132,16 +132,18 @@ def run_one(job: dict) -> dict:
     _SIGNAL.clear()
     run = parse_run_config(run_config(job))
     started = time.monotonic()
+    uploaded: list[int] = []  # per round: the payload bytes each sampled client sent
     bn: list[tuple[float, int, bool]] = []  # per round: smallest BatchNorm running variance, how many < 0, all finite
 
     def on_round(_: int, server) -> None:
+        uploaded.append(server.codec.payload_nbytes)
         state = server.global_state()
         variances = [t.flatten() for name, t in state.items() if name.endswith("running_var")]
         finite = all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
         low = torch.cat(variances) if variances else torch.ones(1)
         bn.append((float(low.min()), int((low < 0).sum()), finite))
 
-    server, history, uploaded, _ = simulate_in_process(run, on_round=on_round, rng=np.random.default_rng(job["seed"]))
+    server, history, _, _ = simulate_in_process(run, on_round=on_round, rng=np.random.default_rng(job["seed"]))
     seconds = time.monotonic() - started
     d = int(server.codec.layout.numel)
     population, q = run.data.num_partitions, run.fraction_train

@@ -65,7 +65,7 @@ def run_arm(mode: str, seed: int, rounds: int, path: Path, anchor_codec: str = "
     torch.set_num_threads(1)
     from fedmud.config import parse_run_config
     from fedmud.rounds import simulate_in_process
-    from fedmud.sync import ANCHOR, CHAIN, FULL, chain_bytes, state_digest
+    from fedmud.sync import ANCHOR, state_digest
     from server.app import measure_message_sizes, measure_stateless
 
     run = parse_run_config(
@@ -74,20 +74,12 @@ def run_arm(mode: str, seed: int, rounds: int, path: Path, anchor_codec: str = "
     downloads: list[tuple[int, str, int, int]] = []  # (round, kind, links, bytes)
     anchors: list[int] = []
 
+    sizes = []  # the messages' sizes as Flower serialises them, measured once the server exists
+
     def on_start(server) -> None:
         _, _, server.full_bytes, server.link_bytes = measure_message_sizes(server)
         server.anchor_framing, server.message_bytes, _ = measure_stateless(server)
-        plan = server.plan
-
-        def priced(client: str):
-            p = plan(client)
-            nbytes = server.full_bytes if p.kind == FULL else chain_bytes(p.links, server.link_bytes)
-            nbytes += server.anchor_framing + p.anchor.nbytes if p.kind == ANCHOR else 0
-            nbytes += server.message_bytes if p.kind == CHAIN else 0
-            downloads.append((server.round + 1, p.kind, len(p.links), nbytes))
-            return p
-
-        server.plan = priced
+        sizes.append(server.stateless_sizes)
         if snap:
             advance = server._advance_stateless
 
@@ -104,8 +96,15 @@ def run_arm(mode: str, seed: int, rounds: int, path: Path, anchor_codec: str = "
         if server.anchor is not None and (not anchors or anchors[-1] != server.anchor.round):
             anchors.append(server.anchor.round)
 
+    def priced(downlink) -> int:  # each download in Flower's bytes, as the planner prices it
+        nbytes = sizes[0].price(downlink)
+        downloads.append((downlink.server_round, downlink.kind, len(downlink.links), nbytes))
+        return nbytes
+
     started = time.monotonic()
-    server, history, _, _ = simulate_in_process(run, eval_every=EVAL_EVERY, on_round=on_round, on_start=on_start)
+    server, history, _, _ = simulate_in_process(
+        run, eval_every=EVAL_EVERY, on_round=on_round, on_start=on_start, downlink_nbytes=priced
+    )
     full = server.full_bytes
     fractions = [b / full for _, _, _, b in downloads]
     evaluated = [(r, a) for r, a in enumerate(history) if not math.isnan(a)]

@@ -65,13 +65,11 @@ def run_one(job: dict) -> dict:
     config = {**suite.run_config(job["method"], job["seed"]), "lr": job["lr"], "num-server-rounds": job["rounds"]}
     started = time.monotonic()
     server, history, uploaded, downloaded = simulate_in_process(parse_run_config(config))
-    clients = suite.clients_per_round
-    up = [nbytes * clients for nbytes in uploaded]
-    dense = server.model.dense_reference_numel * 4 * clients  # a float32 model, each way, each round
+    dense = server.model.dense_reference_numel * 4 * suite.clients_per_round  # a float32 model, each way, each round
     return {
         **{k: job[k] for k in ("suite", "method", "lr", "seed", "rounds", "phase")},
         "accuracy": history,  # after rounds 0..R
-        "up_bytes": up,  # rounds 1..R, all clients
+        "up_bytes": uploaded,  # rounds 1..R, all clients
         "down_bytes": downloaded,
         "dense_bytes_per_round": dense,
         "full_bytes": server.full_bytes,

@@ -63,9 +63,9 @@ def accuracy(seed: int) -> None:
         run = parse_run_config(
             {"dataset": "mnist5k", "num-partitions": 10, "num-server-rounds": 5, "vector-uplink": choice, "seed": seed}
         )
-        server, history, uploaded, _ = simulate_in_process(run)
+        server, history, _, _ = simulate_in_process(run)
         print(json.dumps({
-            "seed": seed, "vector-uplink": choice, "accuracy": history, "upload_bytes": uploaded[0],
+            "seed": seed, "vector-uplink": choice, "accuracy": history, "upload_bytes": server.codec.payload_nbytes,
             "dense_bytes": server.model.plan.dense_reference_bytes, "seconds": round(time.time() - start),
         }), flush=True)
 

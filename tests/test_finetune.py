@@ -233,7 +233,7 @@ def test_hrp_lora_switches_rank_after_the_preheat_and_a_client_that_missed_it_sy
     assert state_digest(state) == server.digest
     resumed = ServerModel(run)
     resumed.load_state_dict(server.state_dict())  # a checkpoint after the switch
-    assert resumed.digest == server.digest and resumed.codec.payload_nbytes == uploaded[-1]
+    assert resumed.digest == server.digest and 2 * resumed.codec.payload_nbytes == uploaded[-1]
     assert history[-1] > 0.5
 
 
@@ -335,8 +335,9 @@ def test_a_diverged_client_is_left_out_of_an_in_process_round_as_the_strategy_le
     run = parse_run_config(
         {"method": "fedavg", "lr": 1e6, "num-partitions": 2, "local-epochs": 1, "classes": "5-9", "num-server-rounds": 2}
     )
-    server, history, _, _ = simulate_in_process(run)  # every reply is non-finite: both rounds are skipped
+    server, history, uploaded, _ = simulate_in_process(run)  # every reply is non-finite: both rounds are skipped
     assert server.round == 2 and history[0] == history[1] == history[2]
+    assert uploaded == [2 * server.codec.payload_nbytes] * 2  # refused replies still crossed the network
 
 
 def test_lora_adapts_a_head_tied_to_the_token_embedding_and_keeps_an_untied_head_dense():

@@ -112,7 +112,7 @@ def test_a_model_whose_norms_and_biases_exceed_a_32nd_uploads_a_32nd_of_dense_by
     model = done["server"].model
     vectors = {t.name for t in model.plan.tensors if t.reason in ("1-D", "buffer")}
     assert model.plan.int8_names() == vectors
-    assert max(done["uploaded"]) <= 1.05 * model.plan.dense_reference_bytes / 32
+    assert max(done["uploaded"]) / 2 <= 1.05 * model.plan.dense_reference_bytes / 32  # two clients
 
 
 @pytest.mark.parametrize("name", list(REFUSED))

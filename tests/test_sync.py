@@ -239,13 +239,17 @@ def test_a_damaged_full_model_is_a_sync_error_like_a_damaged_chain(damage):
     assert client.sync(None, server.downlink(Downlink(FULL, 0), 1))  # the resend syncs
 
 
-def test_the_in_process_loop_counts_each_downlink_as_the_server_sends_it():
-    """Both clients hold round 0 (nothing to download in round 1), then get one link a round;
+def test_the_in_process_loop_counts_each_message_as_it_is_sent():
+    """Both clients hold round 0 (nothing to download in round 1), then get one link a round, and
+    each uploads its coded arrays; a pricing function (here a framing of 700 B) counts each downlink;
     a full downlink is counted by its model and cannot be counted before it carries one."""
     run = parse_run_config({"num-server-rounds": 3, "local-epochs": 1, "num-partitions": 2, "uplink": "int8"})
     links = []
-    server, _, _, downloaded = simulate_in_process(run, on_round=lambda r, s: links.append(s.chain.links[-1].nbytes))
-    assert downloaded == [0, 2 * links[0], 2 * links[1]]
+    server, _, uploaded, downloaded = simulate_in_process(
+        run, on_round=lambda r, s: links.append(s.chain.links[-1].nbytes), downlink_nbytes=lambda d: 700 + d.nbytes
+    )
+    assert downloaded == [2 * 700, 2 * (700 + links[0]), 2 * (700 + links[1])]
+    assert uploaded == [2 * server.codec.payload_nbytes] * 3
     full = server.downlink(Downlink(FULL, server.round), server.round + 1)
     assert full.nbytes == server.full_bytes > 20 * links[0]
     with pytest.raises(ValueError, match="for_round"):

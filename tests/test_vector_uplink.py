@@ -80,7 +80,7 @@ def test_a_run_with_int8_vectors_trains_and_every_client_reaches_the_servers_mod
     """simulate_in_process syncs each client through the chain and raises if a digest differs."""
     run = parse_run_config({**RUN, "vector-uplink": "int8", "ratio": "1/8"})
     server, _, uploaded, _ = simulate_in_process(run, model_fn=_small_bn_net)
-    assert server.model.plan.int8_names() and uploaded == [server.model.plan.upload_bytes] * 2
+    assert server.model.plan.int8_names() and uploaded == [2 * server.model.plan.upload_bytes] * 2
     state = server.global_state()
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
     assert not torch.equal(state["1.running_var"], torch.ones(16))  # the int8 statistics merged
