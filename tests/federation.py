@@ -4,6 +4,7 @@ the ClientApps do each round, for tests that need several rounds in seconds."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.serverapp import Grid
@@ -11,6 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedmud.rounds import ClientModel, ServerModel
 from fedmud.seeds import round_seed
+
+if TYPE_CHECKING:
+    from flwr.app import Message
 
 
 @dataclass
@@ -61,7 +65,7 @@ def run_rounds(server: ServerModel, nodes: dict[str, Node], rounds: range) -> li
     return sent
 
 
-def reply_from(node_id: int, content) -> "Message":
+def reply_from(node_id: int, content) -> Message:
     """A reply from ``node_id`` to a train message sent to it (real Flower messages, no network)."""
     from flwr.app import Message, MessageType, RecordDict
 

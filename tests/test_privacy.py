@@ -20,7 +20,7 @@ from fedmud.sync import CHAIN, Downlink
 from fedmud.secagg import packed_nbytes
 from server.secure import DEFAULT_CLIPPING_RANGE, clipping_range, max_weight, secure_field
 
-from .conftest import ROOT, finished_run
+from .conftest import finished_run
 from .federation import loader
 
 PROBE = "tests/apps/secure_probe"

@@ -13,7 +13,7 @@ from torch import nn
 
 from fedmud.aggregate import WeightedMean
 from fedmud.config import DecompositionConfig, parse_run_config
-from fedmud.decomposition import BlockKroneckerUpdate, LowRankUpdate
+from fedmud.decomposition import BlockKroneckerUpdate
 from fedmud.ledger import Ledger
 from fedmud.mud import decompose
 from fedmud.rounds import ServerModel

@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, MetricRecord, RecordDict
 
 from fedmud.codec import PayloadError
 from fedmud.config import parse_run_config
