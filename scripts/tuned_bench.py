@@ -122,17 +122,25 @@ def figures(row: dict, rounds: int, target: float) -> dict:
     }
 
 
-def choose(runs: dict, suite: str, method: str, lrs: list[float], seed: int, rounds: int, at: int) -> dict:
+def choose(runs: dict, suite: str, method: str, lrs: list[float], seed: int, rounds: int, at: int, target: float) -> dict:
     """For each rate, the tuning run's mean accuracy over the ``SMOOTH`` rounds ending at round ``at``
-    (one run's accuracy moves by about half a point from round to round), and the best rate (ties: the smaller)."""
-    scores = {}
+    (one run's accuracy moves by about half a point from round to round), and the best rate (ties: the smaller).
+
+    Also each rate's uploaded bytes to ``target`` within ``at`` rounds and the rate that needs fewest
+    (``fastest``; None when no rate reaches it): a rule for bytes to target, shown beside the one the
+    reported seeds use."""
+    scores, to_target = {}, {}
     for lr in lrs:
-        accuracy = runs[key_of({"suite": suite, "method": method, "lr": lr, "seed": seed, "rounds": rounds})]["accuracy"]
-        window = accuracy[max(1, at - SMOOTH + 1): at + 1]
+        row = runs[key_of({"suite": suite, "method": method, "lr": lr, "seed": seed, "rounds": rounds})]
+        window = row["accuracy"][max(1, at - SMOOTH + 1): at + 1]
         scores[lr] = round(sum(window) / len(window), 6)
+        to_target[lr] = figures(row, at, target)["up_to_target"]
     best = max(sorted(scores), key=lambda lr: scores[lr])
+    reached = sorted(lr for lr in lrs if to_target[lr] is not None)
     return {"scores": {f"{lr:g}": scores[lr] for lr in sorted(scores)}, "lr": best,
-            "edge": best in (min(lrs), max(lrs)) and len(lrs) > 1}
+            "edge": best in (min(lrs), max(lrs)) and len(lrs) > 1,
+            "up_to_target": {f"{lr:g}": to_target[lr] for lr in sorted(to_target)},
+            "fastest": min(reached, key=lambda lr: to_target[lr]) if reached else None}
 
 
 def budget_table(runs: dict, args, picks: dict, rounds: int, which: str) -> dict:
@@ -194,6 +202,17 @@ def markdown(summary: dict) -> str:
         chosen = ", ".join(f"{pick[str(r)]['lr']:g} @ {r}" + (" (grid edge)" if pick[str(r)]["edge"] else "")
                            for r in summary["budgets"])
         out.append(f"| {method} | " + " | ".join(cells) + f" | {chosen} |")
+    target = summary["target"]
+    out += ["", f"The same runs by MB uploaded to {target} (a rule for bytes to target; the tables below use the one above):",
+            "", "| method | " + " | ".join(f"lr {lr:g} @ {r}" for r in summary["budgets"] for lr in summary["lrs"])
+            + " | fewest |", "|---|" + "---|" * (len(summary["lrs"]) * len(summary["budgets"]) + 1)]
+    for method, pick in summary["picks"].items():
+        if "up_to_target" not in pick[str(summary["budgets"][0])]:
+            continue  # a summary written before the rule was shown
+        cells = [_mb(pick[str(r)]["up_to_target"][f"{lr:g}"]) for r in summary["budgets"] for lr in summary["lrs"]]
+        fewest = ", ".join("—" if pick[str(r)]["fastest"] is None else f"{pick[str(r)]['fastest']:g} @ {r}"
+                           for r in summary["budgets"])
+        out.append(f"| {method} | " + " | ".join(cells) + f" | {fewest} |")
     for rounds in summary["budgets"]:
         table = summary["tables"][str(rounds)]
         ref = table.get("fedavg")
@@ -263,7 +282,7 @@ def main() -> None:
         return [{**base, "method": method, "lr": lr, "seed": args.tune_seed, "phase": "tune"} for lr in lrs]
 
     def pick(method: str) -> dict:
-        return {str(r): choose(runs, args.suite, method, lrs, args.tune_seed, args.rounds, r) for r in budgets}
+        return {str(r): choose(runs, args.suite, method, lrs, args.tune_seed, args.rounds, r, args.target) for r in budgets}
 
     def report(method: str) -> list[dict]:
         chosen = sorted({p["lr"] for r, p in pick(method).items() if args.short_own_rate or r == str(args.rounds)})

@@ -15,7 +15,10 @@ spec.loader.exec_module(tuned_bench)
 
 def tuning_runs(curves: dict[float, list[float]]) -> dict:
     return {
-        tuned_bench.key_of({"suite": "p10", "method": "fedmud", "lr": lr, "seed": 100, "rounds": 4}): {"accuracy": acc}
+        tuned_bench.key_of({"suite": "p10", "method": "fedmud", "lr": lr, "seed": 100, "rounds": 4}): {
+            "accuracy": acc, "up_bytes": [100] * (len(acc) - 1), "down_bytes": [0] * (len(acc) - 1),
+            "dense_bytes_per_round": 1000,
+        }
         for lr, acc in curves.items()
     }
 
@@ -27,11 +30,15 @@ def test_each_budget_takes_the_rate_best_over_its_last_rounds_and_flags_a_grid_e
         0.1: [0.1, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8],
         0.3: [0.1, 0.6, 0.9, 0.3, 0.2, 0.2, 0.2, 0.95],  # best in the last round alone: not chosen
     })
-    short = tuned_bench.choose(runs, "p10", "fedmud", [0.03, 0.1, 0.3], 100, 4, at=2)
-    full = tuned_bench.choose(runs, "p10", "fedmud", [0.03, 0.1, 0.3], 100, 4, at=7)
+    short = tuned_bench.choose(runs, "p10", "fedmud", [0.03, 0.1, 0.3], 100, 4, at=2, target=0.85)
+    full = tuned_bench.choose(runs, "p10", "fedmud", [0.03, 0.1, 0.3], 100, 4, at=7, target=0.85)
     assert short["lr"] == 0.1 and not short["edge"]  # rounds 1-2: 0.75, tied with 0.3: the smaller rate
     assert full["lr"] == 0.03 and full["edge"]  # rounds 3-7: 0.84 against 0.8 and 0.37; the grid's low edge
     assert full["scores"] == {"0.03": 0.84, "0.1": 0.8, "0.3": 0.37}
+    # bytes to 0.85 (100 B a round): 0.3 passes it in round 1.83, 0.03 in round 4.5, 0.1 never
+    assert full["up_to_target"] == {"0.03": pytest.approx(450), "0.1": None, "0.3": pytest.approx(550 / 3)}
+    assert full["fastest"] == 0.3 and short["fastest"] == 0.3
+    assert tuned_bench.choose(runs, "p10", "fedmud", [0.03, 0.1], 100, 4, at=2, target=0.85)["fastest"] is None
 
 
 def test_figures_interpolate_bytes_to_the_target_over_the_budget_only():
