@@ -51,6 +51,8 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.suites import INT4_SR, LINK_INT2, RANK_16
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "fedavg": {"method": "fedavg"},
@@ -61,17 +63,29 @@ METHODS = {
     "ffa-lora": {"method": "ffa-lora", "init": "zero"},
     # Init[AB] with the initial product as large as a freshly initialised weight (10x lora-nonzero's)
     "lora-nonzero-x10": {"method": "lora", "init": "nonzero", "lora-init-scale": 1.0},
+    # issue 27's levers (bench/suites.py), which beat the defaults on the CNN at every participation:
+    # twice the rank, int4 uploads with unbiased rounding, int2 chain links; and LoRA's adapters at int4
+    "fedmud-r16": {"method": "fedmud", **RANK_16},
+    "fedmud-int4-sr": {"method": "fedmud", **INT4_SR},
+    "fedmud-link-int2": {"method": "fedmud", **LINK_INT2},
+    "fedmud-r16-int4-sr-link-int2": {"method": "fedmud", **RANK_16, **INT4_SR, **LINK_INT2},
+    "lora-zero-int4-sr": {"method": "lora", "init": "zero", **INT4_SR},
 }
 PRETRAIN = {"cnn-mnist": {"epochs": 4, "lr": 3e-3}, "vit": {"epochs": 25, "lr": 2e-3}}
 SGD_METHODS = ("fedavg", "fedmud", "lora-zero", "lora-nonzero", "lora-hrp", "ffa-lora")
 CNN_SGD_METHODS = (*SGD_METHODS, "lora-nonzero-x10")
 INIT_AB = ("lora-nonzero", "lora-nonzero-x10")  # compared with lora-zero (Init[A])
 LM_METHODS = ("fedavg", "fedmud", "lora-zero", "lora-nonzero", "lora-nonzero-x10", "lora-hrp", "ffa-lora")
+# issue 27: the CNN's best codecs (docs/benchmarks.md), each lever alone and together, on the language model
+LM_CODEC_METHODS = ("fedmud", "fedmud-r16", "fedmud-int4-sr", "fedmud-link-int2", "fedmud-r16-int4-sr-link-int2",
+                    "lora-zero", "lora-zero-int4-sr")
 LM_DIR = "llama-python-reference"  # the pretrained language model's directory under --pretrained
 # one arm: a model, an optimiser, its methods, learning rates (300x, 100x, 100x) and rounds; optional:
 # "config" (run-config keys over COMMON), "metric" ("accuracy" or "perplexity"), "compare" (the
 # variants compared with lora-zero, paired by seed), "docs" (the folder under --docs), "default"
 # (False: left out of the default --arms)
+LM_CONFIG = {"dataset": "fedmud.corpora:stdlib_docstrings", "task": "causal-lm", "tokenizer": "auto",
+             "classes": "", "num-partitions": 12, "max-length": 32, "batch-size": 16}
 ARMS = {
     "cnn-mnist": {"model": "cnn-mnist", "optimizer": "sgd", "methods": CNN_SGD_METHODS,
                   "lrs": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3), "rounds": 10, "partitions": ("iid", "dirichlet")},
@@ -85,9 +99,13 @@ ARMS = {
     # one client per package; Adam (LoRA's usual optimiser and the init paper's analysis), 100x of rates
     "lm": {"model": "llama", "optimizer": "adam", "methods": LM_METHODS,
            "lrs": (0.0001, 0.0003, 0.001, 0.003, 0.01), "rounds": 6, "partitions": ("natural",),
-           "config": {"dataset": "fedmud.corpora:stdlib_docstrings", "task": "causal-lm", "tokenizer": "auto",
-                      "classes": "", "num-partitions": 12, "max-length": 32, "batch-size": 16},
+           "config": LM_CONFIG,
            "metric": "perplexity", "compare": (*INIT_AB, "lora-hrp"), "docs": "finetune-lm", "default": False},
+    # issue 27: the codecs the CNN's tuned benchmarks favour, on the same language model and clients, at
+    # the lm arm's three best rates (docs/finetune-lm.md, "Codecs")
+    "lm-codecs": {"model": "llama", "optimizer": "adam", "methods": LM_CODEC_METHODS, "lrs": (0.001, 0.003, 0.01),
+                  "rounds": 6, "partitions": ("natural",), "config": LM_CONFIG, "metric": "perplexity", "compare": (),
+                  "docs": "finetune-lm-codecs", "default": False},
 }
 DOCS = "finetune"  # the default folder under --docs
 COMMON = {
@@ -315,7 +333,7 @@ def plot(summary: dict, directory: Path) -> None:
             continue
         fig, axes = plt.subplots(1, len(partitions), figsize=(6 * len(partitions), 4.2), squeeze=False)
         for ax, (partition, methods) in zip(axes[0], partitions.items()):
-            for method, marker in zip(spec["methods"], "osD^v<>P"):
+            for method, marker in zip(spec["methods"], "osD^v<>PX*"):
                 cells = methods.get(method)
                 if not cells:
                     continue
@@ -339,7 +357,7 @@ def plot(summary: dict, directory: Path) -> None:
 def plot_lm(arm: str, spec: dict, partitions: dict, lrs: list[float], directory: Path, plt) -> None:
     """``<arm>.png``: perplexity against learning rate; ``<arm>-bytes.png``: each method's best
     perplexity against its bytes per client per round, up and down."""
-    markers = dict(zip(spec["methods"], "osD^v<>P"))
+    markers = dict(zip(spec["methods"], "osD^v<>PX*"))
     for partition, methods in partitions.items():
         fig, ax = plt.subplots(figsize=(7, 4.6))
         for method in spec["methods"]:

@@ -207,8 +207,6 @@ def markdown(summary: dict) -> str:
             "", "| method | " + " | ".join(f"lr {lr:g} @ {r}" for r in summary["budgets"] for lr in summary["lrs"])
             + " | fewest |", "|---|" + "---|" * (len(summary["lrs"]) * len(summary["budgets"]) + 1)]
     for method, pick in summary["picks"].items():
-        if "up_to_target" not in pick[str(summary["budgets"][0])]:
-            continue  # a summary written before the rule was shown
         cells = [_mb(pick[str(r)]["up_to_target"][f"{lr:g}"]) for r in summary["budgets"] for lr in summary["lrs"]]
         fewest = ", ".join("—" if pick[str(r)]["fastest"] is None else f"{pick[str(r)]['fastest']:g} @ {r}"
                            for r in summary["budgets"])

@@ -357,3 +357,26 @@ def test_lora_adapts_a_head_tied_to_the_token_embedding_and_keeps_an_untied_head
     untied = decompose(gpt2(False), lora_run("lora").decomposition)
     reasons = {t.name: t.reason for t in untied.plan.tensors}
     assert reasons["lm_head.weight"] == "dense-layers: last"  # a head of its own is trained in full
+
+
+@pytest.mark.parametrize("arm", ["cnn-mnist", "vit", "cnn-mnist-adam", "lm", "lm-codecs"])
+def test_every_run_of_the_fine_tuning_study_is_a_valid_run_config(arm, monkeypatch):
+    """scripts/finetune_study.py's methods over each arm's keys parse (a key renamed or a value refused
+    fails here, not half an hour into the study)."""
+    import importlib.util
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    spec = importlib.util.spec_from_file_location("finetune_study", scripts / "finetune_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    arm_spec = study.ARMS[arm]
+    for method in arm_spec["methods"]:
+        job = {
+            "arm": arm, "model": arm_spec["model"], "optimizer": arm_spec["optimizer"], "method": method,
+            "partition": arm_spec["partitions"][0], "lr": arm_spec["lrs"][0], "seed": 0, "rounds": arm_spec["rounds"],
+            "weights": "pretrained.pt", **{k: arm_spec[k] for k in ("config", "metric") if k in arm_spec},
+        }
+        run = parse_run_config(study.run_config(job))
+        assert run.decomposition.method == study.METHODS[method]["method"]
