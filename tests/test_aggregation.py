@@ -7,6 +7,8 @@ import torch
 from fedmud.aggregate import aggregate_factors
 from fedmud.decomposition import BlockKroneckerUpdate, LowRankUpdate
 
+from .conftest import FLOAT32_UP
+
 WEIGHTS = [3.0, 1.0, 2.0]
 
 
@@ -96,7 +98,7 @@ def test_aad_merge_is_the_weighted_mean_of_the_clients_models_for_every_init(ini
     from fedmud.rounds import ServerModel
 
     # float32 links: the merge is the exact mean (a lossy link code merges it as decoded, see test_sync)
-    server = ServerModel(parse_run_config({"init": init, "kind": kind, "hrp-rounds": 1, "downlink-codec": "float32"}))
+    server = ServerModel(parse_run_config({**FLOAT32_UP, "init": init, "kind": kind, "hrp-rounds": 1, "downlink-codec": "float32"}))
     if init == "hrp":  # a preheat round first, so that round 2 runs on the HRP directions
         server.apply_round(1, 11, [({"payload": server.codec.layout.flatten(s)}, 1.0) for s, _ in _trained_clients(server.model, 11, [1.0])])
         assert server.model.hrp_ready

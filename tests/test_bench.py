@@ -117,12 +117,15 @@ def test_suites_and_overrides():
     )
 
 
-def test_the_dense_baselines_pin_their_codecs_and_fedmud_keeps_the_defaults():
+def test_the_dense_baselines_pin_their_codecs_and_the_mud_methods_their_float32_upload():
+    """A committed table keeps meaning what it measured when a default changes."""
     assert METHODS["fedavg"] == {"method": "fedavg", "downlink-codec": "float32", "uplink": "float32"}
     for name in ("fedavg-fp16", "fedavg-int8", "topk-ef", "ef-signsgd"):
         assert METHODS[name]["method"] == "fedavg" and METHODS[name]["downlink-codec"] == "float32"
     assert METHODS["ef-signsgd"]["uplink"] == "sign" and METHODS["ef-signsgd"]["error-feedback"] is True
-    assert not {"uplink", "downlink-codec", "error-feedback"} & set(METHODS["fedmud"])
+    assert METHODS["fedavg-int8"]["stochastic-rounding"] is False  # nearest rounding, as measured
+    for name in ("fedmud", "mud-mat-ab", "mud-mat-aad"):
+        assert METHODS[name]["uplink"] == "float32" and not {"downlink-codec", "error-feedback"} & set(METHODS[name])
     assert METHODS["fedmud-link-float32"] == {**METHODS["fedmud"], "downlink-codec": "float32"}
     assert METHODS["fedpara"] == {"method": "fedpara", "ratio": "1/32"}
 
@@ -130,7 +133,7 @@ def test_the_dense_baselines_pin_their_codecs_and_fedmud_keeps_the_defaults():
 def test_the_tuned_methods_run_the_configs_their_committed_tables_name():
     """docs/bench/p10-tuned and full-iid-tuned were measured with exactly these keys: composing the
     methods from shared levers must not move them."""
-    fedmud = {"method": "fedmud", "kind": "kron", "pattern": "aad", "ratio": "1/32"}
+    fedmud = {"method": "fedmud", "kind": "kron", "pattern": "aad", "ratio": "1/32", "uplink": "float32"}
     assert METHODS["fedmud-int4-sr"] == {**fedmud, "uplink": "int4", "stochastic-rounding": True}
     assert METHODS["fedmud-r16-int8-sr"] == {**fedmud, "ratio": "1/16", "uplink": "int8", "stochastic-rounding": True}
     assert METHODS["fedmud-r16-int4-sr-link-int2"] == {

@@ -16,13 +16,15 @@ from .federation import reply_from
 from .test_results_row import results_row
 from fedmud_wire import upload_record
 
+from .conftest import FLOAT32_UP
+
 ROUND = 3
 SEED = round_seed(0, ROUND)
 
 
 def _server(**cfg) -> ServerModel:
     """float32 links: the merged update is read back from the link as the exact weighted mean."""
-    server = ServerModel(parse_run_config({"downlink-codec": "float32", **cfg}))
+    server = ServerModel(parse_run_config({**FLOAT32_UP, "downlink-codec": "float32", **cfg}))
     server.round = ROUND - 1
     return server
 
@@ -158,7 +160,7 @@ def test_huge_reported_seconds_are_left_out_and_results_json_stays_strict_json(t
 def test_a_float32_max_reply_with_every_bound_off_skips_the_round_instead_of_stopping_the_server(method, task_identity, tmp_path):
     """All ±3.4028235e38: valid float32, but the round's int4 link cannot code it. The server used
     to die on the PayloadError; now the merge is refused and the model kept."""
-    server = ServerModel(parse_run_config({"method": method, "median-norm-bound": 0.0}))
+    server = ServerModel(parse_run_config({**FLOAT32_UP, "method": method, "median-norm-bound": 0.0}))
     server.round = ROUND - 1
     before = {n: t.clone() for n, t in server.global_state().items()}
     extreme = np.float32(np.finfo(np.float32).max) * np.where(np.arange(server.codec.layout.numel) % 2, 1, -1)

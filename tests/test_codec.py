@@ -16,6 +16,8 @@ from fedmud.projection import linear_delta, project_to_trained
 from fedmud.rounds import ClientModel, ServerModel
 from fedmud.sync import CHAIN, Downlink
 
+from .conftest import FLOAT32_UP
+
 LOSSY = [name for name, scheme in SCHEMES.items() if scheme.residual]
 SCALED = [name for name, scheme in SCHEMES.items() if scheme.chunk]  # int8, int4, int2, sign
 INTS = ["int8", "int4", "int2"]
@@ -243,7 +245,7 @@ def test_stochastic_rounding_in_a_round_is_seeded_by_the_round_and_the_client():
     other = client.train_round(123, _tiny_loader(), client_id=1)[0]
     assert np.array_equal(first["payload"], again["payload"])
     assert not np.array_equal(first["payload"], other["payload"])
-    nearest = ClientModel(parse_run_config({"uplink": "int2", "local-epochs": 1}), torch.device("cpu"))
+    nearest = ClientModel(parse_run_config({"uplink": "int2", "stochastic-rounding": False, "local-epochs": 1}), torch.device("cpu"))
     assert np.array_equal(nearest.train_round(123, _tiny_loader(), client_id=0)[0]["payload"],
                           nearest.train_round(123, _tiny_loader(), client_id=1)[0]["payload"])
 
@@ -473,7 +475,7 @@ def test_a_compressed_round_merges_close_to_the_lossless_one_and_chains_bitwise(
     """Server decodes against its own reference; a client's chain reaches the digest bitwise."""
     merged = {}
     for name, extra in (("lossless", {}), ("lossy", overrides)):
-        run = parse_run_config({"local-epochs": 1, "lr": 0.05, "downlink-codec": "float32", **({"method": overrides.get("method")} if "method" in overrides else {}), **extra})
+        run = parse_run_config({**FLOAT32_UP, "local-epochs": 1, "lr": 0.05, "downlink-codec": "float32", **({"method": overrides.get("method")} if "method" in overrides else {}), **extra})
         server, client = ServerModel(run), ClientModel(run, torch.device("cpu"))
         parts, _, feedback = client.train_round(123, _tiny_loader())
         assert (feedback is not None) == run.uplink.error_feedback

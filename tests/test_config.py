@@ -106,14 +106,14 @@ def test_defaults_parse():
     ("cfg", "message"),
     [
         ({"init": "hrp", "method": "fedavg"}, "init='hrp' is not allowed with method='fedavg'"),
-        ({"error-feedback": True}, "error-feedback=true is not allowed with uplink='float32'"),
+        ({"error-feedback": True, "uplink": "float32"}, "error-feedback=true is not allowed with uplink='float32'"),
         ({"error-feedback": True, "uplink": "int8", "pattern": "ab"}, "not allowed with pattern='ab'"),
         ({"downlink-codec": "int4", "pattern": "ab"}, "downlink-codec='int4' is not allowed with pattern='ab'"),
         (
             {"client-state": "none", "uplink": "sign", "error-feedback": True},
             "error-feedback=true is not allowed with client-state='none'",
         ),
-        ({"stochastic-rounding": True}, "stochastic-rounding=true is not allowed with uplink='float32'"),
+        ({"stochastic-rounding": True, "uplink": "float32"}, "stochastic-rounding=true is not allowed with uplink='float32'"),
         ({"stochastic-rounding": True, "uplink": "topk"}, "stochastic-rounding=true is not allowed with uplink='topk'"),
     ],
 )

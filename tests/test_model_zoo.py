@@ -22,7 +22,7 @@ from fedmud.data import test_loader as held_out_loader
 from fedmud.rounds import build_codec, build_decomposed, run_model_factory, simulate_in_process
 from fedmud.training import evaluate
 
-from .conftest import finished_run
+from .conftest import FLOAT32_UP, finished_run
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
@@ -66,7 +66,7 @@ TRAIN_RATIO = {"peft_gpt2": "1/8"}  # what the refused ones train at
 
 
 def zoo_run(name: str, **overrides):
-    return parse_run_config({
+    return parse_run_config({**FLOAT32_UP, 
         "model": f"tests.zoo_factories:{name}",
         "dataset": f"tests.zoo_factories:{DATA[name]}",
         "num-partitions": 2,

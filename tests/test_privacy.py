@@ -20,7 +20,7 @@ from fedmud.sync import CHAIN, Downlink
 from fedmud.secagg import packed_nbytes
 from server.secure import DEFAULT_CLIPPING_RANGE, clipping_range, max_weight, secure_field
 
-from .conftest import finished_run
+from .conftest import FLOAT32_UP, finished_run
 from .federation import loader
 
 PROBE = "tests/apps/secure_probe"
@@ -51,7 +51,7 @@ def test_bad_privacy_settings_stop_with_one_message_naming_the_keys_and_what_is_
 
 
 def test_an_epsilon_no_noise_can_reach_is_refused_naming_it():
-    run = parse_run_config({"dp": "server", "dp-epsilon": 1e-6, "dp-delta": 1e-10, "fraction-train": 1.0, "num-server-rounds": 1000})
+    run = parse_run_config({**FLOAT32_UP, "dp": "server", "dp-epsilon": 1e-6, "dp-delta": 1e-10, "fraction-train": 1.0, "num-server-rounds": 1000})
     with pytest.raises(ConfigError, match="dp-epsilon=1e-06 is not reachable"):
         mechanism(run)
 
@@ -108,7 +108,7 @@ def test_calibrate_finds_the_smallest_sigma_reaching_the_target_epsilon():
     sigma = calibrate(4.0, 0.2, 30, 1e-5)
     assert epsilon(sigma, 0.2, 30, 1e-5) <= 4.0
     assert epsilon(sigma * 0.99, 0.2, 30, 1e-5) > 4.0
-    run = parse_run_config({"dp": "server", "dp-epsilon": 4.0, "fraction-train": 0.2, "num-server-rounds": 30})
+    run = parse_run_config({**FLOAT32_UP, "dp": "server", "dp-epsilon": 4.0, "fraction-train": 0.2, "num-server-rounds": 30})
     assert mechanism(run).noise_multiplier == sigma
     assert mechanism(run).epsilon(30) == pytest.approx(4.0, abs=1e-3)
 
@@ -147,18 +147,18 @@ def test_noise_comes_from_the_system_entropy_not_from_a_seed():
 
 
 def test_under_dp_clients_are_poisson_sampled_at_the_training_fraction():
-    run = parse_run_config({"dp": "server", "dp-noise-multiplier": 1.0, "fraction-train": 0.2})
+    run = parse_run_config({**FLOAT32_UP, "dp": "server", "dp-noise-multiplier": 1.0, "fraction-train": 0.2})
     rng = np.random.default_rng(0)
     counts = [len(sample_round(run, r, range(1000), rng)) for r in range(1, 51)]
     assert 180 < np.mean(counts) < 220 and len(set(counts)) > 5  # about 200, and not a fixed number
-    plain = parse_run_config({"fraction-train": 0.2})
+    plain = parse_run_config({**FLOAT32_UP, "fraction-train": 0.2})
     assert sample_round(plain, 3, range(1000)) == sample_round(plain, 3, range(1000))  # seeded, fixed size
     assert len(sample_round(plain, 3, range(1000))) == 200
 
 
 @pytest.mark.parametrize("method", ["fedmud", "fedavg", "lora"])
 def test_a_dp_client_uploads_an_update_within_the_clip_and_the_server_releases_the_clipped_sum(method):
-    cfg = {"method": method, "dp": "server", "dp-noise-multiplier": 1e-9, "dp-clip": 0.05, "fraction-train": 0.5, "lr": 0.5}
+    cfg = {**FLOAT32_UP, "method": method, "dp": "server", "dp-noise-multiplier": 1e-9, "dp-clip": 0.05, "fraction-train": 0.5, "lr": 0.5}
     cfg["downlink"] = "full"  # float32 links: the merged values are the released mean itself
     run = parse_run_config(cfg)
     server, client = ServerModel(run), ClientModel(run, torch.device("cpu"))
@@ -313,7 +313,7 @@ def test_secure_aggregation_survives_a_dropout_merges_to_the_plain_weights_and_t
     # a masked value travels in the round's bits (4 clients: 29), not Flower's int64: below the float32 upload
     masked = [r["bytes"] for r in ledger["records"] if r["direction"] == UP]
     clear = [r["bytes"] for r in plain["ledger"]["records"] if r["direction"] == UP]
-    numel = ServerModel(parse_run_config({})).codec.layout.numel  # the values of an upload (and one weight)
+    numel = ServerModel(parse_run_config({**FLOAT32_UP})).codec.layout.numel  # the values of an upload (and one weight)
     assert len(masked) == 2 and max(masked) < min(clear)
     assert 0 < max(masked) - packed_nbytes(numel, 29) - packed_nbytes(1, 29) < 1500  # Flower's framing
     assert summary["privacy"] == {"secure_aggregation": True, "dp": "off"}

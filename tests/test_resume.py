@@ -12,7 +12,7 @@ from fedmud.ledger import Ledger
 from fedmud.rounds import ClientModel, ServerModel
 from fedmud.sync import CHAIN
 
-from .conftest import flwr_run
+from .conftest import FLOAT32_UP, flwr_run
 from .federation import Node, nodes_for, run_rounds, server_for
 from .test_round_exchange import RUN_CONFIG, LoopbackGrid
 
@@ -70,10 +70,10 @@ def test_a_digest_mismatch_is_reported_and_fixed_by_a_full_resync_within_the_rou
 
 # ------------------------------------------------------------------------- in the library
 def test_a_checkpoint_made_with_another_config_is_refused_naming_every_differing_key(tmp_path):
-    save_checkpoint(tmp_path, ServerModel(parse_run_config({})), Ledger(), [])
+    save_checkpoint(tmp_path, ServerModel(parse_run_config({**FLOAT32_UP})), Ledger(), [])
     other = {"pattern": "fab", "lr": 0.1, "data-seed": 7, "uplink": "int8", "downlink": "full"}
     with pytest.raises(ConfigError) as err:
-        load_checkpoint(tmp_path, parse_run_config({**other, "num-server-rounds": 30, "max-examples": 10}))
+        load_checkpoint(tmp_path, parse_run_config({**FLOAT32_UP, **other, "stochastic-rounding": False, "num-server-rounds": 30, "max-examples": 10}))
     message = str(err.value)
     assert message.startswith(f"resume={str(tmp_path)!r} is not allowed; its checkpoint was made with another configuration")
     for difference in (
@@ -85,7 +85,7 @@ def test_a_checkpoint_made_with_another_config_is_refused_naming_every_differing
     ):
         assert difference in message
     assert message.count("(this run:") == len(other)  # rounds and reply bounds may change on resume
-    load_checkpoint(tmp_path, parse_run_config({"num-server-rounds": 30, "max-examples": 10}))
+    load_checkpoint(tmp_path, parse_run_config({**FLOAT32_UP, "num-server-rounds": 30, "max-examples": 10}))
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,7 @@ def test_a_server_restarted_from_its_checkpoint_ends_bitwise_as_the_uninterrupte
 ):
     """Nodes that restart too (as in a new Flower run) rebuild the model by the chain from round 0;
     error feedback lives on the nodes, so with it they keep running across the server's restart."""
-    run = parse_run_config({"local-epochs": 1, **config})
+    run = parse_run_config({**FLOAT32_UP, "local-epochs": 1, **config})
     whole = server_for(run)
     run_rounds(whole, nodes_for(run), range(1, 5))
 
@@ -127,16 +127,16 @@ def test_a_server_restarted_from_its_checkpoint_ends_bitwise_as_the_uninterrupte
 
 
 def test_a_resume_that_would_end_before_its_checkpoints_round_is_refused_naming_the_smallest_allowed(tmp_path):
-    server = ServerModel(parse_run_config({}))
+    server = ServerModel(parse_run_config({**FLOAT32_UP}))
     server.load(3, server.global_state())  # a run stopped after round 3
     save_checkpoint(tmp_path, server, Ledger(), [])
     with pytest.raises(ConfigError) as err:
-        load_checkpoint(tmp_path, parse_run_config({"num-server-rounds": 2}))
+        load_checkpoint(tmp_path, parse_run_config({**FLOAT32_UP, "num-server-rounds": 2}))
     assert str(err.value) == (
         f"num-server-rounds=2 is not allowed with resume={str(tmp_path)!r}: its checkpoint is after round 3, "
         "and a run cannot end before it; allowed: 3 or more"
     )
-    load_checkpoint(tmp_path, parse_run_config({"num-server-rounds": 3}))
+    load_checkpoint(tmp_path, parse_run_config({**FLOAT32_UP, "num-server-rounds": 3}))
 
 
 def test_a_resumed_run_keeps_every_row_of_its_results_as_the_stopped_run_wrote_it(task_identity, tmp_path):

@@ -22,6 +22,8 @@ from fedmud_wire import reply_seconds, upload_record
 
 from .federation import reply_from
 
+from .conftest import FLOAT32_UP
+
 
 def _reference_forward(update, weight, factors, start=None):
     """W + offset + ΔW with the plain product formula (the autograd path the fast one replaces)."""
@@ -107,7 +109,7 @@ def test_the_weighted_mean_is_bitwise_the_same_in_any_order():
 
 
 def test_the_strategy_adds_each_reply_and_lets_it_go_before_the_next(task_identity, tmp_path):
-    run = parse_run_config({"downlink-codec": "float32"})
+    run = parse_run_config({**FLOAT32_UP, "downlink-codec": "float32"})
     server = ServerModel(run)
     strategy = FedMUD(run, server, Ledger(), tmp_path, test_data=[])
     base = server.codec.layout.flatten(server.model.uploaded_state())

@@ -24,7 +24,7 @@ from fedmud.secagg import MAX_LEVELS, STEP, pack_values, packed_nbytes, size_fie
 from server.app import run_server
 from server.secure import secure_field
 
-from .conftest import ROOT
+from .conftest import FLOAT32_UP, ROOT
 from .federation import InProcessGrid
 from .test_privacy import SECAGG_TOLERANCE
 
@@ -137,8 +137,10 @@ def readme_runs(tmp_path_factory):
     nodes = federation["num-supernodes"]
     runs = {}
     for name, secure in (("plain", False), ("secure", True)):
+        # the plain run at the float32 upload a secure round's values start from (`uplink=auto` under
+        # secure aggregation), so the figure is what the field costs
         config = {**example, "secure-aggregation": secure, "num-server-rounds": 1, "num-partitions": 100, "local-epochs": 1,
-                  "max-examples": 40, "downlink": "full", "run-dir": str(tmp_path_factory.mktemp(name))}
+                  "max-examples": 40, "downlink": "full", "run-dir": str(tmp_path_factory.mktemp(name)), **FLOAT32_UP}
         summary = run_server(_Loopback(nodes, config), config)
         run_dir = Path(summary["run_dir"])
         runs[name] = {

@@ -9,6 +9,8 @@ from fedmud.rounds import ClientModel, ServerModel, SyncError, simulate_in_proce
 from fedmud.seeds import round_seed
 from fedmud.sync import CHAIN, FULL, ChainStore, Downlink, Link, SyncRecords, chain_bytes, plan_downlink, state_digest
 
+from .conftest import FLOAT32_UP
+
 
 def _upload(server: ServerModel, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -30,7 +32,7 @@ def _run_rounds(server: ServerModel, rounds: range, clients: int = 3) -> None:
 @pytest.mark.parametrize("kind", ["kron", "mat"])
 @pytest.mark.parametrize("init", ["nonzero", "nonzero-compensated", "hrp"])
 def test_a_new_client_reaches_the_server_model_bitwise_from_the_chain(kind, init):
-    run = parse_run_config({"kind": kind, "init": init, "hrp-rounds": 2})
+    run = parse_run_config({**FLOAT32_UP, "kind": kind, "init": init, "hrp-rounds": 2})
     server = ServerModel(run)
     _run_rounds(server, range(1, 4))
     plan = plan_downlink(0, server.round, server.chain, link_bytes=1, full_bytes=10**9)
@@ -46,7 +48,7 @@ def test_a_new_client_reaches_the_server_model_bitwise_from_the_chain(kind, init
 
 def _client_holding_round_2():
     """A server that ran rounds 1-2 and a client synced to it by the chain from round 0."""
-    run = parse_run_config({})
+    run = parse_run_config({**FLOAT32_UP})
     server = ServerModel(run)
     _run_rounds(server, range(1, 3))
     client = ClientModel(run, torch.device("cpu"))
@@ -71,14 +73,14 @@ def test_a_corrupted_local_model_fails_the_digest():
 
 
 def test_a_chain_from_another_round_is_refused():
-    run = parse_run_config({})
+    run = parse_run_config({**FLOAT32_UP})
     client = ClientModel(run, torch.device("cpu"))
     with pytest.raises(SyncError, match="holds round 1"):
         client.sync((1, client.initial_state), Downlink(CHAIN, 0, 0, digest="x"))
 
 
 def test_the_full_model_is_applied_and_checked():
-    run = parse_run_config({})
+    run = parse_run_config({**FLOAT32_UP})
     server = ServerModel(run)
     _run_rounds(server, range(1, 3))
     client = ClientModel(run, torch.device("cpu"))
@@ -99,7 +101,7 @@ def test_unknown_state_or_a_costly_chain_gets_the_full_model():
 
 
 def test_skipped_rounds_leave_no_link():
-    run = parse_run_config({})
+    run = parse_run_config({**FLOAT32_UP})
     server = ServerModel(run)
     _run_rounds(server, range(1, 2))
     digest = server.digest
@@ -141,7 +143,7 @@ def _delta_uploads(server: ServerModel, r: int, clients: int = 3) -> list[tuple[
 @pytest.mark.parametrize("codec", LOSSY_LINKS)
 @pytest.mark.parametrize("method", ["fedmud", "fedavg"])
 def test_a_lossy_link_code_keeps_a_stateful_client_bitwise_equal_to_the_server(codec, method):
-    run = parse_run_config({"downlink-codec": codec, "method": method})
+    run = parse_run_config({**FLOAT32_UP, "downlink-codec": codec, "method": method})
     server = ServerModel(run)
     client = ClientModel(run, torch.device("cpu"))
     held = None
@@ -158,8 +160,8 @@ def test_a_lossy_link_code_keeps_a_stateful_client_bitwise_equal_to_the_server(c
 @pytest.mark.parametrize("method", ["fedmud", "fedavg"])
 def test_server_error_feedback_loses_nothing_of_the_aggregated_updates(codec, method):
     """Σ merged + E = Σ aggregated: the lossy-link model plus the carried error is the float32-link model."""
-    exact = ServerModel(parse_run_config({"method": method, "downlink-codec": "float32"}))
-    lossy = ServerModel(parse_run_config({"method": method, "downlink-codec": codec}))
+    exact = ServerModel(parse_run_config({**FLOAT32_UP, "method": method, "downlink-codec": "float32"}))
+    lossy = ServerModel(parse_run_config({**FLOAT32_UP, "method": method, "downlink-codec": codec}))
     for r in range(1, 5):
         for server in (exact, lossy):
             server.apply_round(r, round_seed(0, r), _delta_uploads(server, r))
@@ -185,7 +187,7 @@ def test_a_returning_client_gets_the_cheapest_path_and_is_sent_what_the_planner_
     from server.app import measure_message_sizes
     from fedmud_wire import content_bytes, downlink_record
 
-    run = parse_run_config({"downlink-codec": "int8"})
+    run = parse_run_config({**FLOAT32_UP, "downlink-codec": "int8"})
     server = ServerModel(run)
     _, _, server.full_bytes, server.link_bytes = measure_message_sizes(server)
     for r in range(1, 8):
@@ -208,7 +210,7 @@ def test_a_returning_client_gets_the_cheapest_path_and_is_sent_what_the_planner_
 
 
 def test_stateless_clients_are_planned_from_round_0():
-    run = parse_run_config({"downlink-codec": "int8", "client-state": "none"})
+    run = parse_run_config({**FLOAT32_UP, "downlink-codec": "int8", "client-state": "none"})
     server = ServerModel(run)
     server.link_bytes, server.full_bytes = 12_000, 1_571_559
     for r in range(1, 4):
@@ -224,7 +226,7 @@ def test_stateless_clients_are_planned_from_round_0():
 def test_a_damaged_full_model_is_a_sync_error_like_a_damaged_chain(damage):
     """The client answers 'cannot sync' (and is sent the full model again within the round) instead
     of failing the round with an error reply."""
-    run = parse_run_config({})
+    run = parse_run_config({**FLOAT32_UP})
     server, client = ServerModel(run), ClientModel(run, torch.device("cpu"))
     state = dict(server.global_state())
     name = next(iter(state))

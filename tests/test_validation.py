@@ -15,12 +15,14 @@ from server.strategy import FedMUD
 from .federation import reply_from
 from fedmud_wire import content_bytes, read_upload, sync_error_record, upload_record
 
+from .conftest import FLOAT32_UP
+
 ROUND = 3
 
 
 @pytest.fixture(scope="module")
 def server():
-    return ServerModel(parse_run_config({}))
+    return ServerModel(parse_run_config({**FLOAT32_UP}))
 
 
 @pytest.fixture
@@ -133,7 +135,7 @@ def test_bad_reply_is_rejected_with_its_reason(kind, server, good):
 
 # ------------------------------------------------------------------------- in the strategy
 def test_strategy_merges_only_valid_replies_and_counts_the_rest(task_identity, tmp_path, good):
-    run = parse_run_config({"min-replies": 1, "downlink-codec": "float32"})  # merged as sent, to compare
+    run = parse_run_config({**FLOAT32_UP, "min-replies": 1, "downlink-codec": "float32"})  # merged as sent, to compare
     server = ServerModel(run)
     server.round = ROUND - 1
     strategy = FedMUD(run, server, Ledger(), tmp_path, test_data=[])
@@ -151,7 +153,7 @@ def test_strategy_merges_only_valid_replies_and_counts_the_rest(task_identity, t
 
 
 def test_strategy_skips_a_round_below_min_replies(task_identity, tmp_path, good):
-    run = parse_run_config({"min-replies": 2})
+    run = parse_run_config({**FLOAT32_UP, "min-replies": 2})
     server = ServerModel(run)
     server.round = ROUND - 1
     strategy = FedMUD(run, server, Ledger(), tmp_path, test_data=[])

@@ -16,9 +16,11 @@ from fedmud.config import ConfigError, parse_run_config
 from fedmud.layout import UploadLayout
 from fedmud.rounds import build_codec, build_decomposed, build_link_codec, simulate_in_process
 
+from .conftest import FLOAT32_UP
+
 LAYOUT = UploadLayout((("conv.T1", (40, 30)), ("bn.weight", (30,)), ("bn.running_var", (1500,))))
 VECTORS = frozenset({"bn.weight", "bn.running_var"})
-RUN = {"dataset": "digits", "num-partitions": 2, "num-server-rounds": 2, "local-epochs": 1, "batch-size": 32}
+RUN = {**FLOAT32_UP, "dataset": "digits", "num-partitions": 2, "num-server-rounds": 2, "local-epochs": 1, "batch-size": 32}
 
 
 def test_a_float32_upload_sends_the_named_tensors_as_int8_residuals_and_counts_their_bytes():
@@ -59,11 +61,11 @@ def test_the_uplink_sends_what_the_plan_counts_and_the_chain_links_stay_as_they_
     assert vectors and model.plan.int8_names() == vectors
     assert build_codec(int8_run, model).payload_nbytes == model.plan.upload_bytes <= model.plan.dense_reference_bytes / 32
     link = build_link_codec(int8_run, model)  # the aggregated upload goes down as downlink-codec says, vectors too
-    assert link.payload_nbytes == build_link_codec(parse_run_config({"dataset": "digits"}), model).payload_nbytes
+    assert link.payload_nbytes == build_link_codec(parse_run_config({**FLOAT32_UP, "dataset": "digits"}), model).payload_nbytes
 
 
 def test_auto_keeps_the_paper_cnn_as_it_planned_every_value_at_4_bytes():
-    model = build_decomposed(parse_run_config({"dataset": "digits"}))
+    model = build_decomposed(parse_run_config({**FLOAT32_UP, "dataset": "digits"}))
     assert not model.plan.int8_names() and model.plan.upload_bytes == 4 * model.plan.upload
 
 
