@@ -25,6 +25,7 @@ import os
 import time
 from pathlib import Path
 
+from bench.suites import FLOAT32_UP
 from fedmud.config import parse_run_config
 from fedmud.rounds import simulate_in_process
 
@@ -33,7 +34,7 @@ INITS = ("zero", "nonzero", "nonzero-compensated", "hrp")
 
 
 def run_one(overrides: dict, rounds: int) -> dict:
-    run = parse_run_config({"num-server-rounds": rounds, **overrides})
+    run = parse_run_config({**FLOAT32_UP, "num-server-rounds": rounds, **overrides})
     started = time.monotonic()
     server, history, _, _ = simulate_in_process(run)
     basis = sum(t.numel() for t in server.model.hrp_state().values()) * 4

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.suites import FLOAT32_UP
 from fedmud.bounds import lower_median
 from fedmud.config import parse_run_config
 from fedmud.rounds import NORM_WINDOW, simulate_in_process
@@ -56,7 +57,7 @@ def measure(overrides: dict, rounds: int, compare: bool) -> dict:
     def on_round(r: int, server) -> None:
         per_round.append(list(server.recent_norms[-1]))
 
-    run = parse_run_config({"num-server-rounds": rounds, **overrides})
+    run = parse_run_config({**FLOAT32_UP, "num-server-rounds": rounds, **overrides})
     started = time.monotonic()
     _, bounded, _, _ = simulate_in_process(run, on_round=on_round)
     out = {
@@ -66,7 +67,7 @@ def measure(overrides: dict, rounds: int, compare: bool) -> dict:
         "seconds": time.monotonic() - started,
     }
     if compare:
-        free = simulate_in_process(parse_run_config({"num-server-rounds": rounds, "median-norm-bound": 0.0, **overrides}))[1]
+        free = simulate_in_process(parse_run_config({**FLOAT32_UP, "num-server-rounds": rounds, "median-norm-bound": 0.0, **overrides}))[1]
         out["same_accuracy_every_round_without_the_bound"] = bounded == free
     return out
 

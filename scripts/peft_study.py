@@ -40,14 +40,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench.suites import FLOAT32_UP  # noqa: E402
+
 from finetune_study import ARMS, LM_DIR, pretrained_lm, run_config  # noqa: E402  (the study's setting)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
     "peft-fedavg": {"peft": True, "method": "fedavg"},
-    "peft-fedmud": {"peft": True, "method": "fedmud", "ratio": "1/8"},
-    "fedmud": {"peft": False, "method": "fedmud", "ratio": "1/32"},
-    "fedmud-1/75": {"peft": False, "method": "fedmud", "ratio": "1/75"},
+    "peft-fedmud": {"peft": True, "method": "fedmud", "ratio": "1/8", **FLOAT32_UP},
+    "fedmud": {"peft": False, "method": "fedmud", "ratio": "1/32", **FLOAT32_UP},
+    "fedmud-1/75": {"peft": False, "method": "fedmud", "ratio": "1/75", **FLOAT32_UP},
 }
 LRS = (0.003, 0.01, 0.03)
 SEEDS = (0, 1, 2)

@@ -51,8 +51,10 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.suites import FLOAT32_UP
+
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"fedmud": {"method": "fedmud"}, "fedavg": {"method": "fedavg"}}  # fedmud: its defaults (kron, aad, 1/32)
+METHODS = {"fedmud": {"method": "fedmud", **FLOAT32_UP}, "fedavg": {"method": "fedavg"}}  # fedmud: kron, aad, 1/32, float32 uploads
 COMMON = {
     "dataset": "mnist5k",
     "partition": "iid",

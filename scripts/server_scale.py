@@ -34,13 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.suites import FLOAT32_UP
 from fedmud.config import parse_run_config
 from fedmud.ledger import Ledger
 from fedmud.rounds import ServerModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("docs/perf/server_scale.json")
-MODELS = {"cnn": {}, "resnet18": {"model": "resnet18", "dataset": "cifar10"}}
+MODELS = {"cnn": {**FLOAT32_UP}, "resnet18": {"model": "resnet18", "dataset": "cifar10", **FLOAT32_UP}}  # float32 replies, as made below
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

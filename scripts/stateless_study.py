@@ -31,7 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SETTING = {"dataset": "mnist5k", "partition": "iid", "num-partitions": 100, "fraction-train": 0.01, "min-train-nodes": 1}
+from bench.suites import FLOAT32_UP  # noqa: E402
+
+SETTING = {"dataset": "mnist5k", "partition": "iid", "num-partitions": 100, "fraction-train": 0.01, "min-train-nodes": 1, **FLOAT32_UP}
 EVAL_EVERY = 10
 NOTES = """Commands: `python scripts/stateless_study.py` (keep and none with the default int4 anchor, seeds
 0,1,2); `--modes none --anchor-codec int2`; `--modes none --anchor-codec int2 --snap --seeds 0`. The

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.suites import FLOAT32_UP  # noqa: E402
 from fedmud.config import ConfigError, parse_run_config  # noqa: E402
 from fedmud.rounds import build_codec, build_decomposed, simulate_in_process  # noqa: E402
 
@@ -45,7 +46,7 @@ def upload_bytes() -> None:
     for name, (model_fn, key) in _models().items():
         cells = []
         for choice in ("uplink", "auto"):
-            run = parse_run_config({"dataset": "mnist5k", "vector-uplink": choice, **({"model": key} if key else {})})
+            run = parse_run_config({**FLOAT32_UP, "dataset": "mnist5k", "vector-uplink": choice, **({"model": key} if key else {})})
             try:
                 model = build_decomposed(run, model_fn=model_fn)
             except ConfigError as refusal:
@@ -61,7 +62,7 @@ def accuracy(seed: int) -> None:
     for choice in ("uplink", "int8"):
         start = time.time()
         run = parse_run_config(
-            {"dataset": "mnist5k", "num-partitions": 10, "num-server-rounds": 5, "vector-uplink": choice, "seed": seed}
+            {**FLOAT32_UP, "dataset": "mnist5k", "num-partitions": 10, "num-server-rounds": 5, "vector-uplink": choice, "seed": seed}
         )
         server, history, _, _ = simulate_in_process(run)
         print(json.dumps({

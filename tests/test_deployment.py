@@ -157,7 +157,7 @@ def test_a_restarted_supernode_trains_in_its_first_round_back(authenticated_depl
     assert f"round {back}: node(s) {node} could not sync; resending the full model" in output
     assert _clients(ledger, back, DOWN).count(str(node)) == 2  # the chain it could not apply, then the full model
     ups = [r["bytes"] for r in ledger if (r["round"], r["client"], r["direction"]) == (back, str(node), UP)]
-    assert len(ups) == 2 and max(ups) > 100 * min(ups)  # "cannot sync", then its upload
+    assert len(ups) == 2 and max(ups) > 10 * min(ups)  # "cannot sync" (a few hundred bytes), then its upload (int4: ~8 kB)
     row = rows[back]
     assert (row["accepted"], row["resync"]) == (len(set(_clients(ledger, back, DOWN))), 1)  # it trained too
     assert rows[-1]["accuracy"] > 0.8
