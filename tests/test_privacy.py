@@ -284,8 +284,7 @@ def test_secure_aggregation_survives_a_dropout_merges_to_the_plain_weights_and_t
     Flower 1.39's workflow alone cannot survive) and partition 3 drops out in training (after it
     shared its keys, so the others' masks with it must be rebuilt from their shares)."""
     base = 'downlink="full" max-examples=1000 probe.lost-partitions="1" probe.drop-partitions="3"'
-    # the plain run at the float32 upload a secure round's values start from (`uplink=auto` under SecAgg+)
-    plain = _probe_run(simulation_superlink, tmp_path / "plain", f'{base} uplink="float32"')
+    plain = _probe_run(simulation_superlink, tmp_path / "plain", base)  # float32 uploads, as the secure run (the app's)
     secure = _probe_run(simulation_superlink, tmp_path / "secure", f"{base} secure-aggregation=true")
 
     # the two are left out of both, and the two merges agree within the quantisation
