@@ -263,6 +263,23 @@ def _link_codec(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[
     return RunConfig.downlink_codec if carried else "float32"  # a lossy link's residual must be carried
 
 
+def _uplink(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
+    """``auto``: the method's ``default_uplink``, ``float32`` under secure aggregation (every value
+    travels as a field element there, so a lossy code would lose precision and save nothing)."""
+    value = _choice(cfg, key, default, ("auto", *UPLINKS))
+    if value != "auto":
+        return value
+    return "float32" if cfg.get("secure-aggregation") is True else method_named(parsed["method"]).default_uplink
+
+
+def _stochastic_rounding(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> bool:
+    """``auto``: unbiased rounding where a levelled code has no error memory to correct its bias."""
+    value = cfg.get(key, default)
+    if value == "auto":
+        return parsed["uplink"] in LEVELLED_UPLINKS and not parsed["error-feedback"]
+    return _flag(cfg, key, default)
+
+
 def _model(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
     """A built-in, ``package.module:factory`` or ``hf:SOURCE`` (checked when the model is built)."""
     value = cfg.get(key, default)
@@ -391,10 +408,11 @@ class UplinkConfig:
     """How a client's upload is encoded (see :mod:`fedmud.codec`)."""
 
     codec: str = key(
-        "float32",
+        "int4",
         "upload codec (see [Compressed uploads](#compressed-uploads)); the lossy codecs code the residual "
-        "against the round-start values both parties know",
-        name="uplink", choices=UPLINKS,
+        "against the round-start values both parties know; `auto` is `int4` for `fedmud` and `float32` for "
+        "the others, and `float32` under `secure-aggregation`",
+        name="uplink", shown="auto", parse=_uplink, allowed=", ".join(f"`{c}`" for c in ("auto", *UPLINKS)),
     )
     error_feedback: bool = key(
         False,
@@ -406,9 +424,11 @@ class UplinkConfig:
         shown="1/32", parse=_ratio, allowed="(0, 1], as a number or a fraction",
     )
     stochastic_rounding: bool = key(
-        False,
+        True,
         "`int8`/`int4`/`int2`/`sign` round at random, unbiased, instead of to the nearest level (each "
-        "client's generator seeded by the round seed and its partition)",
+        "client's generator seeded by the round seed and its partition); `auto`: on with those codes unless "
+        "`error-feedback` carries their error",
+        shown="auto", parse=_stochastic_rounding, allowed="`auto`, `true`, `false`",
     )
 
 

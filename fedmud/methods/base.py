@@ -45,6 +45,9 @@ class Method:
     help: str = ""  # what it does, in Markdown: the README's config table, after the name
     inits: tuple[str, ...] = INITS  # the values ``init`` may take (a method may ignore it)
     default_init: str = "nonzero-compensated"  # what ``init=auto`` means
+    # what ``uplink=auto`` means (``float32`` under secure aggregation, whatever this says: a value
+    # travels as a field element there, so a lossy code would save nothing)
+    default_uplink: str = "float32"
     preheats: bool = False  # whether it takes init=hrp (a high-rank preheat, then its SVD)
     merges: bool = False
     replaces_weight: bool = False
