@@ -51,10 +51,10 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.suites import INT4_SR, LINK_INT2, RANK_16
+from bench.suites import FLOAT32_UP, INT4_SR, LINK_INT2, RANK_16
 
 ROOT = Path(__file__).resolve().parents[1]
-FEDMUD = {"method": "fedmud", "uplink": "float32"}  # the committed tables' upload (the default until issue 27)
+FEDMUD = {"method": "fedmud", **FLOAT32_UP}  # the committed tables' upload (the default until issue 27)
 METHODS = {
     "fedavg": {"method": "fedavg"},
     "fedmud": FEDMUD,
@@ -64,7 +64,7 @@ METHODS = {
     "ffa-lora": {"method": "ffa-lora", "init": "zero"},
     # Init[AB] with the initial product as large as a freshly initialised weight (10x lora-nonzero's)
     "lora-nonzero-x10": {"method": "lora", "init": "nonzero", "lora-init-scale": 1.0},
-    # issue 27's levers (bench/suites.py), which beat the defaults on the CNN at every participation:
+    # issue 27's levers (bench/suites.py), which beat float32 uploads on the CNN at every participation:
     # twice the rank, int4 uploads with unbiased rounding, int2 chain links; and LoRA's adapters at int4
     "fedmud-r16": {**FEDMUD, **RANK_16},
     "fedmud-int4-sr": {**FEDMUD, **INT4_SR},

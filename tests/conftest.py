@@ -33,9 +33,6 @@ from bench.superlink import free_port, stage_app, superlink_command, wait_for_po
 from bench.superlink import stop_group as stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
-# The float32 upload, pinned by the tests that build or read a client's update by hand, so that they
-# test their mechanism (sync, screening, merges, checkpoints) whatever codec `uplink=auto` picks.
-FLOAT32_UP = {"uplink": "float32"}
 
 
 class SuperLink:

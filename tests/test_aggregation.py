@@ -7,7 +7,7 @@ import torch
 from fedmud.aggregate import aggregate_factors
 from fedmud.decomposition import BlockKroneckerUpdate, LowRankUpdate
 
-from .conftest import FLOAT32_UP
+from bench.suites import FLOAT32_UP  # float32 uploads: the tests build or read them by hand
 
 WEIGHTS = [3.0, 1.0, 2.0]
 

@@ -16,7 +16,7 @@ from .federation import reply_from
 from .test_results_row import results_row
 from fedmud_wire import upload_record
 
-from .conftest import FLOAT32_UP
+from bench.suites import FLOAT32_UP  # float32 uploads: the tests build or read them by hand
 
 ROUND = 3
 SEED = round_seed(0, ROUND)

@@ -16,7 +16,7 @@ from fedmud.projection import linear_delta, project_to_trained
 from fedmud.rounds import ClientModel, ServerModel
 from fedmud.sync import CHAIN, Downlink
 
-from .conftest import FLOAT32_UP
+from bench.suites import FLOAT32_UP  # float32 uploads: the tests build or read them by hand
 
 LOSSY = [name for name, scheme in SCHEMES.items() if scheme.residual]
 SCALED = [name for name, scheme in SCHEMES.items() if scheme.chunk]  # int8, int4, int2, sign

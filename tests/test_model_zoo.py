@@ -22,7 +22,9 @@ from fedmud.data import test_loader as held_out_loader
 from fedmud.rounds import build_codec, build_decomposed, run_model_factory, simulate_in_process
 from fedmud.training import evaluate
 
-from .conftest import FLOAT32_UP, finished_run
+from bench.suites import FLOAT32_UP  # float32 uploads: the tests build or read them by hand
+
+from .conftest import finished_run
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")

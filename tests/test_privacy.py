@@ -20,7 +20,9 @@ from fedmud.sync import CHAIN, Downlink
 from fedmud.secagg import packed_nbytes
 from server.secure import DEFAULT_CLIPPING_RANGE, clipping_range, max_weight, secure_field
 
-from .conftest import FLOAT32_UP, finished_run
+from bench.suites import FLOAT32_UP  # float32 uploads: the tests build or read them by hand
+
+from .conftest import finished_run
 from .federation import loader
 
 PROBE = "tests/apps/secure_probe"

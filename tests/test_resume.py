@@ -12,7 +12,9 @@ from fedmud.ledger import Ledger
 from fedmud.rounds import ClientModel, ServerModel
 from fedmud.sync import CHAIN
 
-from .conftest import FLOAT32_UP, flwr_run
+from bench.suites import FLOAT32_UP  # float32 uploads: the tests build or read them by hand
+
+from .conftest import flwr_run
 from .federation import Node, nodes_for, run_rounds, server_for
 from .test_round_exchange import RUN_CONFIG, LoopbackGrid
 

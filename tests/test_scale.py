@@ -22,7 +22,7 @@ from fedmud_wire import reply_seconds, upload_record
 
 from .federation import reply_from
 
-from .conftest import FLOAT32_UP
+from bench.suites import FLOAT32_UP  # float32 uploads: the tests build or read them by hand
 
 
 def _reference_forward(update, weight, factors, start=None):

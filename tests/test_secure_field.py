@@ -24,7 +24,9 @@ from fedmud.secagg import MAX_LEVELS, STEP, pack_values, packed_nbytes, size_fie
 from server.app import run_server
 from server.secure import secure_field
 
-from .conftest import FLOAT32_UP, ROOT
+from bench.suites import FLOAT32_UP  # float32 uploads: the tests build or read them by hand
+
+from .conftest import ROOT
 from .federation import InProcessGrid
 from .test_privacy import SECAGG_TOLERANCE
 

@@ -9,7 +9,7 @@ from fedmud.rounds import ClientModel, ServerModel, SyncError, simulate_in_proce
 from fedmud.seeds import round_seed
 from fedmud.sync import CHAIN, FULL, ChainStore, Downlink, Link, SyncRecords, chain_bytes, plan_downlink, state_digest
 
-from .conftest import FLOAT32_UP
+from bench.suites import FLOAT32_UP  # float32 uploads: the tests build or read them by hand
 
 
 def _upload(server: ServerModel, seed: int) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from server.strategy import FedMUD
 from .federation import reply_from
 from fedmud_wire import content_bytes, read_upload, sync_error_record, upload_record
 
-from .conftest import FLOAT32_UP
+from bench.suites import FLOAT32_UP  # float32 uploads: the tests build or read them by hand
 
 ROUND = 3
 

@@ -16,7 +16,7 @@ from fedmud.config import ConfigError, parse_run_config
 from fedmud.layout import UploadLayout
 from fedmud.rounds import build_codec, build_decomposed, build_link_codec, simulate_in_process
 
-from .conftest import FLOAT32_UP
+from bench.suites import FLOAT32_UP  # float32 uploads: the tests build or read them by hand
 
 LAYOUT = UploadLayout((("conv.T1", (40, 30)), ("bn.weight", (30,)), ("bn.running_var", (1500,))))
 VECTORS = frozenset({"bn.weight", "bn.running_var"})

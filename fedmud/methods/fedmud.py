@@ -172,7 +172,7 @@ class ModelUpdateDecomposition(Method):
     help = "trains a decomposed update of every layer not kept dense"
     preheats = True
     merges = True
-    # issue 27's evidence: int4 uploads rounded without bias match float32 at 1/8 of the bytes on the
+    # issue 27's evidence: int4 uploads rounded without bias match float32 at 1/7 of the bytes on the
     # paper's CNN (docs/bench/p10-tuned) and on a language model (docs/finetune-lm.md, "Codecs")
     default_uplink = "int4"
 
