@@ -26,9 +26,12 @@ from fedmud.bounds import bound_reply
 from fedmud.config import RunConfig, parse_run_config
 from fedmud.data import client_loader
 from fedmud.rounds import ClientModel, ModelFactory, SyncError, data_seed
+from fedmud.secagg import code_grid
+from fedmud.seeds import derive_seed, numpy_rng
 from fedmud.task import Task
 from fedmud.training import describe_device
 from fedmud_wire import (
+    downlink_round_seed,
     hide_weight,
     identity_record,
     pack_masked_vector,
@@ -78,9 +81,14 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message
     their messages carry its config record; any other message goes straight through. The weight
     the mod leaves readable in its reply is blanked: the server gets it only inside the sum. The
     masked vector the mod made (int64 values below the round's modulus) goes packed into
-    log2(modulus) bits a value (the server unpacks it before it sums)."""
+    log2(modulus) bits a value (the server unpacks it before it sums). Flower's quantiser rounds
+    with numpy's global generator: in the collect stage it is seeded from the round seed and the
+    partition, so a secure run repeats as a plain one does."""
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
+    seed = downlink_round_seed(msg.content)
+    if seed is not None:
+        np.random.seed(derive_seed(seed, "secure-quantisation", str(context.node_config.get("partition-id", 0))) % 2**32)
     reply = secaggplus_mod(msg, context, call_next)
     if reply.has_content():
         hide_weight(reply.content)
@@ -165,18 +173,23 @@ def run_client_round(
     if feedback is not None:  # error feedback: what the lossy codec has not sent yet
         context.state.array_records[HELD_FEEDBACK] = ArrayRecord(feedback)
     if secure:
-        return Message(content=_secure_reply(client, run, downlink.round_seed, payload, len(loader.dataset), started, train_s), reply_to=msg)
+        reply = _secure_reply(client, run, downlink.round_seed, payload, len(loader.dataset), started, train_s, partition_id)
+        return Message(content=reply, reply_to=msg)
     packed = client.codec.pack(payload)
     seconds = {"train-s": train_s, "client-s": time.perf_counter() - started}
     reply = upload_record(packed, len(loader.dataset), loss, downlink.server_round, partition_id, seconds)
     return Message(content=reply, reply_to=msg)
 
 
-def _secure_reply(client: ClientModel, run: RunConfig, round_seed: int, payload, examples: int, started: float, train_s: float):
+def _secure_reply(
+    client: ClientModel, run: RunConfig, round_seed: int, payload, examples: int, started: float, train_s: float, partition_id: int
+):
     """The update as the server would decode it, for SecAgg+ to mask, with the bounds the server
     would apply to a plain reply (:func:`fedmud.bounds.bound_reply`: its weight capped at
     ``max-examples``, 1 under DP; its norm kept within ``update-norm-bound``), since the server
     only ever sees the sum. Under DP it is not clipped again: it was clipped before its noise.
+    With ``uplink=int8|int4`` the mod gets the update's codes on the round's shared grid, and its
+    weight among them (:class:`fedmud.secagg.CodeGrid`), at weight 1.
 
     An update that is not finite (or above the bound with ``update-norm-action=reject``) is not
     sent: the client drops out of the round, and the protocol leaves it out of the sum.
@@ -190,4 +203,8 @@ def _secure_reply(client: ClientModel, run: RunConfig, round_seed: int, payload,
     for reason in bounded.reasons:
         log(WARNING, "%s", reason)
     seconds = {"train-s": train_s, "client-s": time.perf_counter() - started}
-    return secure_upload_record(bounded.update, bounded.weight, seconds)
+    grid = code_grid(run, client.dp, client.codec.layout.numel)
+    if grid is None:
+        return secure_upload_record(bounded.update, bounded.weight, seconds)
+    codes = grid.encode(bounded.update, bounded.weight, round_seed, numpy_rng(round_seed, "secure-rounding", str(partition_id)))
+    return secure_upload_record(codes, 1, seconds)

@@ -28,6 +28,7 @@ from .errors import ConfigError, is_import_string
 from .hf import is_hf_source
 from .methods import BUILTIN_METHODS, INITS, METHODS, method_named
 from .models import MODELS
+from .secagg import GRID_HALVES
 from .task import BUILTIN_TASKS
 
 TASKS = tuple(BUILTIN_TASKS)
@@ -411,7 +412,9 @@ class UplinkConfig:
         "int4",
         "upload codec (see [Compressed uploads](#compressed-uploads)); the lossy codecs code the residual "
         "against the round-start values both parties know; `auto` is `int4` for `fedmud` and `float32` for "
-        "the others, and `float32` under `secure-aggregation`",
+        "the others, and `float32` under `secure-aggregation`, which also takes `int8` and `int4`: codes on a "
+        "grid every client shares, set by `update-norm-bound` or `dp-clip` (see [Privacy](#privacy-secure-"
+        "aggregation-and-differential-privacy))",
         name="uplink", shown="auto", parse=_uplink, allowed=", ".join(f"`{c}`" for c in ("auto", *UPLINKS)),
     )
     error_feedback: bool = key(
@@ -792,13 +795,50 @@ def _check_downlink(run: RunConfig) -> None:
         )
 
 
-def _check_privacy(p: PrivacyConfig, uplink: UplinkConfig, cfg: Mapping[str, Any]) -> None:
-    if p.secure_aggregation and SCHEMES[uplink.codec].sparse:
+def _check_secure_uplink(run: RunConfig) -> None:
+    """Under secure aggregation the masks sum what every client sends: float32 values (one field
+    element each) or int8/int4 codes on one grid every client shares (:class:`fedmud.secagg.CodeGrid`),
+    which the norm every update keeps sets."""
+    u, p = run.uplink, run.privacy
+    if not p.secure_aggregation:
+        return
+    if SCHEMES[u.codec].sparse:
         raise ConfigError(
-            f"secure-aggregation=true is not allowed with uplink={uplink.codec!r}: secure aggregation sums "
+            f"secure-aggregation=true is not allowed with uplink={u.codec!r}: secure aggregation sums "
             "every client's whole vector, and a sparse upload's positions differ between clients; choose "
-            f"a dense uplink: {', '.join(n for n, s in SCHEMES.items() if not s.sparse)}"
+            f"float32 or one of {', '.join(GRID_HALVES)}"
         )
+    if u.codec != "float32" and u.codec not in GRID_HALVES:
+        raise ConfigError(
+            f"uplink={u.codec!r} is not allowed with secure-aggregation=true: the masks sum every client's values, "
+            f"so a value travels as float32 (a field element) or as a code on a grid every client shares: "
+            f"float32, {', '.join(GRID_HALVES)}"
+        )
+    if u.codec in GRID_HALVES and not (run.bounds.update_norm_bound > 0 or p.dp != "off"):
+        raise ConfigError(
+            f"uplink={u.codec!r} with secure-aggregation=true needs update-norm-bound > 0 or dp: every client rounds "
+            "onto one grid, sized by the norm every update keeps; set update-norm-bound (or dp-clip with dp), or "
+            "uplink='float32'"
+        )
+    if u.codec in GRID_HALVES and p.dp == "off" and run.bounds.max_examples == BoundsConfig().max_examples:
+        raise ConfigError(
+            f"uplink={u.codec!r} with secure-aggregation=true needs max-examples set near your largest partition (it is "
+            f"at its default, {run.bounds.max_examples}): every client rounds weight/max-examples · update onto the same "
+            "grid, so a client of E examples fills only E/max-examples of it"
+        )
+    if u.error_feedback:
+        raise ConfigError(
+            "error-feedback=true is not allowed with secure-aggregation=true: a client's upload is summed under "
+            "masks, not coded on its own, so there is no code error for it to carry; set error-feedback=false"
+        )
+    if u.codec in GRID_HALVES and not u.stochastic_rounding:
+        raise ConfigError(
+            f"stochastic-rounding=false is not allowed with secure-aggregation=true and uplink={u.codec!r}: codes summed "
+            "under masks are rounded without bias, so that their sum's error averages out; set stochastic-rounding=auto"
+        )
+
+
+def _check_privacy(p: PrivacyConfig, uplink: UplinkConfig, cfg: Mapping[str, Any]) -> None:
     given = [key for key, value in (("dp-noise-multiplier", p.dp_noise_multiplier), ("dp-epsilon", p.dp_epsilon)) if value]
     if p.dp == "off" and given:
         raise ConfigError(
@@ -854,6 +894,7 @@ def parse_run_config(cfg: Mapping[str, Any], schema: type[RunConfig] = RunConfig
     run = _build(schema, cfg, {})
     _check_combinations(run)
     _check_privacy(run.privacy, run.uplink, cfg)
+    _check_secure_uplink(run)
     _check_downlink(run)
     return run
 

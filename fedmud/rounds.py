@@ -87,11 +87,15 @@ def build_decomposed(
 
 def build_codec(run: RunConfig, model: DecomposedModel) -> Codec:
     """The uplink codec the run config names (``topk``'s k from the dense bytes it may use), with the
-    vectors the plan sends at int8 (``vector-uplink``)."""
+    vectors the plan sends at int8 (``vector-uplink``).
+
+    Under secure aggregation no code travels: the client hands its update to the masks, as values
+    or as codes on the round's shared grid (:func:`fedmud.secagg.code_grid`), so the codec is float32.
+    """
     layout = model.upload_layout()
-    sparse = SCHEMES[run.uplink.codec].sparse
-    k = topk_count(layout.numel, model.dense_reference_numel, run.uplink.topk_ratio) if sparse else 0
-    return Codec(layout, run.uplink.codec, k, model.plan.int8_names())
+    scheme = "float32" if run.privacy.secure_aggregation else run.uplink.codec
+    k = topk_count(layout.numel, model.dense_reference_numel, run.uplink.topk_ratio) if SCHEMES[scheme].sparse else 0
+    return Codec(layout, scheme, k, model.plan.int8_names())
 
 
 def build_link_codec(run: RunConfig, model: DecomposedModel) -> Codec:

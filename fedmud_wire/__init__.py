@@ -91,6 +91,14 @@ def downlink_record(downlink: Downlink) -> RecordDict:
     return RecordDict({CONFIG_KEY: config, CHAIN_KEY: chain})
 
 
+def downlink_round_seed(content: RecordDict) -> int | None:
+    """The round seed a message's downlink carries (None: the message has no downlink, e.g. a SecAgg+
+    stage other than the collect stage)."""
+    config = content.config_records.get(CONFIG_KEY)
+    seed = None if config is None else config.get("round-seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def read_downlink(content: RecordDict) -> Downlink:
     """The :class:`fedmud.sync.Downlink` a message carries, as the server built it.
 

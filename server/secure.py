@@ -17,13 +17,19 @@ protocol is rewritten:
   direction: the collect stage as the model's exchange, the others as protocol traffic; and
   it unpacks each masked vector to Flower's int64 after counting the bytes it came in.
 
-Quantisation: the workflow maps each coordinate of ``weight/max_weight · update`` from
-[-clipping_range, clipping_range] onto integer levels, by stochastic rounding, and sums
-modulo a power of two. Both are sized each round (:func:`fedmud.secagg.size_field`) from the
+Quantisation, ``uplink=float32``: the workflow maps each coordinate of ``weight/max_weight ·
+update`` from [-clipping_range, clipping_range] onto integer levels, by stochastic rounding, and
+sums modulo a power of two. Both are sized each round (:func:`fedmud.secagg.size_field`) from the
 clipping range and the round's sampled clients (every client in the sum was sampled): a step
 of at most 2^-22 at full weight, in the smallest field that sums them exactly (30 bits for 10
 clients over [-8, 8]); the client's mod wrapper sends each masked value in that many bits.
 A coordinate of the mean is off by at most the step over the mean weight ratio.
+
+``uplink=int8|int4``: the client rounds its rotated update onto the round's shared grid itself
+(:class:`fedmud.secagg.CodeGrid`) and hands the workflow the codes and its weight's digits at
+weight 1, with a clipping range and levels that map each code to one integer exactly; the field
+holds the round's sum of codes (8 bits a value for 10 clients at int4), and the server decodes
+the unmasked sums (:func:`SecureSum.mean`).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from fedmud.config import RunConfig
 from fedmud.ledger import DOWN, MODEL, PROTOCOL, UP, Ledger
 from fedmud.privacy import Mechanism
-from fedmud.secagg import Field, size_field
+from fedmud.secagg import CodeGrid, Field, code_grid, size_field
 from fedmud_wire import content_bytes, secure_reply_seconds, unpack_masked_vector
 
 DEFAULT_CLIPPING_RANGE = 8.0  # Flower's default, for runs with neither a DP clip nor an update-norm bound
@@ -75,6 +81,48 @@ def secure_field(run: RunConfig, dp: Mechanism, clients: int) -> Field:
     return size_field(clients, clipping_range(run, dp))
 
 
+@dataclass(frozen=True)
+class SecureSum:
+    """How a round's workflow is parameterised and its unmasked mean read: values in a fine field
+    (``grid`` None), or codes on the round's shared grid."""
+
+    field: Field | None
+    grid: CodeGrid | None
+    modulus: int
+    clipping_range: float  # the workflow's
+    levels: int  # the workflow's quantization_range
+    max_weight: float  # the workflow's
+
+    def describe(self) -> str:
+        if self.grid is None:
+            return self.field.describe()
+        g = self.grid
+        return f"field 2^{self.modulus.bit_length() - 1}: codes in ±{g.half} on a shared grid of step {g.step:.2g} (rotated)"
+
+    def mean(self, flower_mean: np.ndarray, clients: int, seed: int, bound: float) -> tuple[np.ndarray | None, str, float, float]:
+        """(the weighted mean update, why it cannot be merged or "", the coordinate range its values keep
+        (0: already checked), the slack its norm may exceed ``bound`` by) from the workflow's mean."""
+        if self.grid is None:
+            return flower_mean, "", self.clipping_range, 0.0
+        flower_mean = np.asarray(flower_mean, dtype=np.float64)
+        if flower_mean.shape != (self.grid.length,) or not np.isfinite(flower_mean).all():
+            return None, (
+                f"the unmasked sum has shape {flower_mean.shape} or non-finite values, expected {self.grid.length} finite "
+                "values: a node sent a malformed vector"
+            ), 0.0, 0.0
+        mean, weight, why = self.grid.decode(np.rint(flower_mean * clients), clients, seed)
+        return mean, why, 0.0, self.grid.norm_slack(clients, weight) if mean is not None and bound > 0 else 0.0
+
+
+def secure_sum(run: RunConfig, dp: Mechanism, clients: int, numel: int) -> SecureSum:
+    """The workflow's parameters for a round of ``clients`` sampled clients and updates of ``numel`` values."""
+    grid = code_grid(run, dp, numel)
+    if grid is None:
+        f = secure_field(run, dp, clients)
+        return SecureSum(f, None, f.modulus, clipping_range(run, dp), f.levels, max_weight(run, dp))
+    return SecureSum(None, grid, 1 << grid.field_bits(clients), grid.flower_range, grid.flower_levels, 1.0)
+
+
 @dataclass
 class SecureResult:
     """What one secure round gave the server: the mean, never one client's update."""
@@ -82,7 +130,10 @@ class SecureResult:
     mean_update: np.ndarray | None  # the weighted mean of the clients' updates (None: the protocol halted)
     merged_nodes: list[int] = field(default_factory=list)  # whose update is in the mean
     seconds: dict[str, float] = field(default_factory=dict)  # the clients' reported seconds, summed
-    error: str = ""
+    error: str = ""  # the protocol failed
+    refused: str = ""  # the unmasked sums cannot be the clients' (a node sent a malformed vector)
+    value_range: float = 0.0  # the largest coordinate an honest mean has (0: checked already)
+    norm_slack: float = 0.0  # how far the protocol's rounding may move the mean's norm
 
 
 class MeteredGrid:
@@ -192,15 +243,19 @@ def secure_round(
     server_round: int,
     downlinks: Mapping[int, RecordDict],
     population: int = 0,
+    numel: int = 0,
+    seed: int = 0,
+    bound: float = 0.0,
 ) -> SecureResult:
     """One round of SecAgg+ over ``grid`` with each node's downlink; the ledger gets every message.
+    ``numel``: the update's length; ``seed``: the round's; ``bound``: the norm every honest update keeps.
 
     Raises ValueError when the round samples more clients than a 64-bit sum can hold
     (:func:`fedmud.secagg.size_field`).
     """
-    round_field = secure_field(run, dp, len(downlinks))
-    if round_field.bits > 32:
-        log(WARNING, "round %d: %d clients need more than 32 bits a value: %s", server_round, len(downlinks), round_field.describe())
+    plan = secure_sum(run, dp, len(downlinks), numel)
+    if plan.modulus.bit_length() - 1 > 32:
+        log(WARNING, "round %d: %d clients need more than 32 bits a value: %s", server_round, len(downlinks), plan.describe())
     strategy = _RoundStrategy(sorted(downlinks))
     state = RecordDict(
         {
@@ -217,28 +272,29 @@ def secure_round(
         downlinks,
         num_shares=float(run.privacy.secagg_shares),
         reconstruction_threshold=float(run.privacy.secagg_threshold),
-        max_weight=max_weight(run, dp),
-        clipping_range=clipping_range(run, dp),
-        quantization_range=round_field.levels,
-        modulus_range=round_field.modulus,
+        max_weight=plan.max_weight,
+        clipping_range=plan.clipping_range,
+        quantization_range=plan.levels,
+        modulus_range=plan.modulus,
         timeout=run.round_timeout,
     )
     started = time.monotonic()
     try:
-        workflow(MeteredGrid(grid, ledger, server_round, round_field.modulus), context)
+        workflow(MeteredGrid(grid, ledger, server_round, plan.modulus), context)
     except Exception as err:  # a malformed masked vector (wrong shape) stops Flower's workflow mid-round
         log(WARNING, "round %d: secure aggregation failed: %s: %s", server_round, type(err).__name__, err)
         return SecureResult(None, error=f"{type(err).__name__}: {err}")
     if not strategy.results:
         return SecureResult(None, error="the protocol halted (too few nodes answered a stage)")
-    mean = parameters_to_ndarrays(strategy.results[0][1].parameters)[0]
     seconds: dict[str, float] = {}
     for _, fitres in strategy.results:
         for key, value in secure_reply_seconds(fitres.metrics).items():
             seconds[key] = seconds.get(key, 0.0) + value
     nodes = sorted(proxy.node_id for proxy, _ in strategy.results)
+    flower_mean = np.asarray(parameters_to_ndarrays(strategy.results[0][1].parameters)[0], dtype=np.float64)
+    mean, refused, value_range, slack = plan.mean(flower_mean, len(nodes), seed, bound)
     log(
         INFO, "round %d: secure aggregation of %d clients in %.2f s, %s",
-        server_round, len(nodes), time.monotonic() - started, round_field.describe(),
+        server_round, len(nodes), time.monotonic() - started, plan.describe(),
     )
-    return SecureResult(np.asarray(mean, dtype=np.float64), nodes, seconds)
+    return SecureResult(mean, nodes, seconds, refused=refused, value_range=value_range, norm_slack=slack)

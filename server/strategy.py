@@ -48,7 +48,7 @@ from fedmud.results import RoundResult, fields_of, to_json
 from fedmud.seeds import round_seed
 from fedmud.sync import FULL, Downlink
 
-from .secure import clipping_range, secure_round
+from .secure import secure_round
 from fedmud_wire import (
     content_bytes,
     downlink_record,
@@ -374,12 +374,13 @@ class FedMUD(Strategy):
         server = self.server_model
         seed = round_seed(self.run.seed, server_round)
         downlinks = {m.metadata.dst_node_id: m.content for m in self._downlinks(server_round, plans, record=False)}
-        result = secure_round(grid, self.ledger, self.run, server.dp, server_round, downlinks, self._population)
+        bound, numel = self._secure_bound(), server.codec.layout.numel
+        result = secure_round(grid, self.ledger, self.run, server.dp, server_round, downlinks, self._population, numel, seed, bound)
         started = time.monotonic()
         target = server.round  # what every client that answered holds now
         nodes = result.merged_nodes if result.mean_update is not None else []
-        refused = "" if result.error else check_mean_update(
-            result.mean_update, self._secure_bound(), server.codec.layout.numel, clipping_range(self.run, server.dp)
+        refused = "" if result.error else result.refused or check_mean_update(
+            result.mean_update, bound + result.norm_slack if bound > 0 else 0.0, numel, result.value_range
         )
         if result.error or refused:
             log(WARNING, "round %d skipped: %s", server_round, result.error or refused)

@@ -23,7 +23,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,6 +30,8 @@ from cryptography.x509.oid import NameOID
 
 from bench.superlink import free_port, stage_app, superlink_command, wait_for_port
 from bench.superlink import stop_group as stop_process_group
+
+from .federation import as_server_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -263,10 +264,8 @@ def finished_run(env: dict, run_dir: Path, run_config: str, supernodes: int = 3,
 @pytest.fixture
 def task_identity():
     """Messages are made inside a run; give this process the identity a ServerApp would have."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with as_server_app():
+        yield
 
 
 # The files whose tests take longest (minutes: several `flwr run`s, SuperNode heartbeats), longest

@@ -3,11 +3,21 @@ the ClientApps do each round, for tests that need several rounds in seconds."""
 
 from __future__ import annotations
 
+import copy
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from flwr.app import Context, RecordDict
+from flwr.common.config import parse_config_args
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmud.rounds import ClientModel, ServerModel
@@ -96,3 +106,51 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):
         return self.pull_messages(self.push_messages(messages))
+
+
+class LoopbackGrid(InProcessGrid):
+    """Flower's Grid over the real ClientApp in this process, node 100 + p holding partition p; each
+    message is serialised and read back on its way, as it is between machines (Flower's mod changes what it reads)."""
+
+    def __init__(self, nodes: int, run_config: dict) -> None:
+        self.contexts = {
+            100 + p: Context(run_id=1, node_id=100 + p, node_config={"partition-id": p, "num-partitions": run_config["num-partitions"]},
+                             state=RecordDict(), run_config=run_config)
+            for p in range(nodes)
+        }
+        self.replies: dict = {}
+
+    def push_messages(self, messages):
+        from client.app import app as client_app
+
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(message.metadata.message_id)
+            received = copy.copy(message)  # as the node receives it: serialised and read back
+            received.content = recorddict_from_proto(recorddict_to_proto(message.content))
+            self.replies[message.metadata.message_id] = client_app(received, self.contexts[message.metadata.dst_node_id])
+        return ids
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+
+@contextmanager
+def as_server_app() -> Iterator[None]:
+    """Messages are made inside a run: give this process, meanwhile, the identity a ServerApp would have."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def readme_secure_example() -> tuple[dict, dict]:
+    """(federation config, run config) of the README's secure-aggregation example."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    section = readme.read_text().split("## Privacy", 1)[1].split("\n## ", 1)[0]
+    command = next(block for block in section.split("flwr run ")[1:] if "secure-aggregation=true" in block).replace("\\\n", " ")
+    federation = re.search(r'--federation-config "([^"]+)"', command).group(1)
+    return parse_config_args([federation]), parse_config_args([re.search(r"-c '([^']+)'", command).group(1)])

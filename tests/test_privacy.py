@@ -41,6 +41,17 @@ PROBE = "tests/apps/secure_probe"
         ({"dp": "server", "dp-noise-multiplier": -1.0}, ("dp-noise-multiplier=-1.0", ">= 0.0")),
         ({"dp": "server", "dp-noise-multiplier": 1.0, "dp-delta": 0.5}, ("dp-delta=0.5", "<= 0.1")),
         ({"secure-aggregation": True, "uplink": "topk"}, ("secure-aggregation=true", "uplink='topk'", "float32")),
+        ({"secure-aggregation": True, "uplink": "sign"}, ("uplink='sign'", "secure-aggregation=true", "float32, int8, int4")),
+        ({"secure-aggregation": True, "uplink": "int4"}, ("uplink='int4'", "update-norm-bound > 0 or dp", "float32")),
+        ({"secure-aggregation": True, "uplink": "int4", "update-norm-bound": 1.0}, ("max-examples", "largest partition")),
+        (
+            {"secure-aggregation": True, "uplink": "int4", "update-norm-bound": 1.0, "max-examples": 40, "stochastic-rounding": False},
+            ("stochastic-rounding=false", "uplink='int4'", "auto"),
+        ),
+        (
+            {"secure-aggregation": True, "uplink": "int8", "update-norm-bound": 1.0, "max-examples": 40, "error-feedback": True},
+            ("error-feedback=true", "secure-aggregation=true"),
+        ),
         ({"secure-aggregation": "yes"}, ("secure-aggregation='yes'", "true or false")),
         ({"secagg-threshold": 1.5}, ("secagg-threshold=1.5", "<= 1.0")),
     ],
@@ -275,6 +286,24 @@ def _probe_run(env, run_dir, config: str) -> dict:
 # 1.2e-7 with max-examples at the clients' 1,000 examples (README: set it near your largest partition),
 # 1.2e-5 at the default 100,000. (Measured with 2^30 levels at 100,000: 1.5e-6 to 2.7e-6.)
 SECAGG_TOLERANCE = 2e-5
+# int8 codes on the round's grid (fedmud.secagg.CodeGrid), 2 clients at update-norm-bound=1: the largest absolute
+# difference from the plain merge measured 6.5e-4
+GRID_TOLERANCE = 5e-3
+
+
+@pytest.mark.integration
+def test_int8_codes_on_the_shared_grid_survive_a_dropout_and_merge_near_the_plain_weights(simulation_superlink, tmp_path):
+    """The dropouts below, with the clients' codes on the round's grid (update-norm-bound=1, which
+    the round's updates reach): the two survivors' sum decodes (its weights add up to theirs), and
+    the merge is the plain run's within the grid's rounding."""
+    base = 'downlink="full" max-examples=1000 update-norm-bound=1.0 probe.lost-partitions="1" probe.drop-partitions="3"'
+    plain = _probe_run(simulation_superlink, tmp_path / "plain", base)
+    secure = _probe_run(simulation_superlink, tmp_path / "secure", f'{base} secure-aggregation=true uplink="int8"')
+    for run in (plain, secure):
+        assert (run["results"][-1]["accepted"], run["results"][-1]["failed"]) == (2, 2), run["results"][-1]
+    assert "codes in ±127 on a shared grid" in secure["output"]
+    diff = max((plain["state"][k].double() - secure["state"][k].double()).abs().max().item() for k in plain["state"])
+    assert 0 < diff <= GRID_TOLERANCE, diff
 
 
 @pytest.mark.integration

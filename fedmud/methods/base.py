@@ -45,8 +45,8 @@ class Method:
     help: str = ""  # what it does, in Markdown: the README's config table, after the name
     inits: tuple[str, ...] = INITS  # the values ``init`` may take (a method may ignore it)
     default_init: str = "nonzero-compensated"  # what ``init=auto`` means
-    # what ``uplink=auto`` means (``float32`` under secure aggregation, whatever this says: a value
-    # travels as a field element there, so a lossy code would save nothing)
+    # what ``uplink=auto`` means (``float32`` under secure aggregation, whatever this says: the masks
+    # sum values there, or codes on a grid every client shares, which needs a norm bound to be set)
     default_uplink: str = "float32"
     preheats: bool = False  # whether it takes init=hrp (a high-rank preheat, then its SVD)
     merges: bool = False
