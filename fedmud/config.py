@@ -265,12 +265,37 @@ def _link_codec(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[
 
 
 def _uplink(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> str:
-    """``auto``: the method's ``default_uplink``, ``float32`` under secure aggregation (every value
-    travels as a field element there, so a lossy code would lose precision and save nothing)."""
+    """``auto``: the method's ``default_uplink``. Under secure aggregation a code of a client's own
+    would save nothing (the masks sum field elements), so a method whose default is a code sends
+    ``int8`` codes on the round's shared grid where the run sets that grid (:func:`_grid_missing`),
+    and ``float32`` values where it does not."""
     value = _choice(cfg, key, default, ("auto", *UPLINKS))
     if value != "auto":
         return value
-    return "float32" if cfg.get("secure-aggregation") is True else method_named(parsed["method"]).default_uplink
+    method_default = method_named(parsed["method"]).default_uplink
+    if not parsed["secure-aggregation"] or method_default == "float32":
+        return method_default
+    return "float32" if _grid_missing(parsed["dp"], parsed["update-norm-bound"], parsed["max-examples"]) else "int8"
+
+
+def _grid_missing(dp: str, update_norm_bound: float, max_examples: int) -> str:
+    """Why a secure round's clients cannot round onto one shared grid (:class:`fedmud.secagg.CodeGrid`),
+    or "" when they can: the grid is sized by the norm every update keeps (the DP clip, or
+    ``update-norm-bound``) and, without DP, fills as a client's examples fill ``max-examples``."""
+    if dp != "off":
+        return ""
+    if update_norm_bound <= 0:
+        return (
+            "needs update-norm-bound > 0 or dp: every client rounds onto one grid, sized by the norm every update "
+            "keeps; set update-norm-bound (or dp-clip with dp), or uplink='float32'"
+        )
+    if max_examples == BoundsConfig().max_examples:
+        return (
+            f"needs max-examples set near your largest partition (it is at its default, {max_examples}): every "
+            "client rounds weight/max-examples · update onto the same grid, so a client of E examples fills only "
+            "E/max-examples of it"
+        )
+    return ""
 
 
 def _stochastic_rounding(cfg: Mapping[str, Any], key: str, default: Any, parsed: Mapping[str, Any]) -> bool:
@@ -412,9 +437,10 @@ class UplinkConfig:
         "int4",
         "upload codec (see [Compressed uploads](#compressed-uploads)); the lossy codecs code the residual "
         "against the round-start values both parties know; `auto` is `int4` for `fedmud` and `float32` for "
-        "the others, and `float32` under `secure-aggregation`, which also takes `int8` and `int4`: codes on a "
-        "grid every client shares, set by `update-norm-bound` or `dp-clip` (see [Privacy](#privacy-secure-"
-        "aggregation-and-differential-privacy))",
+        "the others. `secure-aggregation` takes `float32`, `int8` and `int4`: codes on a grid every client "
+        "shares, set by `update-norm-bound` (with `max-examples`) or `dp-clip`; there `auto` is `int8` for "
+        "`fedmud` where the run sets that grid, else `float32` (see [Privacy](#privacy-secure-aggregation-and-"
+        "differential-privacy))",
         name="uplink", shown="auto", parse=_uplink, allowed=", ".join(f"`{c}`" for c in ("auto", *UPLINKS)),
     )
     error_feedback: bool = key(
@@ -814,18 +840,9 @@ def _check_secure_uplink(run: RunConfig) -> None:
             f"so a value travels as float32 (a field element) or as a code on a grid every client shares: "
             f"float32, {', '.join(GRID_HALVES)}"
         )
-    if u.codec in GRID_HALVES and not (run.bounds.update_norm_bound > 0 or p.dp != "off"):
-        raise ConfigError(
-            f"uplink={u.codec!r} with secure-aggregation=true needs update-norm-bound > 0 or dp: every client rounds "
-            "onto one grid, sized by the norm every update keeps; set update-norm-bound (or dp-clip with dp), or "
-            "uplink='float32'"
-        )
-    if u.codec in GRID_HALVES and p.dp == "off" and run.bounds.max_examples == BoundsConfig().max_examples:
-        raise ConfigError(
-            f"uplink={u.codec!r} with secure-aggregation=true needs max-examples set near your largest partition (it is "
-            f"at its default, {run.bounds.max_examples}): every client rounds weight/max-examples · update onto the same "
-            "grid, so a client of E examples fills only E/max-examples of it"
-        )
+    missing = _grid_missing(p.dp, run.bounds.update_norm_bound, run.bounds.max_examples)
+    if u.codec in GRID_HALVES and missing:
+        raise ConfigError(f"uplink={u.codec!r} with secure-aggregation=true {missing}")
     if u.error_feedback:
         raise ConfigError(
             "error-feedback=true is not allowed with secure-aggregation=true: a client's upload is summed under "

@@ -35,8 +35,8 @@ SETTINGS = {"bound-1": {**COMMON, "update-norm-bound": 1.0}, "bound-10": {**COMM
 ARMS = {  # name -> (secure-aggregation, uplink, what the table calls it)
     "plain-int4": (False, "int4", "plain, int4 uploads (the default)"),
     "plain-float32": (False, "float32", "plain, float32 uploads"),
-    "secure-float32": (True, "float32", "SecAgg+, float32 values (`uplink=auto`)"),
-    "secure-int8": (True, "int8", "SecAgg+, int8 codes"),
+    "secure-float32": (True, "float32", "SecAgg+, float32 values"),
+    "secure-int8": (True, "int8", "SecAgg+, int8 codes (`uplink=auto` with a bound)"),
     "secure-int4": (True, "int4", "SecAgg+, int4 codes"),
 }
 

@@ -17,7 +17,7 @@ from fedmud.privacy import Mechanism, calibrate, epsilon, mechanism, sample_roun
 from fedmud.rounds import ClientModel, ServerModel
 from fedmud.seeds import round_seed
 from fedmud.sync import CHAIN, Downlink
-from fedmud.secagg import packed_nbytes
+from fedmud.secagg import code_grid, packed_nbytes
 from server.secure import DEFAULT_CLIPPING_RANGE, clipping_range, max_weight, secure_field
 
 from bench.suites import FLOAT32_UP  # float32 uploads: the tests build or read them by hand
@@ -61,6 +61,29 @@ def test_bad_privacy_settings_stop_with_one_message_naming_the_keys_and_what_is_
         parse_run_config(cfg)
     for part in named:
         assert part in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "cfg, codec",
+    [
+        ({}, "int4"),  # plainly: FedMUD's default code
+        ({"secure-aggregation": True}, "float32"),  # no bound sets a grid: values in a fine field
+        ({"secure-aggregation": True, "update-norm-bound": 1.0}, "float32"),  # max-examples at its default
+        ({"secure-aggregation": True, "update-norm-bound": 1.0, "max-examples": 40}, "int8"),
+        ({"secure-aggregation": True, "dp": "client", "dp-noise-multiplier": 1.0}, "int8"),  # the clip sets it
+        ({"secure-aggregation": True, "dp": "server", "dp-noise-multiplier": 1.0}, "int8"),
+        ({"secure-aggregation": True, "update-norm-bound": 1.0, "max-examples": 40, "method": "fedavg"}, "float32"),
+        ({"secure-aggregation": True, "update-norm-bound": 1.0, "max-examples": 40, "uplink": "float32"}, "float32"),
+    ],
+)
+def test_uplink_auto_under_secure_aggregation_sends_int8_codes_where_the_run_sets_their_grid(cfg, codec):
+    """The study behind it: docs/secure-codes (int8 codes end within the seeds' spread of float32 values at a
+    tight and a loose bound, at 3.5x the plain int4 upload instead of 6.5x)."""
+    run = parse_run_config(cfg)
+    assert run.uplink.codec == codec
+    grid = code_grid(run, mechanism(run), 1000)
+    assert (grid is not None) == (run.privacy.secure_aggregation and codec == "int8")
+    assert run.uplink.stochastic_rounding == (codec != "float32")
 
 
 def test_an_epsilon_no_noise_can_reach_is_refused_naming_it():

@@ -172,7 +172,7 @@ def readme_runs(tmp_path_factory):
     runs = {}
     for name, secure in (("plain", False), ("secure", True)):
         # the plain run at the float32 upload a secure round's values start from (`uplink=auto` under
-        # secure aggregation), so the figure is what the field costs
+        # secure aggregation without a norm bound), so the figure is what the field costs
         config = {**example, "secure-aggregation": secure, "num-server-rounds": 1, "num-partitions": 100, "local-epochs": 1,
                   "max-examples": 40, "downlink": "full", "run-dir": str(tmp_path_factory.mktemp(name)), **FLOAT32_UP}
         runs[name] = _run(config)

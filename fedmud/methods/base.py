@@ -45,8 +45,8 @@ class Method:
     help: str = ""  # what it does, in Markdown: the README's config table, after the name
     inits: tuple[str, ...] = INITS  # the values ``init`` may take (a method may ignore it)
     default_init: str = "nonzero-compensated"  # what ``init=auto`` means
-    # what ``uplink=auto`` means (``float32`` under secure aggregation, whatever this says: the masks
-    # sum values there, or codes on a grid every client shares, which needs a norm bound to be set)
+    # what ``uplink=auto`` means; under secure aggregation, where the masks sum values or codes on a grid
+    # every client shares, a code here means int8 on that grid where the run sets it, else float32
     default_uplink: str = "float32"
     preheats: bool = False  # whether it takes init=hrp (a high-rank preheat, then its SVD)
     merges: bool = False
