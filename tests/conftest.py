@@ -12,6 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import atexit
 import functools
+import importlib.util
 import ipaddress
 import json
 import re
@@ -34,6 +35,16 @@ from bench.superlink import stop_group as stop_process_group
 from .federation import as_server_app
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: str):
+    """A file of the repository that is not in a package (``scripts/x.py``, ``deploy/y.py``) as a module,
+    by its path from the root; run a fresh copy each call."""
+    file = ROOT / path
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class SuperLink:

@@ -1,15 +1,12 @@
 """deploy/fedmud_deploy.py's bytes check: the ledger against the SuperLink's own traffic counters."""
 
-import importlib.util
 import json
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import load_script
 
-spec = importlib.util.spec_from_file_location("fedmud_deploy", ROOT / "deploy" / "fedmud_deploy.py")
-fedmud_deploy = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fedmud_deploy)
+fedmud_deploy = load_script("deploy/fedmud_deploy.py")
 
 
 def _run(tmp_path, up, down, inbound, outbound, messages):

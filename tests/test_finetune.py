@@ -16,7 +16,7 @@ from fedmud.methods.lora import LoRAAdapter
 from fedmud.rounds import ClientModel, ServerModel, SyncError, build_decomposed, simulate_in_process
 from fedmud.sync import CHAIN, FULL, Downlink, state_digest
 
-from .conftest import finished_run
+from .conftest import ROOT, finished_run, load_script
 
 
 def mlp() -> nn.Module:
@@ -363,14 +363,8 @@ def test_lora_adapts_a_head_tied_to_the_token_embedding_and_keeps_an_untied_head
 def test_every_run_of_the_fine_tuning_study_is_a_valid_run_config(arm, monkeypatch):
     """scripts/finetune_study.py's methods over each arm's keys parse (a key renamed or a value refused
     fails here, not half an hour into the study)."""
-    import importlib.util
-    from pathlib import Path
-
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    monkeypatch.syspath_prepend(str(scripts))
-    spec = importlib.util.spec_from_file_location("finetune_study", scripts / "finetune_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    study = load_script("scripts/finetune_study.py")
     arm_spec = study.ARMS[arm]
     for method in arm_spec["methods"]:
         job = {

@@ -2,7 +2,6 @@
 
 The CUDA path itself runs only on a GPU machine (docs/performance.md, "GPU")."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from .conftest import ROOT
+from .conftest import ROOT, load_script
 
 SCRIPT = ROOT / "scripts" / "gpu-check.sh"
 no_gpu_here = pytest.mark.skipif(
@@ -23,10 +22,7 @@ no_gpu_here = pytest.mark.skipif(
 def gpu_check(monkeypatch):
     """scripts/gpu_check.py as a module (it imports scripts/step_time.py from its own directory)."""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/gpu_check.py")
 
 
 @no_gpu_here

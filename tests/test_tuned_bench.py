@@ -1,16 +1,13 @@
 """scripts/tuned_bench.py: learning rates chosen on a tuning seed, bytes counted as the server plans them."""
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, load_script
 
-spec = importlib.util.spec_from_file_location("tuned_bench", ROOT / "scripts" / "tuned_bench.py")
-tuned_bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tuned_bench)
+tuned_bench = load_script("scripts/tuned_bench.py")
 
 
 def tuning_runs(curves: dict[float, list[float]]) -> dict:
