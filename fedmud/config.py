@@ -436,10 +436,10 @@ class UplinkConfig:
     codec: str = key(
         "int4",
         "upload codec (see [Compressed uploads](#compressed-uploads)); the lossy codecs code the residual "
-        "against the round-start values both parties know; `auto` is `int4` for `fedmud` and `float32` for "
-        "the others. `secure-aggregation` takes `float32`, `int8` and `int4`: codes on a grid every client "
-        "shares, set by `update-norm-bound` (with `max-examples`) or `dp-clip`; there `auto` is `int8` for "
-        "`fedmud` where the run sets that grid, else `float32` (see [Privacy](#privacy-secure-aggregation-and-"
+        "against the round-start values both parties know; `auto` is `int4` for `fedmud` and `lora` and "
+        "`float32` for the others. `secure-aggregation` takes `float32`, `int8` and `int4`: codes on a grid every "
+        "client shares, set by `update-norm-bound` (with `max-examples`) or `dp-clip`; there `auto` is `int8` "
+        "for `fedmud` and `lora` where the run sets that grid, else `float32` (see [Privacy](#privacy-secure-aggregation-and-"
         "differential-privacy))",
         name="uplink", shown="auto", parse=_uplink, allowed=", ".join(f"`{c}`" for c in ("auto", *UPLINKS)),
     )

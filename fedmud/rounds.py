@@ -767,7 +767,7 @@ def simulate_in_process(
     (:func:`data_seed`, its stochastic rounding, its dropout), so a run ends bitwise as Flower's
     simulation of the same config does (``tests/test_round_core.py``) at the same number of torch
     threads: a simulated node gets one, and a transformer's sums in another order differ in the last
-    bits, which rounds of training grow (``examples/hf-text``: 0.3929 at one thread on both paths, 0.413
+    bits, which rounds of training grow (``examples/hf-text`` with float32 uploads: 0.3929 at one thread on both paths, 0.413
     in process at two). A reply the strategy would reject
     (non-finite values, e.g. a client that diverged) is left out of the round the same way; a
     round with fewer than ``min-replies`` valid replies is skipped. Each round's clients are

@@ -107,6 +107,11 @@ ARMS = {
     "lm-codecs": {"model": "llama", "optimizer": "adam", "methods": LM_CODEC_METHODS, "lrs": (0.001, 0.003, 0.01),
                   "rounds": 6, "partitions": ("natural",), "config": LM_CONFIG, "metric": "perplexity", "compare": (),
                   "docs": "finetune-lm-codecs", "default": False},
+    # issue 27: LoRA's upload at int4 with unbiased rounding (free on the LM: docs/finetune-lm.md, "Codecs") on the
+    # CNN, at the cnn-mnist arm's best rate for lora-zero and either side of it
+    "cnn-codecs": {"model": "cnn-mnist", "optimizer": "sgd", "methods": ("lora-zero", "lora-zero-int4-sr"),
+                   "lrs": (0.03, 0.1, 0.3), "rounds": 10, "partitions": ("iid", "dirichlet"), "compare": ("lora-zero-int4-sr",),
+                   "docs": "finetune-cnn-codecs", "default": False},
 }
 DOCS = "finetune"  # the default folder under --docs
 COMMON = {
@@ -470,11 +475,12 @@ def main() -> None:
         directory = args.docs / group
         directory.mkdir(parents=True, exist_ok=True)
         setup = {**COMMON, "arms": arms, "seeds": args.seeds, "methods": METHODS, "pretrain": PRETRAIN}
-        if group != DOCS:  # the lm arm: its own data keys, the pretrained model's figures, the Python its corpora came from
-            for spec in arms.values():
-                setup.update(spec.get("config", {}))
+        for spec in arms.values():  # an arm's own data keys
+            setup.update(spec.get("config", {}))
+        if "llama" in weights:  # the language model: its pretraining's figures, the Python its corpora came from
             setup["pretrain"] = json.loads((Path(weights["llama"]) / "pretrain.json").read_text())
             setup["python"] = platform.python_version()
+        if group != DOCS:
             setup["run_seconds_summed"] = round(sum(r["seconds"] for r in rows if key(r) in wanted))
         (directory / "summary.json").write_text(json.dumps({"setup": setup, "results": summary}, indent=1))
         (directory / "tables.md").write_text("\n".join(tables(summary)))

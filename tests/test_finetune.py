@@ -359,7 +359,7 @@ def test_lora_adapts_a_head_tied_to_the_token_embedding_and_keeps_an_untied_head
     assert reasons["lm_head.weight"] == "dense-layers: last"  # a head of its own is trained in full
 
 
-@pytest.mark.parametrize("arm", ["cnn-mnist", "vit", "cnn-mnist-adam", "lm", "lm-codecs"])
+@pytest.mark.parametrize("arm", ["cnn-mnist", "vit", "cnn-mnist-adam", "lm", "lm-codecs", "cnn-codecs"])
 def test_every_run_of_the_fine_tuning_study_is_a_valid_run_config(arm, monkeypatch):
     """scripts/finetune_study.py's methods over each arm's keys parse (a key renamed or a value refused
     fails here, not half an hour into the study)."""
